@@ -1,0 +1,46 @@
+"""Input validation shared by every entry point. Messages state the rule that was broken."""
+
+from __future__ import annotations
+
+import numbers
+
+
+def one_of(what: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(map(repr, allowed))}")
+
+
+def positive_int(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"`{what}` must be a positive integer, got {value!r}")
+
+
+def positive_float(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"`{what}` must be a positive number, got {value!r}")
+
+
+def k_in_range(k, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 < k <= n:
+        raise ValueError(f"`k` must be an integer satisfying 0 < k <= {n}, got {k!r}")
+
+
+def resolve_dtype(name):
+    import torch
+
+    table = {"float64": torch.float64, "float32": torch.float32}
+    if isinstance(name, torch.dtype):
+        return name
+    one_of("dtype", name, tuple(table))
+    return table[name]
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    return dev

@@ -1,0 +1,12 @@
+"""Matrix-free singular value algorithms over the operator protocol (shape, dtype, matmat, rmatmat).
+
+Never imports torch.nn, the data, the models or zarr.
+"""
+
+from ._base import ConvergenceError, DenseOperator, SVDResult, fresh_residuals, orthonormalize
+from .decomp import choose_method, svd
+from .dense import dense_svd, materialize
+from .regions import Regions, alignment, region_counts
+
+__all__ = ["ConvergenceError", "DenseOperator", "Regions", "SVDResult", "choose_method",
+           "dense_svd", "fresh_residuals", "materialize", "orthonormalize", "region_counts", "svd", "alignment"]

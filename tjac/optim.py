@@ -1,0 +1,158 @@
+r"""Functional optimizer steps, their tangent (JVP) and adjoint (VJP) maps, and schedules.
+
+A state is a tuple ``(theta, m)`` (SGD) or ``(theta, m, v)`` (Adam); tangent and cotangent states are
+tuples of ``(k, P)`` blocks. With the step  s' = U_t(s, g),  g = grad L_t(theta):
+
+* ``update(s, g, t)``                  -> s'
+* ``jvp(s, g, ds, dg, t)``             -> (s', ds')        ds' = dU/ds ds + dU/dg dg
+* ``vjp(s, g, bs', t)``                -> (bs, bg)         bs = (dU/ds)^T bs',  bg = (dU/dg)^T bs'
+
+The caller adds the Hessian term: dg = H dtheta (JVP) and btheta += H bg (VJP). The maps are
+hand-derived (elementwise, no autodiff overhead) and tested against ``torch.func`` in the suite.
+SGD is linear in g, so its ``vjp`` never reads g (``needs_grad_for_vjp = False``): the reverse sweep
+then needs only the stored theta_t, as in DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .recipe import OptimSpec
+
+
+def learning_rate(spec: OptimSpec, t: int, total: int) -> float:
+    """eta_t for step t = 0..total-1 (a Python float: the same on every device)."""
+    if spec.schedule == "cosine":
+        lr = spec.lr * 0.5 * (1.0 + math.cos(math.pi * t / total))
+    else:
+        lr = spec.lr
+    if spec.warmup_steps and t < spec.warmup_steps:
+        lr *= (t + 1) / spec.warmup_steps
+    return lr
+
+
+class SGD:
+    """m' = mu m + g + wd theta;  d = m' (or g + wd theta + mu m' with Nesterov);  theta' = theta - eta d."""
+
+    needs_grad_for_vjp = False
+    state_names = ("theta", "m")
+
+    def __init__(self, spec: OptimSpec, total_steps: int):
+        self.spec, self.total = spec, total_steps
+        self.mu, self.wd, self.nesterov = spec.momentum, spec.weight_decay, spec.nesterov
+
+    def init(self, theta):
+        return (theta, theta.new_zeros(theta.shape))
+
+    def lr(self, t):
+        return learning_rate(self.spec, t, self.total)
+
+    def update(self, s, g, t):
+        theta, m = s
+        if self.wd:
+            g = g + self.wd * theta
+        m = self.mu * m + g if self.mu else g
+        d = g + self.mu * m if self.nesterov else m
+        return (theta - self.lr(t) * d, m)
+
+    def jvp(self, s, g, ds, dg, t):
+        dtheta, dm = ds
+        if self.wd:
+            dg = dg + self.wd * dtheta
+        dm = self.mu * dm + dg if self.mu else dg
+        dd = dg + self.mu * dm if self.nesterov else dm
+        return self.update(s, g, t), (dtheta - self.lr(t) * dd, dm)
+
+    def vjp(self, s, g, bs, t):
+        btheta, bm = bs
+        bd = -self.lr(t) * btheta
+        if self.nesterov:
+            bg, bm_tot = bd, bm + self.mu * bd
+            bg = bg + bm_tot
+        else:
+            bm_tot = bm + bd
+            bg = bm_tot
+        bm_prev = self.mu * bm_tot
+        if self.wd:
+            btheta = btheta + self.wd * bg
+        return (btheta, bm_prev), bg
+
+
+class Adam:
+    """Bias-corrected Adam with eps_root inside the root (optax's form); ``decoupled`` = AdamW.
+
+    m' = b1 m + (1-b1) ge;  v' = b2 v + (1-b2) ge^2;  ge = g (+ wd theta unless decoupled)
+    d  = (m'/c1) / (sqrt(v'/c2 + eps_root) + eps),  c_i = 1 - b_i^(t+1)
+    theta' = theta - eta (d + wd theta if decoupled)
+    eps_root > 0 keeps the tangent finite where v = 0 (always-zero inputs give g = 0 forever).
+    """
+
+    needs_grad_for_vjp = True
+    state_names = ("theta", "m", "v")
+
+    def __init__(self, spec: OptimSpec, total_steps: int, *, decoupled: bool):
+        self.spec, self.total, self.decoupled = spec, total_steps, decoupled
+        self.b1, self.b2, self.eps, self.eps_root = spec.beta1, spec.beta2, spec.eps, spec.eps_root
+        self.wd = spec.weight_decay
+
+    def init(self, theta):
+        return (theta, theta.new_zeros(theta.shape), theta.new_zeros(theta.shape))
+
+    def lr(self, t):
+        return learning_rate(self.spec, t, self.total)
+
+    def _parts(self, s, g, t):
+        theta, m, v = s
+        ge = g + self.wd * theta if (self.wd and not self.decoupled) else g
+        m = self.b1 * m + (1 - self.b1) * ge
+        v = self.b2 * v + (1 - self.b2) * ge * ge
+        c1, c2 = 1 - self.b1 ** (t + 1), 1 - self.b2 ** (t + 1)
+        root = (v / c2 + self.eps_root).sqrt()
+        den = root + self.eps
+        return ge, m, v, c1, c2, root, den
+
+    def update(self, s, g, t):
+        theta = s[0]
+        ge, m, v, c1, c2, root, den = self._parts(s, g, t)
+        d = (m / c1) / den
+        if self.wd and self.decoupled:
+            d = d + self.wd * theta
+        return (theta - self.lr(t) * d, m, v)
+
+    def jvp(self, s, g, ds, dg, t):
+        theta = s[0]
+        dtheta, dm, dv = ds
+        ge, m, v, c1, c2, root, den = self._parts(s, g, t)
+        if self.wd and not self.decoupled:
+            dg = dg + self.wd * dtheta
+        dm = self.b1 * dm + (1 - self.b1) * dg
+        dv = self.b2 * dv + 2 * (1 - self.b2) * ge * dg
+        mh = m / c1
+        dd = (dm / c1) / den - mh * (dv / c2) / (2 * root * den * den)
+        d = mh / den
+        if self.wd and self.decoupled:
+            d, dd = d + self.wd * theta, dd + self.wd * dtheta
+        eta = self.lr(t)
+        return (theta - eta * d, m, v), (dtheta - eta * dd, dm, dv)
+
+    def vjp(self, s, g, bs, t):
+        btheta, bm, bv = bs
+        ge, m, v, c1, c2, root, den = self._parts(s, g, t)
+        eta = self.lr(t)
+        bd = -eta * btheta
+        if self.wd and self.decoupled:
+            btheta = btheta + self.wd * bd
+        bm_tot = bm + (bd / den) / c1
+        bv_tot = bv - (bd * (m / c1) / (2 * root * den * den)) / c2
+        bg = (1 - self.b1) * bm_tot + 2 * (1 - self.b2) * ge * bv_tot
+        if self.wd and not self.decoupled:
+            btheta = btheta + self.wd * bg
+        return (btheta, self.b1 * bm_tot, self.b2 * bv_tot), bg
+
+
+def build(spec: OptimSpec, total_steps: int):
+    if spec.name == "sgd":
+        return SGD(spec, total_steps)
+    if spec.name in ("adam", "adamw"):
+        return Adam(spec, total_steps, decoupled=spec.name == "adamw")
+    raise ValueError(f"unknown optimizer {spec.name!r}")  # pragma: no cover (spec checks it)
