@@ -65,8 +65,9 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float = 1e
     which : 'top' | 'bottom'
     method : 'auto' | 'lanczos' | 'randomized' | 'dense'
     tol : float > 0
-    maxiter : block steps (Lanczos) or passes (randomized); defaults allow a full basis.
-    block : block width (vectors sharing one replay); default 16 (Lanczos), k + 16 (randomized).
+    maxiter : block steps (Lanczos) or passes (randomized, default 30); Lanczos' default allows
+        a full basis.
+    block : block width (vectors sharing one replay); default 16 (Lanczos), k + 8 (randomized).
     max_basis : Lanczos basis size that triggers a thick restart (default: P for ``bottom``,
         max(4k + 4 block, 96) for ``top``).
     v0 : (P, block) start block; default: N(0, 1) from ``rng``.
@@ -94,8 +95,8 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float = 1e
     elif method == "randomized":
         b = block or (k + 16)
         S, U, V, res, conv_est, history, smax = randomized(
-            cop, k, tol=tol, maxiter=maxiter or 20, oversample=max(b - k, 0), grow=max(8, k // 2),
-            v0=v0, gen=gen, callback=callback)
+            cop, k, tol=tol, maxiter=maxiter or 30, block=block or (k + 8), v0=v0, gen=gen,
+            callback=callback)
     else:
         b = block or min(16, P)
         if max_basis is None:

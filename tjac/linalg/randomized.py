@@ -1,9 +1,12 @@
-r"""Randomized SVD (Halko, Martinsson & Tropp 2011) with block products and a residual stopping rule.
+r"""Randomized block Krylov SVD (Halko, Martinsson & Tropp 2011; Musco & Musco 2015).
 
-Each pass: Z = A^T Q (l VJPs), Z = V S W^T so that U = Q W, and Y = A V (l JVPs). Then
-||A^T u - s v|| = ||Z w - s v|| and ||A v - s u|| come from those fresh products at no extra cost;
-the next range basis is orth(Y) (one power iteration), grown by ``grow`` new random columns while
-the wanted triplets are not yet certified.
+Start: Q_0 = orth(A Omega) with Omega (P x l) Gaussian from an explicit seed. Pass i:
+Z_i = A^T Q_i (l VJPs), Y_i = A Z_i (l JVPs), Q_{i+1} = orth(Y_i against all earlier Q). Keeping every
+block (rather than only the last, as plain power iteration does) makes the convergence rate
+gap-independent. Rayleigh-Ritz on the accumulated basis: Z = [Z_0 ...] = A^T Q = V S W^T gives
+u = Q w, v = V; and A v = (A Z) W S^{-1} with A Z = [Y_0 ...] already computed, so both residuals
+||A v - s u|| and ||A^T u - s v|| come from fresh products at no extra cost. Stops when the top k
+certify or after ``maxiter`` passes.
 """
 
 from __future__ import annotations
@@ -17,35 +20,38 @@ from ._base import orthonormalize
 log = logging.getLogger(__name__)
 
 
-def randomized(op, k: int, *, tol: float, maxiter: int, oversample: int, grow: int,
-               v0=None, gen=None, callback=None):
+def randomized(op, k: int, *, tol: float, maxiter: int, block: int, v0=None, gen=None,
+               callback=None):
     P = op.shape[0]
     dt, dev = op.dtype, op.device
-    l = min(P, k + oversample)
+    l = min(P, block)
     Omega = v0 if v0 is not None else torch.randn(P, l, generator=gen, dtype=torch.float64)
     Omega = Omega.to(dev, dt).reshape(P, -1)
-    Q, _, _ = orthonormalize(op.matmat(Omega), gen=gen)
+    Qn, _, _ = orthonormalize(op.matmat(Omega), gen=gen)
+    Qs, Zs, AZs = [], [], []
     history = []
     for it in range(maxiter):
-        Z = op.rmatmat(Q)
+        Zn = op.rmatmat(Qn)
+        AZn = op.matmat(Zn)
+        Qs.append(Qn), Zs.append(Zn), AZs.append(AZn)
+        Q, Z, AZ = torch.cat(Qs, 1), torch.cat(Zs, 1), torch.cat(AZs, 1)
         V, sig, Wt = torch.linalg.svd(Z, full_matrices=False)  # tall-skinny: cheap
-        U = Q @ Wt.T
-        Y = op.matmat(V)
-        r1 = (Y - U * sig).norm(dim=0)
-        r2 = (Z @ Wt.T - V * sig).norm(dim=0)
+        kk = min(k, sig.shape[0])
+        W = Wt.T[:, :kk]
+        U = Q @ W
+        AV = (AZ @ W) / sig[:kk]
+        r1 = (AV - U * sig[:kk]).norm(dim=0)
+        r2 = (Z @ W - V[:, :kk] * sig[:kk]).norm(dim=0)
         smax = float(sig[0])
-        conv = torch.maximum(r1[:k], r2[:k]) <= tol * smax
-        history.append({"iteration": it, "block": Q.shape[1], "sigma_max": smax,
-                        "max_residual": float(torch.maximum(r1[:k], r2[:k]).max() / smax),
+        conv = torch.maximum(r1, r2) <= tol * smax
+        history.append({"iteration": it, "basis": Q.shape[1], "sigma_max": smax,
+                        "max_residual": float(torch.maximum(r1, r2).max() / smax),
                         "n_converged": int(conv.sum())})
         if callback is not None:
             callback(history[-1])
-        log.debug("randomized pass %d: block %d, %d/%d converged", it, Q.shape[1], int(conv.sum()), k)
-        if bool(conv.all()) or it == maxiter - 1:
+        log.debug("randomized pass %d: basis %d, %d/%d converged", it, Q.shape[1], int(conv.sum()), k)
+        if bool(conv.all()) or Q.shape[1] + l > P:
             break
-        if grow and Q.shape[1] + grow <= P:
-            extra = torch.randn(P, grow, generator=gen, dtype=torch.float64).to(dev, dt)
-            Y = torch.cat([Y, op.matmat(extra)], 1)
-        Q, _, _ = orthonormalize(Y, gen=gen)
-    res = torch.stack([r1[:k], r2[:k]], 1)
-    return sig[:k], U[:, :k], V[:, :k], res, conv, tuple(history), smax
+        Qn, _, _ = orthonormalize(AZn, Q, gen=gen)
+    res = torch.stack([r1, r2], 1)
+    return sig[:kk], U, V[:, :kk], res, conv, tuple(history), smax
