@@ -4,7 +4,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "tjac"
 ORDER = ["_checks", "recipe", "data", "models", "optim", "trajectory", "operator", "linalg",
-         "store", "query", "analysis", "cli"]
+         "analysis", "store", "query", "plotting", "runner", "cli", "__main__"]
 
 
 def _imports(path):

@@ -3,11 +3,13 @@
 from .operator import CheckReport, TrainingJacobian
 from .linalg import ConvergenceError, SVDResult, svd
 from .recipe import DataSpec, ModelSpec, OptimSpec, Recipe
+from . import query
+from .query import open
 from .trajectory import NondeterminismError, Problem, TrainingDivergedError, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckReport", "ConvergenceError", "DataSpec", "ModelSpec", "NondeterminismError", "OptimSpec", "Problem", "Recipe", "SVDResult",
-    "TrainResult", "TrainingDivergedError", "TrainingJacobian", "svd", "train", "__version__",
+    "TrainResult", "TrainingDivergedError", "TrainingJacobian", "open", "query", "svd", "train", "__version__",
 ]

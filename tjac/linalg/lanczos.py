@@ -27,10 +27,13 @@ log = logging.getLogger(__name__)
 
 
 def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_basis: int,
-        v0=None, gen=None, callback=None):
+        v0=None, gen=None, callback=None, state=None, on_step=None):
     """Run block GKL until the k wanted Ritz triplets' residual estimates are <= tol * s_max.
 
-    Returns (S, U, V, est_residuals, converged_estimate, history). ``maxiter`` counts block steps.
+    Returns (S, U, V, est_residuals, converged_estimate, history, s_max). ``maxiter`` counts block
+    steps. ``on_step(state)`` receives the full recurrence state after every step (a dict of
+    tensors and ints, plus ``restarted`` when the basis prefix changed); passing it back as
+    ``state`` continues exactly where it was (the generator ``gen`` must be restored by the caller).
     """
     P = op.shape[0]
     dt, dev = op.dtype, op.device
@@ -45,7 +48,14 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
     S_last = None
     res = None
     next_check = 0
-    for step in range(maxiter):
+    step0 = 0
+    if state is not None:
+        Ub, Vb, B, pending, S_last = (state[n] for n in ("U", "V", "B", "pending", "S_last"))
+        step0, next_check = int(state["step"]) + 1, int(state["next_check"])
+        history = list(state.get("history", []))
+    sig = None
+    restarted = False
+    for step in range(step0, maxiter):
         W = op.matmat(pending)
         Un, C, R = orthonormalize(W, Ub, gen=gen)
         nu, bp = Ub.shape[1], pending.shape[1]
@@ -68,6 +78,9 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
             pending, S_last = None, None
         last = pending is None or step == maxiter - 1 or n + pending.shape[1] > max_basis
         if not last and n < next_check:  # Ritz extraction is O(n^3): do it on a geometric grid
+            if on_step is not None:
+                on_step(_state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted))
+                restarted = False
             continue
         next_check = n + max(bp, n // 10)
         X, sig, Yt = small_svd(B)
@@ -86,6 +99,9 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
         log.debug("GKL step %d: basis %d, %d/%d converged", step, n, int(conv.sum()), k)
         if bool(conv.all()) or pending is None:
             break
+        if on_step is not None and not n + pending.shape[1] > max_basis:
+            on_step(_state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted))
+            restarted = False
         if n + pending.shape[1] > max_basis:  # thick restart: keep the wanted Ritz vectors (+ extra)
             keep = _wanted(sig, min(n - 1, k + b), which)
             Ub, Vb = Ub @ X[:, keep], Vb @ Yt.T[:, keep]
@@ -93,6 +109,15 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
             # the pending block's coupling to the kept U is recovered when A V_pending is
             # orthogonalized against them at the next step
             log.debug("thick restart at basis %d, keeping %d", n, len(keep))
+            restarted = True
+            if on_step is not None:
+                on_step(_state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted))
+                restarted = False
+    if sig is None:  # resumed past the last Ritz extraction: extract now
+        X, sig, Yt = small_svd(B)
+        smax = float(sig[0])
+        res = (S_last @ X[-S_last.shape[1]:, :]).norm(dim=0) if S_last is not None \
+            else torch.zeros_like(sig)
     want = _wanted(sig, k, which)
     U, V = Ub @ X[:, want], Vb @ Yt.T[:, want]
     return sig[want], U, V, res[want], res[want] <= tol * smax, tuple(history), smax
@@ -104,3 +129,8 @@ def _wanted(sig, k, which):
     if which == "top":
         return torch.arange(k, device=sig.device)
     return torch.arange(n - 1, n - 1 - k, -1, device=sig.device)
+
+
+def _state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted):
+    return {"U": Ub, "V": Vb, "B": B, "pending": pending, "S_last": S_last, "step": step,
+            "next_check": next_check, "history": list(history), "restarted": restarted}

@@ -1,0 +1,202 @@
+"""Stores on disk and the CLI in real subprocesses: resume after SIGKILL, refusal of bad input."""
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import tjac
+from tjac import store
+from tjac.query import open as open_store
+
+TINY = ["--width", "8", "--epochs", "2", "--n-train", "256", "--k-top", "4", "--k-bottom", "4"]
+
+
+def tjac_cli(*args, cwd=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tjac", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def tree_digest(path):
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            h.update(p.encode())
+            h.update(open(p, "rb").read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def dense_store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dense")
+    p = tjac_cli("run", *TINY, "--store", str(d / "r.zarr"), "--png", str(d / "f.png"))
+    assert p.returncode == 0, p.stderr
+    return d / "r.zarr", p.stdout
+
+
+def test_run_writes_a_complete_readable_store(dense_store):
+    path, out = dense_store
+    assert "certified 4/4" in out and "structural prediction" in out
+    res = open_store(path)
+    (rid,) = res.runs()
+    run = res.run(rid)
+    assert run.status == "complete" and run.recipe == tjac.Recipe.paper(width=8, epochs=2, n_train=256)
+    S = run.sigma("all")
+    assert S.shape == (610,) and np.all(np.diff(S) <= 0)
+    top, bot = run.top(4), run.bottom(2)
+    np.testing.assert_array_equal(top.sigma, S[:4])
+    np.testing.assert_array_equal(bot.sigma, S[::-1][:2])
+    assert top.converged.all() and (top.residuals < 1e-8 * S[0]).all()
+    u, v = run.vectors("top", 0)
+    assert u.shape == (610,) and abs(np.linalg.norm(v) - 1) < 1e-12
+    # the stored triplet is a singular triplet of the real operator
+    op = tjac.TrainingJacobian(run.recipe)
+    import torch
+    Jv = op.matvec(torch.from_numpy(v)).numpy()
+    assert np.linalg.norm(Jv - S[0] * u) < 1e-9 * S[0]
+    reg = run.regions(1e-3)
+    assert reg["complete"] and reg["chaotic"] + reg["bulk"] + reg["stable"] == 610
+    assert run.summary["spectrum"]["numerically_one"] == run.summary["spectrum"]["structural"]["n_exact_singular"]
+    prov = run.provenance
+    assert {"torch", "numpy", "scipy", "zarr", "argv", "device", "seeds"} <= set(prov)
+    assert run.alignment("top").shape == (4,)
+    angles = run.compare(run, "top")
+    assert np.allclose(angles, 0, atol=1e-6)
+
+
+def test_store_reads_with_xarray(dense_store):
+    xr = pytest.importorskip("xarray")
+    path, _ = dense_store
+    tree = xr.open_datatree(str(path), engine="zarr")
+    rid = open_store(path).runs()[0]
+    node = tree[f"runs/{rid}/solves/top"]
+    assert node["u"].dims == ("triplet", "param") and node["sigma"].shape == (4,)
+
+
+def test_cli_info_query_plot(dense_store, tmp_path):
+    path, _ = dense_store
+    p = tjac_cli("info", str(path), "--json")
+    assert p.returncode == 0 and len(json.loads(p.stdout)["runs"]) == 1
+    p = tjac_cli("query", str(path), "--top", "3", "--json")
+    assert p.returncode == 0 and len(json.loads(p.stdout)["sigma"]) == 3
+    p = tjac_cli("query", str(path), "--regions", "1e-3")
+    assert p.returncode == 0 and "chaotic" in p.stdout
+    p = tjac_cli("plot", str(path), "-o", str(tmp_path / "x.png"))
+    assert p.returncode == 0 and (tmp_path / "x.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["run", "--k-top", "0", "--k-bottom", "0"], "nothing to compute"),
+    (["run", "--k-top", "-1"], "must be >= 0"),
+    (["run", "--tol=-1e-3"], "must be a positive number"),
+    (["run", "--tol", "-1e-3"], "--tol: expected one argument"),
+    (["run", "--optimizer", "lbfgs"], "invalid choice"),
+    (["run", "--width", "0"], "must be >= 1"),
+    (["run", "--bogus"], "unrecognized arguments"),
+    (["run", "--width", "4", "--epochs", "1", "--store", "/proc/nope/r.zarr"], "not a writable directory"),
+    (["run", "--config", "/nonexistent.toml"], "does not exist"),
+    (["info", "/nonexistent/store.zarr"], "does not exist"),
+    (["query", "/nonexistent.zarr", "--top", "0"], "must be >= 1"),
+])
+def test_cli_bad_input_one_line_exit_2(args, msg):
+    p = tjac_cli(*args)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and msg in err[0] and "Traceback" not in p.stderr
+
+
+def test_existing_store_is_never_overwritten(dense_store):
+    path, _ = dense_store
+    before = tree_digest(path)
+    p = tjac_cli("run", *TINY, "--store", str(path))
+    assert p.returncode == 2 and "already complete" in p.stderr
+    assert tree_digest(path) == before
+
+
+def test_foreign_newer_and_corrupt_stores_are_refused_untouched(tmp_path, dense_store):
+    import zarr
+
+    foreign = tmp_path / "foreign.zarr"
+    zarr.open_group(str(foreign), mode="w").attrs["x"] = 1
+    newer = tmp_path / "newer.zarr"
+    zarr.open_group(str(newer), mode="w").attrs["tjac_schema"] = store.SCHEMA + 1
+    corrupt = tmp_path / "corrupt.zarr"
+    os.makedirs(corrupt)
+    (corrupt / "zarr.json").write_text("{not json")
+    for path, msg in ((foreign, "not a tjac store"), (newer, "newer than this tjac"),
+                      (corrupt, "corrupt")):
+        before = tree_digest(path)
+        for args in (["info", str(path)], ["run", *TINY, "--store", str(path)]):
+            p = tjac_cli(*args)
+            assert p.returncode == 2 and msg in p.stderr, (args, p.stderr)
+        assert tree_digest(path) == before
+
+
+def test_second_writer_is_refused(tmp_path):
+    path = str(tmp_path / "w.zarr")
+    with store.Writer(path):
+        with pytest.raises(store.StoreError, match="being written by process"):
+            store.Writer(path)
+        # a subprocess is refused too
+        p = tjac_cli("run", *TINY, "--store", path)
+        assert p.returncode == 2 and "one writer at a time" in p.stderr
+    store.Writer(path).close()  # released
+
+
+def test_run_ids_cannot_escape_the_store(tmp_path):
+    for bad in ("../x", "a/b", "..", "", "/abs"):
+        with pytest.raises(store.StoreError, match="run id"):
+            store.check_run_id(bad)
+
+
+@pytest.mark.parametrize("method", ["dense", "lanczos"])
+def test_sigkill_then_resume_gives_identical_sigma(tmp_path, method):
+    args = ["run", "--width", "8", "--epochs", "8", "--n-train", "256", "--k-top", "3",
+            "--k-bottom", "6", "--method", method, "--block", "2", "--png", "none", "-q"]
+    ref = tmp_path / "ref.zarr"
+    assert tjac_cli(*args, "--store", str(ref)).returncode == 0
+    path = str(tmp_path / "killed.zarr")
+    rng = random.Random(1 if method == "dense" else 2)
+    kills_mid_run = 0
+    for attempt in range(4):  # the first kill lands anywhere, the others once the run exists
+        proc = subprocess.Popen([sys.executable, "-m", "tjac", *args, "--store", path, "--resume"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if attempt:
+            deadline = time.time() + 120
+            while not os.path.exists(os.path.join(path, "runs")) and proc.poll() is None \
+                    and time.time() < deadline:
+                time.sleep(0.05)
+        time.sleep(rng.uniform(0.2, 1.5))
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read()
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills_mid_run += os.path.exists(os.path.join(path, "runs"))
+    p = tjac_cli(*args, "--store", path, "--resume")  # finishes, or says it is complete
+    assert p.returncode == 0, p.stderr
+    assert kills_mid_run >= 1, "no kill landed inside a run: make the run longer"
+    a, b = open_store(ref), open_store(path)
+    ra, rb = a.run(a.runs()[0]), b.run(b.runs()[0])
+    assert rb.status == "complete"
+    for which in ("top", "bottom"):
+        np.testing.assert_array_equal(ra.sigma(which), rb.sigma(which))
+        assert len(rb.sigma(which)) == (3 if which == "top" else 6)
+        assert rb.top(3).converged.all() and rb.bottom(6).converged.all()
+
+
+@pytest.mark.parametrize("script", ["quickstart.py", "query_store.py"])
+def test_examples_run(script):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, os.path.join(root, "examples", script)], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "sigma" in p.stdout

@@ -1,0 +1,356 @@
+"""``tjac`` command line: run / info / query / plot / verify.
+
+Exit codes: 0 success; 1 the computation failed (e.g. a verification disagreed); 2 bad input (one
+line on stderr, no traceback). Progress bars appear only on a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage too)
+        raise BadInput(message)
+
+
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _positive_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tjac", description="Spectrum of the training Jacobian d(theta_T)/d(theta_0).")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    common = _Parser(add_help=False)  # -v/-q also after the subcommand
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", parents=[common], help="train, solve top and bottom, store everything (paper default)")
+    r.add_argument("--config", help="TOML recipe: Recipe.paper overrides, or [model]/[data]/[optim] tables")
+    r.add_argument("--width", type=_positive_int)
+    r.add_argument("--depth", type=_positive_int)
+    r.add_argument("--epochs", type=_positive_int)
+    r.add_argument("--batch-size", type=_positive_int)
+    r.add_argument("--n-train", type=_positive_int)
+    r.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    r.add_argument("--lr", type=_positive_float)
+    r.add_argument("--data", choices=["clean", "shuffled_labels", "white_noise"])
+    r.add_argument("--seed", type=int)
+    r.add_argument("--dtype", choices=["float64", "float32"], default=None)
+    r.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default cpu)")
+    r.add_argument("--k-top", type=_nonneg_int, default=32)
+    r.add_argument("--k-bottom", type=_nonneg_int, default=32)
+    r.add_argument("--tol", type=_positive_float, default=1e-8)
+    r.add_argument("--method", choices=["auto", "lanczos", "randomized", "dense"], default="auto")
+    r.add_argument("--block", type=_positive_int, help="solver block width (vectors per replay)")
+    r.add_argument("--checkpoint", default="all", help="all, sqrt or an interval in steps")
+    r.add_argument("--store", default="results.zarr")
+    r.add_argument("--run-id")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    r.add_argument("--overwrite", action="store_true", help="recompute a run that exists")
+    r.add_argument("--png", help="figure path (default: <store>-<run>.png); 'none' to skip")
+
+    i = sub.add_parser("info", parents=[common], help="list the runs of a store")
+    i.add_argument("store")
+    i.add_argument("--json", action="store_true")
+
+    q = sub.add_parser("query", parents=[common], help="singular values, residuals or region counts of a run")
+    q.add_argument("store")
+    q.add_argument("--run", required=False)
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--top", type=_positive_int)
+    g.add_argument("--bottom", type=_positive_int)
+    g.add_argument("--regions", type=_positive_float, metavar="EPS")
+    q.add_argument("--json", action="store_true")
+
+    pl = sub.add_parser("plot", parents=[common], help="the paper's figures for a run")
+    pl.add_argument("store")
+    pl.add_argument("--run")
+    pl.add_argument("-o", "--output", required=True)
+
+    v = sub.add_parser("verify", parents=[common], help="dense oracle vs matrix-free operator on a tiny recipe")
+    v.add_argument("--width", type=_positive_int, default=4)
+    v.add_argument("--epochs", type=_positive_int, default=1)
+    v.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
+    v.add_argument("--rtol", type=_positive_float, default=1e-10)
+    return p
+
+
+def _recipe_from_args(a):
+    import tomllib
+
+    from .recipe import Recipe
+
+    over = {}
+    if a.config:
+        if not os.path.isfile(a.config):
+            raise BadInput(f"config file {a.config!r} does not exist")
+        try:
+            with open(a.config, "rb") as f:
+                cfg = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise BadInput(f"config {a.config!r} is not valid TOML: {e}") from None
+        if any(key in cfg for key in ("model", "data", "optim")) and isinstance(cfg.get("model", {}), dict):
+            base = Recipe.from_dict(cfg)
+            over_base = base
+        else:
+            over_base, over = None, dict(cfg)
+    else:
+        over_base = None
+    for name in ("width", "depth", "epochs", "batch_size", "n_train", "optimizer", "lr", "data",
+                 "seed", "dtype"):
+        val = getattr(a, name)
+        if val is not None:
+            over[name] = val
+    if a.device == "auto":
+        import torch
+
+        over["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    elif a.device != "cpu":
+        over["device"] = a.device
+    if over_base is not None:
+        if over:
+            raise BadInput("a full recipe config ([model]/[data]/[optim]) cannot be combined with "
+                           "recipe flags; edit the config instead")
+        return over_base
+    return Recipe.paper(**over)
+
+
+def _checkpoint(s):
+    if s in ("all", "sqrt"):
+        return s
+    try:
+        v = int(s)
+    except ValueError:
+        raise BadInput(f"--checkpoint must be 'all', 'sqrt' or a positive integer, got {s!r}") from None
+    if v < 1:
+        raise BadInput(f"--checkpoint must be 'all', 'sqrt' or a positive integer, got {s!r}")
+    return v
+
+
+def _progress(quiet):
+    if quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return lambda **kw: tqdm(leave=False, **kw)
+
+
+def cmd_run(a):
+    from . import runner
+    from .query import open as open_store
+
+    recipe = _recipe_from_args(a)
+    if a.k_top == 0 and a.k_bottom == 0:
+        raise BadInput("--k-top and --k-bottom are both 0: nothing to compute")
+    P = _num_params(recipe)
+    for flag, k in (("--k-top", a.k_top), ("--k-bottom", a.k_bottom)):
+        if k > P:
+            raise BadInput(f"{flag} must be at most P = {P}, got {k}")
+    if a.resume and a.overwrite:
+        raise BadInput("--resume and --overwrite exclude each other")
+    out = runner.run_analysis(recipe, a.store, k_top=a.k_top, k_bottom=a.k_bottom, tol=a.tol,
+                              method=a.method, run_id=a.run_id, resume=a.resume,
+                              overwrite=a.overwrite, checkpoint=_checkpoint(a.checkpoint),
+                              argv=["tjac"] + sys.argv[1:], progress=_progress(a.quiet),
+                              block=a.block)
+    run = open_store(a.store).run(out.run_id)
+    png = None
+    if (a.png or "").lower() != "none":
+        from .plotting import spectrum_figure
+
+        png = spectrum_figure(run, a.png or runner.default_png(a.store, out.run_id))
+    if not a.quiet:
+        print(_summary_table(out, png))
+    return 0
+
+
+def _num_params(recipe):
+    widths = (64, *recipe.model.hidden, 10)
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def _summary_table(out, png):
+    s = out.summary
+    sp = s["spectrum"]
+    lines = [f"run {out.run_id} in {out.store}: P = {s['P']}, T = {s['T']} steps, "
+             f"{s['seconds']:.1f} s, train acc {s['train']['train_acc']:.3f}, "
+             f"test acc {s['train']['test_acc']:.3f}"]
+    for which in ("top", "bottom"):
+        if which in s:
+            w = s[which]
+            lines.append(f"  {which:6s} k={w['k']:<4d} {w['method']:9s} sigma {w['sigma_first']:.6g} .. "
+                         f"{w['sigma_last']:.6g}   certified {w['n_certified']}/{w['k']}   "
+                         f"max residual {w['max_residual_rel']:.1e} * sigma_max")
+    lines.append(f"  regions over {sp['n_sigma']} of {sp['P']} sigma"
+                 + ("" if sp["complete"] else " (partial: top and bottom only)") + ":")
+    lines.append(f"    {'eps':>8s} {'chaotic':>8s} {'bulk':>8s} {'stable':>8s}")
+    for r in sp["regions"]:
+        lines.append(f"    {r['eps']:8.0e} {r['chaotic']:8d} {r['bulk']:8d} {r['stable']:8d}")
+    st = sp.get("structural", {})
+    lines.append(f"  sigma = 1 to 1e-12: {sp['numerically_one']} found; structural prediction "
+                 f"{st.get('n_exact_singular')} ({st.get('n_zero_input')} zero-input weights on "
+                 f"features {st.get('zero_features')}, {st.get('n_softmax_shift')} softmax-shift "
+                 f"directions{'' if st.get('shift_is_singular') else ': eigenvectors only under Adam'})")
+    lines.append(f"  adjoint check {s['adjoint_rel_error']:.1e}" + (f"; figure {png}" if png else ""))
+    return "\n".join(lines)
+
+
+def _pick_run(res, run_id):
+    runs = res.runs()
+    if run_id is None:
+        if len(runs) != 1:
+            raise BadInput(f"the store holds {len(runs)} runs; choose one with --run "
+                           f"({', '.join(runs) or 'none'})")
+        run_id = runs[0]
+    return res.run(run_id)
+
+
+def cmd_info(a):
+    from .query import open as open_store
+
+    res = open_store(a.store)
+    info = res.info()
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['path']}: tjac schema {info['schema']}, written by tjac {info['tjac_version']}")
+    for rid, r in info["runs"].items():
+        run = res.run(rid)
+        rec = run.recipe
+        print(f"  {rid}  {r['status']:9s} P={r['P']:<8d} MLP{list(rec.model.hidden)} {rec.optim.name} "
+              f"{rec.epochs} epochs seed {rec.seed} {rec.dtype}")
+    return 0
+
+
+def cmd_query(a):
+    from .query import open as open_store
+
+    run = _pick_run(open_store(a.store), a.run)
+    if a.regions is not None:
+        out = run.regions(a.regions)
+        print(json.dumps(out) if a.json else
+              f"eps={out['eps']:g}: chaotic {out['chaotic']}, bulk {out['bulk']}, stable "
+              f"{out['stable']} (over {out['n']} of {run.P} sigma"
+              f"{'' if out['complete'] else ', partial'})")
+        return 0
+    which, k = ("top", a.top) if a.top else ("bottom", a.bottom)
+    t = run.top(k) if which == "top" else run.bottom(k)
+    if a.json:
+        print(json.dumps({"which": which, "sigma": t.sigma.tolist(),
+                          "residuals": t.residuals.tolist(), "converged": t.converged.tolist(),
+                          "method": t.method}))
+        return 0
+    print(f"{'i':>4s} {'sigma':>22s} {'||Jv-su||':>10s} {'||J^Tu-sv||':>11s} certified")
+    for i, (s, r, c) in enumerate(zip(t.sigma, t.residuals, t.converged)):
+        print(f"{i:4d} {s:22.15g} {r[0]:10.1e} {r[1]:11.1e} {'yes' if c else 'no'}")
+    return 0
+
+
+def cmd_plot(a):
+    from .plotting import spectrum_figure
+    from .query import open as open_store
+
+    run = _pick_run(open_store(a.store), a.run)
+    parent = os.path.dirname(os.path.abspath(a.output))
+    if not os.access(parent, os.W_OK):
+        raise BadInput(f"cannot write {a.output!r}: {parent!r} is not a writable directory")
+    print(spectrum_figure(run, a.output))
+    return 0
+
+
+def cmd_verify(a):
+    import torch
+    from torch.func import grad, jacrev
+
+    import tjac
+    from tjac.linalg import materialize
+
+    recipe = tjac.Recipe.paper(width=a.width, epochs=a.epochs, n_train=128, batch_size=32,
+                               optimizer=a.optimizer)
+    op = tjac.TrainingJacobian(recipe)
+    ref = tjac.Problem(recipe, model_backend="func")  # torch.func derivatives, not hand-derived
+
+    def train(theta):
+        state = ref.optimizer.init(theta)
+        for t in range(ref.num_steps):
+            state = ref.optimizer.update(state, grad(ref.loss)(state[0], t), t)
+        return state[0]
+
+    J = jacrev(train)(op.theta0)
+    Jf = materialize(op)
+    I = torch.eye(op.shape[0], dtype=op.dtype)
+    Jr = op.rmatmat(I).T
+    scale = float(J.abs().max())
+    ef, er = float((Jf - J).abs().max()) / scale, float((Jr - J).abs().max()) / scale
+    ok = ef <= a.rtol and er <= a.rtol
+    print(f"P={op.shape[0]}: JVP vs dense oracle {ef:.2e}, VJP vs dense oracle {er:.2e} "
+          f"(rtol {a.rtol:g}): {'OK' if ok else 'DISAGREE'}")
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        a = parser.parse_args(argv)
+    except BadInput as e:
+        print(f"tjac: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    level = logging.WARNING if a.quiet else (logging.DEBUG if a.verbose > 1 else
+                                             logging.INFO if a.verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from .store import StoreError
+
+    try:
+        return {"run": cmd_run, "info": cmd_info, "query": cmd_query, "plot": cmd_plot,
+                "verify": cmd_verify}[a.cmd](a)
+    except (BadInput, StoreError, ValueError, TypeError, KeyError, IndexError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"tjac: error: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("tjac: interrupted (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""The main job: train, check, solve top and bottom, analyse, and store everything, resumably.
+
+Each phase commits to the store before the next starts, and each solve checkpoints its own state
+(the dense path: J's columns block by block; Lanczos: the whole recurrence after every step), so a
+run killed at any moment resumes with ``resume=True`` and ends with the same singular values as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import __version__, store
+from .analysis import spectrum_summary, structural_ones
+from .linalg import choose_method, small_svd, svd
+from .operator import TrainingJacobian
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: str
+    store: str
+    summary: dict
+
+
+def provenance(recipe: Recipe, op: TrainingJacobian, argv=None) -> dict:
+    import scipy
+
+    return {"tjac": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__, "zarr": store.zarr_version(), "python": sys.version.split()[0],
+            "platform": platform.platform(), "device": str(op.device), "dtype": str(op.dtype),
+            "seeds": {"init": recipe.seed, "split": recipe.data.split_seed, "solver": 0},
+            "argv": list(argv if argv is not None else sys.argv),
+            "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _to_np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: int = 32,
+                 tol: float = 1e-8, method: str = "auto", run_id: str | None = None,
+                 resume: bool = False, overwrite: bool = False, checkpoint="all", argv=None,
+                 progress=None, block: int | None = None) -> RunOutcome:
+    """Run the analysis of ``recipe`` into ``store_path`` (see module doc)."""
+    run_id = store.check_run_id(run_id or f"{recipe.hash()}")
+    with store.Writer(store_path) as w:
+        if w.has_run(run_id):
+            status = w.run(run_id).attrs.get("status")
+            if overwrite:
+                w.delete_run(run_id)
+            elif status == "complete" and resume:
+                log.info("run %s is already complete: nothing to resume", run_id)
+                return RunOutcome(run_id=run_id, store=store_path,
+                                  summary=dict(w.run(run_id).attrs["summary"]))
+            elif status == "complete":
+                raise store.StoreError(f"run {run_id!r} is already complete in {store_path!r}; "
+                                       f"pass --overwrite to recompute it")
+            elif not resume:
+                raise store.StoreError(f"run {run_id!r} in {store_path!r} is incomplete; pass "
+                                       f"--resume to continue it or --overwrite to restart it")
+        t0 = time.perf_counter()
+        op = TrainingJacobian(recipe, checkpoint=checkpoint)
+        check = op.check()
+        P = op.shape[0]
+        if w.has_run(run_id):
+            run = w.run(run_id)
+            stored = np.asarray(run["thetaT"][:])
+            if not np.array_equal(stored, _to_np(op.thetaT)):
+                raise store.StoreError(f"run {run_id!r}: this machine's training does not reproduce "
+                                       f"the stored thetaT bit for bit; cannot resume")
+        else:
+            run = w.create_run(run_id, recipe_json=recipe.to_json(), recipe_hash=recipe.hash(),
+                               provenance=provenance(recipe, op, argv), theta0=_to_np(op.theta0),
+                               thetaT=_to_np(op.thetaT))
+        np_dtype = str(_to_np(op.theta0).dtype)
+        methods = {which: (method if method != "auto" else choose_method(P, k, which))
+                   for which, k in (("top", k_top), ("bottom", k_bottom)) if k}
+        if "dense" in methods.values():  # J is formed anyway: both ends come from it for free
+            methods = {which: "dense" for which in methods}
+        results, full_sigma = {}, None
+        prior = dict(run.attrs.get("products", {"matvecs": 0, "rmatvecs": 0}))
+        if "dense" in methods.values():
+            J = _dense_resumable(w, run, op, block=block or 128, progress=progress)
+            U, S, V = (t for t in _svd_full(J))
+            full_sigma = S
+            for which, k in (("top", k_top), ("bottom", k_bottom)):
+                if k and methods[which] == "dense":
+                    idx = torch.arange(k) if which == "top" else torch.arange(P - 1, P - 1 - k, -1)
+                    s, u, v = S[idx], U[:, idx], V[:, idx]
+                    res = torch.stack([(J @ v - u * s).norm(dim=0), (J.T @ u - v * s).norm(dim=0)], 1)
+                    results[which] = dict(S=s, U=u, V=v, res=res, method="dense",
+                                          smax=float(S[0]), conv=res.max(1).values <= tol * float(S[0]))
+        for which, k in (("top", k_top), ("bottom", k_bottom)):
+            if not k or methods[which] == "dense":
+                continue
+            g = run["solves"][which] if "solves" in run and which in run["solves"] else None
+            if g is not None and g.attrs.get("n_committed") == k:
+                continue  # already committed in an earlier process
+            results[which] = _krylov_resumable(w, run, op, which, k, tol, methods[which], progress,
+                                               block)
+        for which, r in results.items():
+            g = w.solve_group(run, which, P, np_dtype, int(r["S"].shape[0]))
+            w.commit_triplets(g, 0, _to_np(r["S"]).astype(np.float64), _to_np(r["res"]).astype(np.float64),
+                              _to_np(r["U"].T), _to_np(r["V"].T))
+            w.set_attrs(g, method=r["method"], tol=tol, norm_estimate=r["smax"],
+                        converged=[bool(c) for c in r["conv"]], which=which)
+            w.drop_state(run, which)
+        if full_sigma is not None:
+            w.write_spectrum(run, _to_np(full_sigma))
+            w.drop_state(run, "dense")
+        w.set_attrs(run, products={"matvecs": prior["matvecs"] + op.num_matvecs,
+                                   "rmatvecs": prior["rmatvecs"] + op.num_rmatvecs})
+        summary = _summarize(run, op, full_sigma, check, time.perf_counter() - t0, tol)
+        w.finish(run, summary)
+        return RunOutcome(run_id=run_id, store=store_path, summary=summary)
+
+
+def _svd_full(J):
+    U, S, Vt = small_svd(J)
+    return U, S, Vt.T
+
+
+def _dense_resumable(w, run, op, *, block: int = 128, progress=None) -> torch.Tensor:
+    """J column block by column block; rows of the state array are columns of J (= J e_i)."""
+    P = op.shape[0]
+    g = w.state_group(run, "dense")
+    arr = w.state_array(g, "JT", (P, P), "float64", ("column", "param"), chunks=(block, P))
+    done = int(g.attrs.get("n_committed", 0))
+    bar = progress(total=P, initial=done, desc="dense J columns") if progress else None
+    for i in range(done, P, block):
+        n = min(block, P - i)
+        E = torch.zeros(P, n, dtype=op.dtype, device=op.device)
+        E[torch.arange(i, i + n), torch.arange(n)] = 1.0
+        arr[i:i + n] = _to_np(op.matmat(E).T).astype(np.float64)
+        g.attrs["n_committed"] = i + n
+        if bar:
+            bar.update(n)
+    if bar:
+        bar.close()
+    return torch.from_numpy(np.asarray(arr[:]).T.copy()).to(op.device, op.dtype)
+
+
+def _krylov_resumable(w, run, op, which, k, tol, method, progress, block):
+    P = op.shape[0]
+    name = which
+    g = w.state_group(run, name)
+    state = _load_gkl_state(g, op) if method == "lanczos" else None
+    bar = progress(desc=f"{which}-{k} {method}", unit="step") if progress else None
+
+    def on_step(st):
+        _save_gkl_state(w, g, st, P)
+        if bar:
+            bar.update(1)
+
+    r = svd(op, k, which=which, method=method, tol=tol, resume_state=state, block=block,
+            on_step=on_step if method == "lanczos" else None, raise_on_failure=False,
+            callback=None)
+    if bar:
+        bar.close()
+    return dict(S=r.S, U=r.U, V=r.V, res=r.residuals, method=r.method, smax=r.norm_estimate,
+                conv=r.converged)
+
+
+def _save_gkl_state(w, g, st, P):
+    """Rows first, counters last; the whole basis is rewritten only after a thick restart."""
+    U, V = st["U"], st["V"]
+    nu, nv = U.shape[1], V.shape[1]
+    have_u = 0 if st["restarted"] else int(g.attrs.get("n_u", 0))
+    have_v = 0 if st["restarted"] else int(g.attrs.get("n_v", 0))
+    cap = P
+    ua = w.state_array(g, "U", (cap, P), "float64", ("basis_u", "param"), chunks=(1, P))
+    va = w.state_array(g, "V", (cap, P), "float64", ("basis_v", "param"), chunks=(1, P))
+    if nu > have_u:
+        ua[have_u:nu] = _to_np(U[:, have_u:nu].T)
+    if nv > have_v:
+        va[have_v:nv] = _to_np(V[:, have_v:nv].T)
+    b = st["pending"].shape[1] if st["pending"] is not None else 0
+    pa = w.state_array(g, "pending", (max(b, 1), P), "float64", ("pending", "param"))
+    if b:
+        pa[:b] = _to_np(st["pending"].T)
+    w.state_array(g, "B", tuple(st["B"].shape), "float64", ("b_row", "b_col"))[:] = _to_np(st["B"])
+    if st["S_last"] is not None:
+        w.state_array(g, "S_last", tuple(st["S_last"].shape), "float64", ("s_row", "s_col"))[:] = \
+            _to_np(st["S_last"])
+    gs = st["gen_state"].numpy()
+    w.state_array(g, "gen_state", gs.shape, "uint8", ("byte",))[:] = gs
+    w.set_attrs(g, n_u=nu, n_v=nv, n_pending=b, step=st["step"], next_check=st["next_check"],
+                history=st["history"], b_shape=list(st["B"].shape))
+
+
+def _load_gkl_state(g, op):
+    if "step" not in g.attrs:
+        return None
+    a = dict(g.attrs)
+    dt, dev = op.dtype, op.device
+
+    def t(x):
+        return torch.from_numpy(np.asarray(x)).to(dev, dt)
+
+    B = t(g["B"][:])
+    if list(B.shape) != a["b_shape"]:  # B was being rewritten when the run died: redo that step
+        return None
+    return {"U": t(g["U"][: a["n_u"]]).T.contiguous(), "V": t(g["V"][: a["n_v"]]).T.contiguous(),
+            "B": B, "pending": t(g["pending"][: a["n_pending"]]).T.contiguous() if a["n_pending"] else None,
+            "S_last": t(g["S_last"][:]) if "S_last" in g else None, "step": a["step"],
+            "next_check": a["next_check"], "history": a["history"],
+            "gen_state": torch.from_numpy(np.asarray(g["gen_state"][:]).copy())}
+
+
+def _summarize(run, op, full_sigma, check, seconds, tol):
+    P = op.shape[0]
+    structural = structural_ones(op.problem)
+    parts = []
+    for which in ("top", "bottom"):
+        got = store.solve_arrays(run, which)
+        if got is not None:
+            parts.append(np.asarray(got[0][:]))
+    S = full_sigma if full_sigma is not None else torch.from_numpy(
+        np.unique(np.concatenate(parts)) if parts else np.zeros(0))
+    summ = spectrum_summary(S, P=P, structural=structural)
+    out = {"P": P, "T": op.num_steps, "seconds": seconds, "tol": tol,
+           "adjoint_rel_error": check.adjoint_rel_error, "spectrum": summ}
+    for which in ("top", "bottom"):
+        got = store.solve_arrays(run, which)
+        if got is not None:
+            sig, res, _, _, attrs = got
+            sig, res = np.asarray(sig[:]), np.asarray(res[:])
+            out[which] = {"k": int(len(sig)), "method": attrs.get("method"),
+                          "sigma_first": float(sig[0]), "sigma_last": float(sig[-1]),
+                          "n_certified": int(sum(attrs.get("converged", []))),
+                          "max_residual_rel": float(np.hypot(res[:, 0], res[:, 1]).max() /
+                                                    max(attrs.get("norm_estimate", 1.0), 1e-300))}
+    out["train"] = op.problem.evaluate(op.thetaT)
+    out["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return out
+
+
+def default_png(store_path: str, run_id: str) -> str:
+    base = os.path.splitext(os.path.abspath(store_path))[0]
+    return f"{base}-{run_id}.png"
