@@ -46,8 +46,13 @@ def test_init_statistics_lecun_and_bias():
     m = models.MLP(tjac.ModelSpec(hidden=(256,)), 64, 10)
     th = m.init(0, dtype=torch.float64, device="cpu")
     W0, b0, W1, b1 = m.unflatten(th)
-    assert abs(float(W0.std()) - 64 ** -0.5) < 0.01
-    assert abs(float(W1.std()) - 256 ** -0.5) < 0.005
+    assert abs(float(W0.std()) - 64 ** -0.5) < 0.005
+    assert abs(float(W1.std()) - 256 ** -0.5) < 0.003
+    # truncated at two (unscaled) standard deviations, as JAX's lecun_normal
+    assert float(W0.abs().max()) <= 2 / 0.87962566103423978 * 64 ** -0.5 + 1e-15
+    assert float(b0.abs().max()) > 2.5 * 64 ** -0.5  # biases are not truncated
+    plain = models.MLP(tjac.ModelSpec(hidden=(256,), weight_init="normal"), 64, 10)
+    assert float(plain.unflatten(plain.init(0, dtype=torch.float64, device="cpu"))[0].abs().max()) > 2.3 * 64 ** -0.5
     assert abs(float(b0.std()) - 64 ** -0.5) < 0.03
     assert torch.equal(th, m.init(0, dtype=torch.float64, device="cpu"))
     assert not torch.equal(th, m.init(1, dtype=torch.float64, device="cpu"))

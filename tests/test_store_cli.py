@@ -200,3 +200,33 @@ def test_examples_run(script):
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     assert "sigma" in p.stdout
+
+
+def test_bench_and_scale_commands(tmp_path):
+    out = tmp_path / "b.json"
+    p = tjac_cli("bench", "--width", "4", "--epochs", "1", "--blocks", "1,4", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    assert set(res["results"]["block"]) == {"1", "4"} and res["results"]["adjoint_rel_error"] < 1e-12
+    assert res["results"]["jvp_R"] > 0 and "torch" in res["environment"]
+    p = tjac_cli("scale", "--widths", "4,6", "--epochs", "1", "--k-top", "3", "--k-bottom", "3",
+                 "--store", str(tmp_path / "s.zarr"), "--json")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)["rows"]
+    assert [r["P"] for r in rows] == [310, 460]
+    assert all(r["exact_one"] == r["exact_one_predicted"] for r in rows)
+    assert set(open_store(tmp_path / "s.zarr").runs()) == {"mlp-w4-d1", "mlp-w6-d1"}
+    p = tjac_cli("scale", "--widths", "4,x")
+    assert p.returncode == 2 and "comma-separated list" in p.stderr
+
+
+def test_recipe_too_large_for_memory_is_refused_up_front():
+    from tjac.trajectory import Problem, check_fits, memory_estimate
+
+    prob = Problem(tjac.Recipe.paper(width=8, epochs=1))
+    small = memory_estimate(prob, checkpoint="all", block=8)
+    assert memory_estimate(prob, checkpoint="sqrt", block=8) < small
+    with pytest.raises(MemoryError, match=r"needs about .* GiB .* available"):
+        check_fits(prob, checkpoint="all", block=10**9)
+    p = tjac_cli("bench", "--width", "100000", "--depth", "4", "--epochs", "1")
+    assert p.returncode == 2 and "GiB" in p.stderr and "Traceback" not in p.stderr

@@ -1,5 +1,9 @@
 """tjac: the spectrum of the training Jacobian J = d theta_T / d theta_0, without forming J."""
 
+import os as _os
+
+_os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS initialises
+
 from .operator import CheckReport, TrainingJacobian
 from .linalg import ConvergenceError, SVDResult, svd
 from .recipe import DataSpec, ModelSpec, OptimSpec, Recipe

@@ -1,4 +1,4 @@
-"""``tjac`` command line: run / info / query / plot / verify.
+"""``tjac`` command line: run / info / query / plot / verify / bench / scale.
 
 Exit codes: 0 success; 1 the computation failed (e.g. a verification disagreed); 2 bad input (one
 line on stderr, no traceback). Progress bars appear only on a terminal.
@@ -106,6 +106,30 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("store")
     pl.add_argument("--run")
     pl.add_argument("-o", "--output", required=True)
+
+    b = sub.add_parser("bench", parents=[common], help="JVP/VJP throughput in units of one training run")
+    b.add_argument("--width", type=_positive_int, default=64)
+    b.add_argument("--depth", type=_positive_int, default=1)
+    b.add_argument("--family", choices=["mlp", "cnn", "transformer"], default="mlp")
+    b.add_argument("--epochs", type=_positive_int, default=25)
+    b.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
+    b.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--blocks", default="1,8,32,128", help="comma-separated block sizes")
+    b.add_argument("--memory", action="store_true", help="also peak memory per checkpoint policy")
+    b.add_argument("--json", help="write the results (with the environment) to this file")
+
+    sc = sub.add_parser("scale", parents=[common], help="sweep a model family over sizes into one store")
+    sc.add_argument("--family", choices=["mlp", "cnn", "transformer"], default="mlp")
+    sc.add_argument("--widths", default="16,32,64,128")
+    sc.add_argument("--depths", default="1")
+    sc.add_argument("--epochs", type=_positive_int, default=25)
+    sc.add_argument("--k-top", type=_nonneg_int, default=16)
+    sc.add_argument("--k-bottom", type=_nonneg_int, default=16)
+    sc.add_argument("--tol", type=_positive_float, default=1e-8)
+    sc.add_argument("--store", default="scale.zarr")
+    sc.add_argument("--png", help="log-log plot of cost vs P (default: <store>-scaling.png)")
+    sc.add_argument("--json", action="store_true")
 
     v = sub.add_parser("verify", parents=[common], help="dense oracle vs matrix-free operator on a tiny recipe")
     v.add_argument("--width", type=_positive_int, default=4)
@@ -328,6 +352,57 @@ def cmd_verify(a):
     return 0 if ok else 1
 
 
+def _int_list(s, flag):
+    try:
+        vals = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise BadInput(f"{flag} must be a comma-separated list of positive integers, got {s!r}") from None
+    if not vals or min(vals) < 1:
+        raise BadInput(f"{flag} must be a comma-separated list of positive integers, got {s!r}")
+    return vals
+
+
+def cmd_bench(a):
+    from . import bench
+    from .recipe import Recipe
+
+    blocks = _int_list(a.blocks, "--blocks")
+    r = Recipe.paper(family=a.family, width=a.width, depth=a.depth, epochs=a.epochs,
+                     optimizer=a.optimizer, dtype=a.dtype, device=a.device)
+    out = bench.measure_operator(r, blocks=blocks, log=(lambda s: None) if a.quiet else print)
+    if a.memory:
+        out["vjp_memory"] = bench.memory_by_policy(r)
+        if not a.quiet:
+            for pol, m in out["vjp_memory"].items():
+                print(f"  checkpoint={pol}: {m['stored_states']} states stored "
+                      f"({m['stored_state_mib']:.1f} MiB), peak RSS {m['peak_rss_mib']:.0f} MiB")
+    if a.json:
+        from ._env import environment
+
+        with open(a.json, "w") as f:
+            json.dump({"results": out, "environment": environment()}, f, indent=2)
+    return 0
+
+
+def cmd_scale(a):
+    from . import scale
+
+    widths, depths = _int_list(a.widths, "--widths"), _int_list(a.depths, "--depths")
+    recipes = scale.sweep_recipes(a.family, widths, depths, epochs=a.epochs)
+    if not recipes:
+        raise BadInput("the sweep is empty (a CNN has depth 1)")
+    rows = scale.run_sweep(recipes, a.store, k_top=a.k_top, k_bottom=a.k_bottom, tol=a.tol,
+                           progress=_progress(a.quiet),
+                           log=(lambda s: None) if (a.quiet or a.json) else print)
+    png = a.png or os.path.splitext(os.path.abspath(a.store))[0] + "-scaling.png"
+    expo = scale.plot_scaling(rows, png)
+    if a.json:
+        print(json.dumps({"rows": rows, "cost_exponent": expo, "png": png}, indent=2))
+    elif not a.quiet:
+        print(f"cost ~ P^{expo:.2f} (seconds, least squares in log-log); figure {png}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
@@ -342,10 +417,13 @@ def main(argv=None) -> int:
 
     try:
         return {"run": cmd_run, "info": cmd_info, "query": cmd_query, "plot": cmd_plot,
-                "verify": cmd_verify}[a.cmd](a)
+                "verify": cmd_verify, "bench": cmd_bench, "scale": cmd_scale}[a.cmd](a)
     except (BadInput, StoreError, ValueError, TypeError, KeyError, IndexError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"tjac: error: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except MemoryError as e:
+        print(f"tjac: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("tjac: interrupted (resume with --resume)", file=sys.stderr)

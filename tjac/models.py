@@ -69,6 +69,17 @@ def activation_derivs(name: str, x: torch.Tensor):
     return x * pos, pos, torch.zeros_like(x)
 
 
+# standard deviation of a standard normal truncated to [-2, 2] (JAX's variance_scaling constant)
+_TRUNC_STD = 0.87962566103423978
+
+
+def truncated_normal(n: int, gen: torch.Generator) -> torch.Tensor:
+    """n draws of a standard normal truncated to [-2, 2] (inverse CDF of a uniform), float64."""
+    lo, hi = 0.5 * (1 + math.erf(-2 / math.sqrt(2))), 0.5 * (1 + math.erf(2 / math.sqrt(2)))
+    u = lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+    return (math.sqrt(2.0) * torch.erfinv(2 * u - 1)).clamp_(-2.0, 2.0)
+
+
 class Model:
     """Base class: subclasses set ``layout`` and implement ``loss`` and ``init``."""
 
@@ -123,13 +134,21 @@ class MLP(Model):
         self.layout = tuple(layout)
 
     def init(self, seed: int, *, dtype: torch.dtype, device) -> torch.Tensor:
-        """LeCun-normal weights and biases N(0, 1/fan_in), drawn on the CPU in float64 from
-        ``torch.Generator().manual_seed(seed)`` (the same theta_0 on every device), then cast."""
+        """Weights LeCun-normal, biases N(0, 1/fan_in), drawn on the CPU in float64 from
+        ``torch.Generator().manual_seed(seed)`` (the same theta_0 on every device), then cast.
+
+        ``weight_init="lecun_normal"`` is JAX/Flax's definition: a standard normal truncated to
+        [-2, 2], rescaled to variance exactly 1/fan_in; ``"normal"`` is the untruncated N(0, 1/fan_in).
+        """
         gen = torch.Generator().manual_seed(int(seed))
         parts = []
         for p in self.layout:
             fan_in = self.widths[int(p.name.split(".")[1])]
-            parts.append(torch.randn(p.size, generator=gen, dtype=torch.float64) / math.sqrt(fan_in))
+            if p.name.endswith("weight") and self.spec.weight_init == "lecun_normal":
+                z = truncated_normal(p.size, gen) / _TRUNC_STD
+            else:
+                z = torch.randn(p.size, generator=gen, dtype=torch.float64)
+            parts.append(z / math.sqrt(fan_in))
         return torch.cat(parts).to(dtype=dtype, device=device)
 
     def _masks(self, x):
@@ -230,6 +249,20 @@ class MLP(Model):
 
 
 def build(spec: ModelSpec, n_in: int, n_out: int, *, backend: str = "manual") -> Model:
+    """The model of a spec. ``hidden`` means: MLP widths; CNN ``(channels,)``; transformer
+    ``(width,) * depth`` (all entries equal)."""
     if spec.family == "mlp":
         return MLP(spec, n_in, n_out, backend=backend)
-    raise ValueError(f"unknown model family {spec.family!r}")  # pragma: no cover (spec checks it)
+    from . import zoo
+
+    if n_in != 64:
+        raise ValueError(f"model family {spec.family!r} needs 8x8 images (64 features), got {n_in}")
+    if spec.dropout:
+        raise ValueError(f"dropout is only implemented for the MLP family, not {spec.family!r}")
+    if spec.family == "cnn":
+        if len(spec.hidden) != 1:
+            raise ValueError(f"a CNN takes one channel count in `hidden`, got {spec.hidden}")
+        return zoo.CNN(spec.hidden[0], spec.activation, n_out)
+    if len(set(spec.hidden)) != 1:
+        raise ValueError(f"a transformer takes equal widths in `hidden` (one per block), got {spec.hidden}")
+    return zoo.Transformer(spec.hidden[0], len(spec.hidden), spec.activation, n_out)

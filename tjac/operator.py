@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .recipe import Recipe
-from .trajectory import NondeterminismError, Problem, Trajectory, TrainingDivergedError
+from .trajectory import (NondeterminismError, Problem, Trajectory, TrainingDivergedError,
+                         check_fits)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class TrainingJacobian:
             raise ValueError(f"`block_size` must be a positive integer, got {block_size!r}")
         self.block_size = block_size
         theta0 = self.problem.validate_theta0(theta0)
+        check_fits(self.problem, checkpoint=checkpoint, block=block_size)
         t = time.perf_counter()
         self.trajectory = Trajectory(self.problem, theta0, checkpoint=checkpoint)
         self.time_trajectory = time.perf_counter() - t

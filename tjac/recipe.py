@@ -18,7 +18,7 @@ from . import _checks
 
 SCHEMA = 1
 
-MODEL_FAMILIES = ("mlp",)
+MODEL_FAMILIES = ("mlp", "cnn", "transformer")
 ACTIVATIONS = ("gelu_tanh", "tanh", "relu")
 DATASETS = ("digits",)
 DATA_VARIANTS = ("clean", "shuffled_labels", "white_noise")
@@ -32,7 +32,8 @@ DTYPES = ("float64", "float32")
 class ModelSpec:
     """The network. ``hidden`` lists hidden-layer widths (the paper: ``(64,)``).
 
-    Weights are LeCun-normal, N(0, 1/fan_in); biases are N(0, 1/fan_in) too, which for the paper's
+    Weights are LeCun-normal (``weight_init="lecun_normal"``: JAX/Flax's truncated normal with
+    variance 1/fan_in; ``"normal"``: untruncated); biases are N(0, 1/fan_in), which for the paper's
     64-64-10 net is the paper's N(0, 1/width) for every bias, the output bias included.
     ``dropout`` > 0 makes training stochastic; :meth:`tjac.TrainingJacobian.check` refuses it.
     """
@@ -41,10 +42,12 @@ class ModelSpec:
     hidden: tuple[int, ...] = (64,)
     activation: str = "gelu_tanh"
     dropout: float = 0.0
+    weight_init: str = "lecun_normal"
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         _checks.one_of("model family", self.family, MODEL_FAMILIES)
+        _checks.one_of("weight_init", self.weight_init, ("lecun_normal", "normal"))
         _checks.one_of("activation", self.activation, ACTIVATIONS)
         if len(self.hidden) == 0:
             raise ValueError("`hidden` must list at least one hidden width")
@@ -153,13 +156,16 @@ class Recipe:
     def paper(cls, **overrides: Any) -> "Recipe":
         """The paper's recipe with optional overrides.
 
-        Overrides: ``width`` (every hidden layer), ``depth`` (number of hidden layers), ``hidden``
+        Overrides: ``family`` (``mlp``, ``cnn``: ``width`` = channels, ``transformer``: ``width``
+        = model width, ``depth`` = blocks), ``width`` (every hidden layer), ``depth`` (number of
+        hidden layers), ``hidden``
         (explicit tuple), ``activation``, ``dropout``, ``epochs``, ``batch_size``, ``optimizer``
         (``sgd``; ``adam``/``adamw`` switch to lr 3e-3 unless ``lr`` is given), ``lr``,
         ``momentum``, ``weight_decay``, ``schedule``, ``warmup_steps``, ``data`` (a variant name),
         ``n_train``, ``shuffle``, ``seed``, ``dtype``, ``device``.
         """
-        known = {"width", "depth", "hidden", "activation", "dropout", "epochs", "batch_size",
+        known = {"family", "width", "depth", "hidden", "activation", "dropout", "weight_init", "epochs",
+                 "batch_size",
                  "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
                  "warmup_steps", "data", "variant_seed", "n_train", "shuffle", "shuffle_seed",
                  "seed", "dtype", "device"}
@@ -172,8 +178,10 @@ class Recipe:
         _checks.positive_int("width", width)
         _checks.positive_int("depth", depth)
         hidden = tuple(o.pop("hidden", (width,) * depth))
-        model = ModelSpec(hidden=hidden, activation=o.pop("activation", "gelu_tanh"),
-                          dropout=o.pop("dropout", 0.0))
+        model = ModelSpec(family=o.pop("family", "mlp"), hidden=hidden,
+                          activation=o.pop("activation", "gelu_tanh"),
+                          dropout=o.pop("dropout", 0.0),
+                          weight_init=o.pop("weight_init", "lecun_normal"))
         data = DataSpec(variant=o.pop("data", "clean"), variant_seed=o.pop("variant_seed", 0),
                         n_train=o.pop("n_train", None), shuffle=o.pop("shuffle", "none"),
                         shuffle_seed=o.pop("shuffle_seed", 0))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import __version__, store
+from .bench import autotune_block
 from .analysis import spectrum_summary, structural_ones
 from .linalg import choose_method, small_svd, svd
 from .operator import TrainingJacobian
@@ -76,14 +77,19 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
         P = op.shape[0]
         if w.has_run(run_id):
             run = w.run(run_id)
+            tuned = run.attrs.get("provenance", {}).get("autotune")
             stored = np.asarray(run["thetaT"][:])
             if not np.array_equal(stored, _to_np(op.thetaT)):
                 raise store.StoreError(f"run {run_id!r}: this machine's training does not reproduce "
                                        f"the stored thetaT bit for bit; cannot resume")
         else:
+            tuned = autotune_block(op.problem)
+            prov = provenance(recipe, op, argv)
+            prov["autotune"] = tuned
             run = w.create_run(run_id, recipe_json=recipe.to_json(), recipe_hash=recipe.hash(),
-                               provenance=provenance(recipe, op, argv), theta0=_to_np(op.theta0),
-                               thetaT=_to_np(op.thetaT))
+                               provenance=prov, theta0=_to_np(op.theta0), thetaT=_to_np(op.thetaT))
+        if tuned:  # the replay width autotuned once per recipe, reused on resume (same chunking)
+            op.block_size = int(tuned["block"])
         np_dtype = str(_to_np(op.theta0).dtype)
         methods = {which: (method if method != "auto" else choose_method(P, k, which))
                    for which, k in (("top", k_top), ("bottom", k_bottom)) if k}
@@ -120,9 +126,12 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
         if full_sigma is not None:
             w.write_spectrum(run, _to_np(full_sigma))
             w.drop_state(run, "dense")
-        w.set_attrs(run, products={"matvecs": prior["matvecs"] + op.num_matvecs,
-                                   "rmatvecs": prior["rmatvecs"] + op.num_rmatvecs})
+        products = {"matvecs": prior["matvecs"] + op.num_matvecs,
+                    "rmatvecs": prior["rmatvecs"] + op.num_rmatvecs}
+        w.set_attrs(run, products=products)
         summary = _summarize(run, op, full_sigma, check, time.perf_counter() - t0, tol)
+        summary["products"] = products
+        summary["products_total"] = products["matvecs"] + products["rmatvecs"]
         w.finish(run, summary)
         return RunOutcome(run_id=run_id, store=store_path, summary=summary)
 

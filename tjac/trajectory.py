@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,18 @@ class TrainingDivergedError(FloatingPointError):
         self.step = step
 
 
+def cuda_determinism() -> None:
+    """Bitwise-reproducible replays on CUDA: deterministic kernels, no TF32 anywhere (TF32 would
+    round float32 matmuls to 10 mantissa bits and blur sigma = 1 +- 1e-6), cuBLAS workspace pinned.
+    CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS initialises: tjac sets it at import."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 class Problem:
     """A recipe made concrete: model, data on the device, batch order, optimizer, number of steps."""
 
@@ -39,6 +52,8 @@ class Problem:
         self.recipe = recipe
         self.dtype = _checks.resolve_dtype(recipe.dtype)
         self.device = _checks.resolve_device(recipe.device)
+        if self.device.type == "cuda":
+            cuda_determinism()
         self.data = data.load(recipe.data, dtype=self.dtype, device=self.device)
         self.model = models.build(recipe.model, self.data.n_features, self.data.n_classes,
                                   backend=model_backend)
@@ -47,6 +62,7 @@ class Problem:
                                      recipe.data.shuffle_seed, self.device)
         self.num_steps = self.order.per_epoch * recipe.epochs
         self.optimizer = optim.build(recipe.optim, self.num_steps)
+        check_fits(self, checkpoint=None, block=0)  # refuse before allocating theta_0
         self._fixed = recipe.data.shuffle == "none"
         if self._fixed:  # slice once: the same tensors every replay
             self._batches = [self._slice(self.order.indices(b)) for b in range(self.order.per_epoch)]
@@ -163,6 +179,44 @@ def checkpoint_interval(policy, num_steps: int) -> int:
     if isinstance(policy, int) and not isinstance(policy, bool) and policy > 0:
         return policy
     raise ValueError(f"`checkpoint` must be 'all', 'sqrt' or a positive integer, got {policy!r}")
+
+
+def available_bytes(device) -> int:
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover
+        pass
+    return 1 << 62
+
+
+def memory_estimate(prob: Problem, *, checkpoint="all", block: int = 128, basis: int = 0) -> int:
+    """Bytes for: stored states (checkpoints + a segment buffer) + block tangents (state x k, and
+    the model's per-step intermediates ~ 4 x batch x widest layer x k) + a Krylov basis."""
+    P = prob.num_params
+    item = torch.empty((), dtype=prob.dtype).element_size()
+    n_state = len(prob.optimizer.state_names)
+    if checkpoint is None:  # training only: the current state and its gradient
+        stored = 2
+    else:
+        interval = checkpoint_interval(checkpoint, prob.num_steps)
+        stored = -(-prob.num_steps // interval) + (interval if interval > 1 else 0)
+    return item * (P * n_state * stored + P * (n_state + 2) * block + 2 * P * basis)
+
+
+def check_fits(prob: Problem, *, checkpoint="all", block: int = 128, basis: int = 0) -> None:
+    need = memory_estimate(prob, checkpoint=checkpoint, block=block, basis=basis)
+    have = available_bytes(prob.device)
+    if need > 0.9 * have:
+        raise MemoryError(
+            f"this recipe needs about {need / 2**30:.1f} GiB (P={prob.num_params} x "
+            f"{len(prob.optimizer.state_names)} state tensors x (checkpoints + block {block})"
+            f"{f' + basis {basis}' if basis else ''}) but {have / 2**30:.1f} GiB are available on "
+            f"{prob.device}; use checkpoint='sqrt', a smaller block or a smaller model")
 
 
 class Trajectory:

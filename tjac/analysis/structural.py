@@ -68,8 +68,9 @@ def structural_ones(problem: Problem) -> StructuralOnes:
                 cols.append(e)
     zb = torch.stack(cols, 1) if cols else torch.zeros(P, 0, dtype=dt, device=dev)
     shift = []
-    if no_wd and problem.model.__class__.__name__ == "MLP":
-        Wl, bl = layout[f"layers.{n_layers - 1}.weight"], layout[f"layers.{n_layers - 1}.bias"]
+    head = "head" if "head.weight" in layout else f"layers.{n_layers - 1}"
+    if no_wd and f"{head}.weight" in layout:
+        Wl, bl = layout[f"{head}.weight"], layout[f"{head}.bias"]
         n_cls, n_hid = Wl.shape
         d = torch.zeros(P, dtype=dt, device=dev)
         d[bl.offset:bl.offset + n_cls] = n_cls ** -0.5
