@@ -230,3 +230,25 @@ def test_recipe_too_large_for_memory_is_refused_up_front():
         check_fits(prob, checkpoint="all", block=10**9)
     p = tjac_cli("bench", "--width", "100000", "--depth", "4", "--epochs", "1")
     assert p.returncode == 2 and "GiB" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_run_from_toml_configs(tmp_path):
+    cfg = tmp_path / "r.toml"
+    cfg.write_text('width = 6\nepochs = 1\nn_train = 128\noptimizer = "adam"\n')
+    p = tjac_cli("run", "--config", str(cfg), "--k-top", "2", "--k-bottom", "2", "--png", "none",
+                 "--store", str(tmp_path / "a.zarr"))
+    assert p.returncode == 0, p.stderr
+    run = open_store(tmp_path / "a.zarr").run(open_store(tmp_path / "a.zarr").runs()[0])
+    assert run.recipe == tjac.Recipe.paper(width=6, epochs=1, n_train=128, optimizer="adam")
+    full = tmp_path / "full.toml"
+    full.write_text('epochs = 1\n[model]\nhidden = [5]\n[data]\nn_train = 128\n[optim]\nname = "sgd"\nlr = 0.05\n')
+    p = tjac_cli("run", "--config", str(full), "--k-top", "2", "--k-bottom", "0", "--png", "none",
+                 "--store", str(tmp_path / "b.zarr"))
+    assert p.returncode == 0, p.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("widht = 3\n")
+    p = tjac_cli("run", "--config", str(bad), "--store", str(tmp_path / "c.zarr"))
+    assert p.returncode == 2 and "unknown override" in p.stderr and not (tmp_path / "c.zarr").exists()
+    bad.write_text("width = [\n")
+    p = tjac_cli("run", "--config", str(bad), "--store", str(tmp_path / "c.zarr"))
+    assert p.returncode == 2 and "not valid TOML" in p.stderr

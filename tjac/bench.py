@@ -95,10 +95,22 @@ def _memory_child(recipe_json: str, policy: str):
     op = TrainingJacobian(recipe, checkpoint=policy)
     op.rmatmat(torch.randn(op.shape[0], 1, dtype=torch.float64).to(op.device, op.dtype))
     state_bytes = op.shape[0] * op.theta0.element_size() * len(op.problem.optimizer.state_names)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"peak_rss_mib": _peak_rss_mib(),
                       "stored_states": op.trajectory.stored_states,
                       "stored_state_mib": op.trajectory.stored_states * state_bytes / 2**20,
                       "T": op.num_steps}))
+
+
+def _peak_rss_mib() -> float:
+    """VmHWM of this process (ru_maxrss would carry the parent's peak across exec on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover (not Linux)
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def autotune_block(prob: Problem, candidates=(8, 16, 32, 64, 128), steps: int = 10) -> dict:

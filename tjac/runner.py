@@ -95,43 +95,45 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
                    for which, k in (("top", k_top), ("bottom", k_bottom)) if k}
         if "dense" in methods.values():  # J is formed anyway: both ends come from it for free
             methods = {which: "dense" for which in methods}
-        results, full_sigma = {}, None
+        full_sigma = None
         prior = dict(run.attrs.get("products", {"matvecs": 0, "rmatvecs": 0}))
+
+        def products():
+            return {"matvecs": prior["matvecs"] + op.num_matvecs,
+                    "rmatvecs": prior["rmatvecs"] + op.num_rmatvecs}
+
+        def commit(which, r):  # each solve is committed as soon as it is certified
+            g = w.solve_group(run, which, P, np_dtype, int(r["S"].shape[0]))
+            w.commit_triplets(g, 0, _to_np(r["S"]).astype(np.float64),
+                              _to_np(r["res"]).astype(np.float64), _to_np(r["U"].T), _to_np(r["V"].T))
+            w.set_attrs(g, method=r["method"], tol=tol, norm_estimate=r["smax"],
+                        converged=[bool(c) for c in r["conv"]], which=which)
+            w.set_attrs(run, products=products())
+            w.drop_state(run, which)
+
         if "dense" in methods.values():
             J = _dense_resumable(w, run, op, block=block or 128, progress=progress)
             U, S, V = (t for t in _svd_full(J))
             full_sigma = S
-            for which, k in (("top", k_top), ("bottom", k_bottom)):
-                if k and methods[which] == "dense":
-                    idx = torch.arange(k) if which == "top" else torch.arange(P - 1, P - 1 - k, -1)
-                    s, u, v = S[idx], U[:, idx], V[:, idx]
-                    res = torch.stack([(J @ v - u * s).norm(dim=0), (J.T @ u - v * s).norm(dim=0)], 1)
-                    results[which] = dict(S=s, U=u, V=v, res=res, method="dense",
-                                          smax=float(S[0]), conv=res.max(1).values <= tol * float(S[0]))
+            for which in methods:
+                k = k_top if which == "top" else k_bottom
+                idx = torch.arange(k) if which == "top" else torch.arange(P - 1, P - 1 - k, -1)
+                s, u, v = S[idx], U[:, idx], V[:, idx]
+                res = torch.stack([(J @ v - u * s).norm(dim=0), (J.T @ u - v * s).norm(dim=0)], 1)
+                commit(which, dict(S=s, U=u, V=v, res=res, method="dense", smax=float(S[0]),
+                                   conv=res.max(1).values <= tol * float(S[0])))
+            w.write_spectrum(run, _to_np(full_sigma))
+            w.drop_state(run, "dense")
         for which, k in (("top", k_top), ("bottom", k_bottom)):
             if not k or methods[which] == "dense":
                 continue
             g = run["solves"][which] if "solves" in run and which in run["solves"] else None
             if g is not None and g.attrs.get("n_committed") == k:
-                continue  # already committed in an earlier process
-            results[which] = _krylov_resumable(w, run, op, which, k, tol, methods[which], progress,
-                                               block)
-        for which, r in results.items():
-            g = w.solve_group(run, which, P, np_dtype, int(r["S"].shape[0]))
-            w.commit_triplets(g, 0, _to_np(r["S"]).astype(np.float64), _to_np(r["res"]).astype(np.float64),
-                              _to_np(r["U"].T), _to_np(r["V"].T))
-            w.set_attrs(g, method=r["method"], tol=tol, norm_estimate=r["smax"],
-                        converged=[bool(c) for c in r["conv"]], which=which)
-            w.drop_state(run, which)
-        if full_sigma is not None:
-            w.write_spectrum(run, _to_np(full_sigma))
-            w.drop_state(run, "dense")
-        products = {"matvecs": prior["matvecs"] + op.num_matvecs,
-                    "rmatvecs": prior["rmatvecs"] + op.num_rmatvecs}
-        w.set_attrs(run, products=products)
+                continue  # already committed by an earlier process
+            commit(which, _krylov_resumable(w, run, op, which, k, tol, methods[which], progress, block))
         summary = _summarize(run, op, full_sigma, check, time.perf_counter() - t0, tol)
-        summary["products"] = products
-        summary["products_total"] = products["matvecs"] + products["rmatvecs"]
+        summary["products"] = products()
+        summary["products_total"] = sum(summary["products"].values())
         w.finish(run, summary)
         return RunOutcome(run_id=run_id, store=store_path, summary=summary)
 
