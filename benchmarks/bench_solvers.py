@@ -13,6 +13,7 @@ fresh products, and the error of sigma against the reference where one is known.
     python benchmarks/bench_solvers.py [--quick] [--only synthetic|paper]
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -81,17 +82,23 @@ class Synthetic:
 
 
 class CountedScipy:
-    def __init__(self, A):
+    def __init__(self, A, budget=None):
         from scipy.sparse.linalg import LinearOperator
 
         self.n_mv = self.n_rmv = 0
 
+        def check():
+            if budget is not None and self.n_mv + self.n_rmv >= budget:
+                raise BudgetExceeded(f"product budget {budget} exhausted")
+
         def mv(x):
+            check()
             x = np.asarray(x)
             self.n_mv += 1 if x.ndim == 1 else x.shape[1]
             return A.matmat(x.reshape(A.shape[0], -1)).reshape(x.shape)
 
         def rmv(x):
+            check()
             x = np.asarray(x)
             self.n_rmv += 1 if x.ndim == 1 else x.shape[1]
             return A.rmatmat(x.reshape(A.shape[0], -1)).reshape(x.shape)
@@ -124,42 +131,29 @@ def ours(op, k, which, method, ref, smax, **kw):
 
 
 SCIPY_MAXITER = {"arpack": 300, "propack": 10_000, "lobpcg": 500}  # caps: ~1e4 products each
-TIMEOUT = 180  # seconds per scipy solve (one product at a time on the real operator is slow)
+BUDGET = 20_000  # products per scipy solve
 
 
-def _svds_child(conn, op, k, which, solver):
+class BudgetExceeded(RuntimeError):
+    pass
+
+
+def scipy_svds(op, k, which, solver, ref, smax, maxiter, budget=None):
+    """svds in this process, stopped after ``budget`` products (PROPACK's 'SM' can run for hours).
+    (A forked child with a timeout deadlocks in OpenMP after torch has used its thread pool.)"""
     from scipy.sparse.linalg import svds
 
-    c = CountedScipy(op.to_scipy())
+    c = CountedScipy(op.to_scipy(), budget=budget or BUDGET)
     t = time.perf_counter()
     try:
         U, S, Vt = svds(c.op, k=k, which="LM" if which == "top" else "SM", solver=solver,
                         maxiter=SCIPY_MAXITER[solver], random_state=0, tol=1e-8)
-        conn.send(("ok", U, S, Vt, c.n_mv + c.n_rmv, time.perf_counter() - t))
-    except Exception as e:  # ARPACK no-convergence, PROPACK failures: record, don't crash
-        conn.send(("fail", f"{type(e).__name__}: {str(e)[:80]}", c.n_mv + c.n_rmv,
-                   time.perf_counter() - t))
-
-
-def scipy_svds(op, k, which, solver, ref, smax, maxiter, timeout=TIMEOUT):
-    """svds in a forked child with a wall-clock limit (PROPACK's 'SM' can run for hours)."""
-    import multiprocessing as mp
-
-    parent, child = mp.get_context("fork").Pipe()
-    proc = mp.get_context("fork").Process(target=_svds_child, args=(child, op, k, which, solver))
-    t = time.perf_counter()
-    proc.start()
-    if not parent.poll(timeout):
-        proc.terminate()
-        proc.join()
-        return row(f"scipy svds {solver}", [], np.zeros((0, 2)), smax, 0, time.perf_counter() - t,
-                   converged=False, note=f"timeout after {timeout}s (products not counted)")
-    msg = parent.recv()
-    proc.join()
-    if msg[0] == "fail":
-        return row(f"scipy svds {solver}", [], np.zeros((0, 2)), smax, msg[2], msg[3],
-                   converged=False, note=f"failed: {msg[1]}")
-    _, U, S, Vt, n, dt = msg
+    except Exception as e:  # budget, ARPACK no-convergence, PROPACK failures: record, don't crash
+        return row(f"scipy svds {solver}", [], np.zeros((0, 2)), smax, c.n_mv + c.n_rmv,
+                   time.perf_counter() - t, converged=False,
+                   note=f"failed: {type(e).__name__}: {str(e)[:80]}")
+    dt = time.perf_counter() - t
+    n = c.n_mv + c.n_rmv
     order = np.argsort(-S) if which == "top" else np.argsort(S)
     S, U, V = S[order], U[:, order], Vt[order].T
     res = fresh_residuals(op, torch.from_numpy(S.copy()), torch.from_numpy(U.copy()),
@@ -189,12 +183,27 @@ def bench(op, ref_top, ref_bottom, smax, cases, maxiter, save=None):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["synthetic", "paper"])
+    ap.add_argument("--only", choices=["synthetic", "paper", "paper-scipy"])
+    ap.add_argument("--budget", type=int, default=None, help="products per scipy solve")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     a.out = a.out or os.path.join(os.path.dirname(__file__), "results",
                                   f"solvers{'-' + a.only if a.only else ''}.json")
     result = {"tol": 1e-8, "certificate": "max hypot(||Jv-su||, ||J^T u - s v||) / sigma_max"}
+    global BUDGET
+    BUDGET = a.budget or BUDGET
+    if a.only == "paper-scipy":  # scipy's top-16 on the real operator, merged into solvers-paper.json
+        path = os.path.join(os.path.dirname(__file__), "results", "solvers-paper.json")
+        with open(path) as f:
+            result = json.load(f)
+        op = tjac.TrainingJacobian(tjac.Recipe.paper())
+        ref = np.array(result["paper_spectrum_top64"]) if "paper_spectrum_top64" in result else None
+        smax = result["paper_spectrum"]["sigma_max"]
+        rows = [scipy_svds(op, 16, "top", s_, ref, smax, None) for s_ in ("arpack", "lobpcg", "propack")]
+        result["paper"]["scipy_top16"] = rows
+        result["paper"]["scipy_top16_note"] = f"product budget {BUDGET} per solve"
+        _env.write(path, result)
+        return
     if a.only in (None, "synthetic"):
         P = 4000 if a.quick else 20_000
         syn = Synthetic(P)
