@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .recipe import Recipe
-from .trajectory import (NondeterminismError, Problem, Trajectory, TrainingDivergedError,
+from .trajectory import (NondeterminismError, Problem, Trajectory, TrainingDivergedError, _cause,
                          check_fits)
 
 log = logging.getLogger(__name__)
@@ -178,15 +178,13 @@ class TrainingJacobian:
 
         np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
 
-        def mm(X):
-            X = np.asarray(X)
-            return self.matmat(torch.from_numpy(np.ascontiguousarray(X.reshape(self.shape[0], -1),
-                                                                     dtype=np_dtype))).cpu().numpy()
+        def apply(fn):
+            def f(X):
+                X = np.ascontiguousarray(np.asarray(X).reshape(self.shape[0], -1), dtype=np_dtype)
+                return fn(torch.from_numpy(X)).cpu().numpy()
+            return f
 
-        def rmm(X):
-            X = np.asarray(X)
-            return self.rmatmat(torch.from_numpy(np.ascontiguousarray(X.reshape(self.shape[0], -1),
-                                                                      dtype=np_dtype))).cpu().numpy()
+        mm, rmm = apply(self.matmat), apply(self.rmatmat)
 
         return LinearOperator(self.shape, matvec=lambda x: mm(x).reshape(-1),
                               rmatvec=lambda x: rmm(x).reshape(-1), matmat=mm, rmatmat=rmm,
@@ -216,7 +214,7 @@ class TrainingJacobian:
         diff = float((JV1 - JV2).abs().max())
         if not torch.equal(JV1, JV2):
             raise NondeterminismError(f"two replays of J v disagree (max diff {diff:.3e})"
-                                      + _cause_of(self.problem))
+                                      + _cause(self.problem))
         self.trajectory.verify_replay()
         JtW = self.rmatmat(W)
         lhs = (JV1 * W).sum(0).double()
@@ -230,12 +228,6 @@ class TrainingJacobian:
                              f"> {tol:.1e}")
         log.info("check passed: deterministic, replay exact, adjoint rel. error %.2e", rel)
         return CheckReport(True, True, rel, diff)
-
-
-def _cause_of(problem):
-    from .trajectory import _cause
-
-    return _cause(problem)
 
 
 def _col(v):
