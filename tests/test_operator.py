@@ -59,8 +59,11 @@ def dense_case(request):
     return r, op, J
 
 
-def test_jvp_and_vjp_match_dense_jacobian(dense_case):
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_jvp_and_vjp_match_dense_jacobian(dense_case, backend):
     r, op, J = dense_case
+    op.backend = backend
+    op.num_matvecs = op.num_rmatvecs = 0
     gen = torch.Generator().manual_seed(0)
     V = torch.randn(op.shape[0], 5, generator=gen, dtype=torch.float64)
     assert_close(op.matmat(V), J @ V, 1e-10, f"J V ({r.optim.name})")

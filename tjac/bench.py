@@ -44,38 +44,103 @@ def _best(fn, n, device):
     return min(ts)
 
 
-def measure_operator(recipe: Recipe, *, blocks=(1, 8, 32, 128), repeats: int = 2, log=print) -> dict:
-    """R; one JVP; one VJP (with and without the trajectory pass); per-vector block costs."""
+def torch_reference_seconds(prob: Problem) -> float | None:
+    """One training run written the way users write it: ``nn.Sequential``, ``F.cross_entropy``,
+    ``loss.backward()``, ``torch.optim`` (MLP family only; None otherwise). A second unit next to
+    R: how fast a user's own plain loop trains the same recipe on the same device."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    spec, o = prob.recipe.model, prob.recipe.optim
+    if spec.family != "mlp" or spec.dropout:
+        return None
+    widths = prob.model.widths
+    layers = []
+    act = {"gelu_tanh": lambda: nn.GELU(approximate="tanh"), "tanh": nn.Tanh, "relu": nn.ReLU}
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(act[spec.activation]())
+    net = nn.Sequential(*layers).to(device=prob.device, dtype=prob.dtype)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(prob.init_theta(), net.parameters())
+    if o.name == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum,
+                              nesterov=o.nesterov, weight_decay=o.weight_decay)
+    else:
+        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+        opt = cls(net.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                  weight_decay=o.weight_decay)
+    from .optim import learning_rate
+
+    _sync(prob.device)
+    t0 = time.perf_counter()
+    for t in range(prob.num_steps):
+        for grp in opt.param_groups:
+            grp["lr"] = learning_rate(o, t, prob.num_steps)
+        x, y = prob.batch(t)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    _sync(prob.device)
+    return time.perf_counter() - t0
+
+
+def measure_operator(recipe: Recipe, *, blocks=(1, 8, 32, 128), backends=("auto",), repeats: int = 2,
+                     log=print) -> dict:
+    """R; one JVP; one VJP (with and without the trajectory pass); per-vector block costs; for each
+    replay backend. The top-level figures are the first backend's; ``backends`` holds all."""
+    from . import replay
+
     prob = Problem(recipe)
     dev = prob.device
     check_fits(prob, checkpoint="all", block=max(blocks))
+    names = list(dict.fromkeys(replay.resolve(prob, b) for b in backends))
     plain_run_seconds(prob)  # warm-up
     R = min(plain_run_seconds(prob) for _ in range(repeats))
+    ref = torch_reference_seconds(prob)
+    ref = min(ref, torch_reference_seconds(prob)) if ref is not None else None
     P = prob.num_params
     gen = torch.Generator().manual_seed(0)
     traj = _best(lambda: TrainingJacobian(prob), repeats, dev)
-    op = TrainingJacobian(prob)
+    op = TrainingJacobian(prob, backend=names[0])
+    out = {"recipe": recipe.to_dict(), "P": P, "T": prob.num_steps, "device": str(dev),
+           "R_seconds": R, "R_torch_loop_seconds": ref, "trajectory_pass_R": traj / R,
+           "backends": {}}
+    log(f"P={P} T={prob.num_steps} R={R:.3f}s (torch.optim loop: "
+        f"{'n/a' if ref is None else f'{ref:.3f}s'}), trajectory pass {traj / R:.2f} R")
     v = torch.randn(P, 1, generator=gen, dtype=torch.float64).to(dev, prob.dtype)
     w = torch.randn(P, 1, generator=gen, dtype=torch.float64).to(dev, prob.dtype)
-    jv, jtw = op.matmat(v), op.rmatmat(w)
-    adj = float(abs((jv * w).sum() - (v * jtw).sum()) / (jv.norm() * w.norm()))
-    jvp = _best(lambda: op.matmat(v), repeats, dev)
-    vjp = _best(lambda: op.rmatmat(w), repeats, dev)
-    out = {"recipe": recipe.to_dict(), "P": P, "T": prob.num_steps, "device": str(dev),
-           "R_seconds": R, "adjoint_rel_error": adj, "trajectory_pass_R": traj / R,
-           "jvp_R": jvp / R, "vjp_R": vjp / R, "vjp_with_trajectory_R": (vjp + traj) / R,
-           "jvp_per_second": 1 / jvp, "vjp_per_second": 1 / vjp, "block": {}}
-    log(f"P={P} T={prob.num_steps} R={R:.3f}s: JVP {jvp / R:.2f} R, VJP {vjp / R:.2f} R, "
-        f"VJP + trajectory {(vjp + traj) / R:.2f} R, adjoint error {adj:.1e}")
-    for k in blocks:
-        V = torch.randn(P, k, generator=gen, dtype=torch.float64).to(dev, prob.dtype)
-        op.block_size = k
-        tj = _best(lambda: op.matmat(V), 1, dev)
-        tv = _best(lambda: op.rmatmat(V), 1, dev)
-        out["block"][str(k)] = {"jvp_per_vector_R": tj / k / R, "vjp_per_vector_R": tv / k / R,
-                                "jvp_vectors_per_second": k / tj, "vjp_vectors_per_second": k / tv}
-        log(f"  block {k:4d}: JVP {tj / k / R:.3f} R/vector ({k / tj:.1f}/s), "
-            f"VJP {tv / k / R:.3f} R/vector ({k / tv:.1f}/s)")
+    Vs = {k: torch.randn(P, k, generator=gen, dtype=torch.float64).to(dev, prob.dtype) for k in blocks}
+    for name in names:
+        op.backend = name
+        jv, jtw = op.matmat(v), op.rmatmat(w)  # (also compiles, for `compiled`)
+        adj = float(abs((jv * w).sum() - (v * jtw).sum()) / (jv.norm() * w.norm()))
+        jvp = _best(lambda: op.matmat(v), repeats, dev)
+        vjp = _best(lambda: op.rmatmat(w), repeats, dev)
+        res = {"adjoint_rel_error": adj, "jvp_R": jvp / R, "vjp_R": vjp / R,
+               "vjp_with_trajectory_R": (vjp + traj) / R, "jvp_per_second": 1 / jvp,
+               "vjp_per_second": 1 / vjp, "block": {}}
+        log(f"[{name}] JVP {jvp / R:.2f} R, VJP {vjp / R:.2f} R, VJP + trajectory "
+            f"{(vjp + traj) / R:.2f} R, adjoint error {adj:.1e}")
+        for k in blocks:
+            V = Vs[k]
+            op.block_size = k
+            if name == "compiled":
+                op.matmat(V), op.rmatmat(V)  # compile for this width first
+            tj = _best(lambda: op.matmat(V), 1, dev)
+            tv = _best(lambda: op.rmatmat(V), 1, dev)
+            row = {"jvp_per_vector_R": tj / k / R, "vjp_per_vector_R": tv / k / R,
+                   "jvp_vectors_per_second": k / tj, "vjp_vectors_per_second": k / tv}
+            if ref is not None:
+                row["jvp_per_vector_R_torch_loop"] = tj / k / ref
+            res["block"][str(k)] = row
+            log(f"  block {k:4d}: JVP {tj / k / R:.3f} R/vector ({k / tj:.1f}/s), "
+                f"VJP {tv / k / R:.3f} R/vector ({k / tv:.1f}/s)")
+        op.block_size = 128
+        out["backends"][name] = res
+    out.update({key: val for key, val in out["backends"][names[0]].items()})
+    out["backend"] = names[0]
     return out
 
 
@@ -113,29 +178,69 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def autotune_block(prob: Problem, candidates=(8, 16, 32, 64, 128), steps: int = 10) -> dict:
-    """Per-vector cost of ``steps`` JVP steps at each block size; returns the fastest and the table.
+def compiler_available() -> bool:
+    """Whether torch.compile's CPU backend (inductor) can build kernels: it needs a C++ compiler."""
+    import shutil
 
-    Short (a few steps per candidate), so it is cheap next to a solve; the result goes into the
-    run's provenance."""
-    P = prob.num_params
-    theta = prob.init_theta()
-    opt = prob.optimizer
-    table = {}
-    for k in candidates:
-        V = torch.zeros(k, P, dtype=prob.dtype, device=prob.device)
-        state, ds = opt.init(theta), (V,) + (torch.zeros_like(V),) * (len(opt.state_names) - 1)
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def autotune(prob: Problem, *, blocks=(8, 16, 32, 64, 128), backends=None, steps: int = 10,
+             compile_threshold_s: float = 1.0, trajectory=None) -> dict:
+    """Pick the replay backend and block width with the lowest measured cost per vector-step.
+
+    Each (backend, block) pair runs ``steps`` JVP steps on the recipe's first batches (after one
+    warm-up pass). ``compiled`` is measured only at the best width found for the others, only
+    when a C++ compiler is present, and only when one replay of the best so far is projected above
+    ``compile_threshold_s`` (below that its compile time, 20-70 s here, can't pay off). Returns
+    ``{"backend", "block", "seconds_per_vector_step": {backend: {block: s}}, "skipped": {...}}``;
+    the runner stores it in the run's provenance and reuses it on resume."""
+    from . import replay
+    from .trajectory import Trajectory
+
+    if backends is None:
+        backends = [b for b in replay.BACKENDS if replay.supported(prob, b) is None]
+    for b in backends:
+        replay.resolve(prob, b)  # unknown or unsupported names raise here
+    steps = max(1, min(steps, prob.num_steps))
+    if trajectory is None:  # the replays below read only theta_0
+        trajectory = Trajectory.__new__(Trajectory)
+        trajectory.checkpoints = {0: prob.optimizer.init(prob.init_theta())}
+    table: dict = {}
+    skipped: dict = {}
+
+    def measure(name, k):
+        rp = replay.make(prob, trajectory, name)
+        V = torch.zeros(k, prob.num_params, dtype=prob.dtype, device=prob.device)
+        rp.jvp(V, steps=1)  # warm-up (and the compile, for `compiled`)
         _sync(prob.device)
         t = time.perf_counter()
-        with torch.no_grad():
-            for s in range(min(steps, prob.num_steps)):
-                g, hv = prob.grad_hvp(state[0], ds[0], s)
-                state, ds = opt.jvp(state, g, ds, hv, s)
+        rp.jvp(V, steps=steps)
         _sync(prob.device)
-        table[k] = (time.perf_counter() - t) / k
-    best = min(table, key=table.get)
-    return {"block": best, "seconds_per_vector_step": {str(k): v / max(1, min(steps, prob.num_steps))
-                                                        for k, v in table.items()}}
+        return (time.perf_counter() - t) / (k * steps)
+
+    for name in [b for b in backends if b != "compiled"]:
+        table[name] = {str(k): measure(name, k) for k in blocks}
+    best = min(((b, k) for b in table for k in table[b]), key=lambda bk: table[bk[0]][bk[1]],
+               default=None)
+    if "compiled" in backends:
+        k = int(best[1]) if best else max(blocks)
+        per_replay = table[best[0]][best[1]] * k * prob.num_steps if best else float("inf")
+        if not compiler_available():
+            skipped["compiled"] = "no C++ compiler for inductor"
+        elif per_replay < compile_threshold_s:
+            skipped["compiled"] = (f"one replay takes {per_replay:.2f} s < {compile_threshold_s} s: "
+                                   f"compiling would not pay off")
+        else:
+            try:
+                table["compiled"] = {str(k): measure("compiled", k)}
+            except Exception as e:  # noqa: BLE001 - inductor failures are environment problems
+                skipped["compiled"] = f"torch.compile failed: {type(e).__name__}: {e}"[:300]
+            else:
+                if best is None or table["compiled"][str(k)] < table[best[0]][best[1]]:
+                    best = ("compiled", str(k))
+    return {"backend": best[0], "block": int(best[1]), "steps": steps,
+            "seconds_per_vector_step": table, "skipped": skipped}
 
 
 if __name__ == "__main__":

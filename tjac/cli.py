@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tol", type=_positive_float, default=1e-8)
     r.add_argument("--method", choices=["auto", "lanczos", "randomized", "dense"], default="auto")
     r.add_argument("--block", type=_positive_int, help="solver block width (vectors per replay)")
+    r.add_argument("--backend", choices=["auto", "eager", "fused", "compiled"], default="auto",
+                   help="how blocks are replayed (auto: measured once per run)")
     r.add_argument("--checkpoint", default="all", help="all, sqrt or an interval in steps")
     r.add_argument("--store", default="results.zarr")
     r.add_argument("--run-id")
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     b.add_argument("--device", default="cpu")
     b.add_argument("--blocks", default="1,8,32,128", help="comma-separated block sizes")
+    b.add_argument("--backends", default="auto",
+                   help="comma-separated replay backends to measure (eager,fused,compiled) or auto")
     b.add_argument("--memory", action="store_true", help="also peak memory per checkpoint policy")
     b.add_argument("--json", help="write the results (with the environment) to this file")
 
@@ -213,7 +217,7 @@ def cmd_run(a):
                               method=a.method, run_id=a.run_id, resume=a.resume,
                               overwrite=a.overwrite, checkpoint=_checkpoint(a.checkpoint),
                               argv=["tjac"] + sys.argv[1:], progress=_progress(a.quiet),
-                              block=a.block)
+                              block=a.block, backend=a.backend)
     run = open_store(a.store).run(out.run_id)
     png = None
     if (a.png or "").lower() != "none":
@@ -364,9 +368,14 @@ def cmd_bench(a):
     from .recipe import Recipe
 
     blocks = _int_list(a.blocks, "--blocks")
+    backends = [s.strip() for s in a.backends.split(",") if s.strip()]
+    bad = [b for b in backends if b not in ("auto", "eager", "fused", "compiled")]
+    if bad or not backends:
+        raise BadInput(f"--backends must list auto, eager, fused or compiled, got {a.backends!r}")
     r = Recipe.paper(family=a.family, width=a.width, depth=a.depth, epochs=a.epochs,
                      optimizer=a.optimizer, dtype=a.dtype, device=a.device)
-    out = bench.measure_operator(r, blocks=blocks, log=(lambda s: None) if a.quiet else print)
+    out = bench.measure_operator(r, blocks=blocks, backends=backends,
+                                 log=(lambda s: None) if a.quiet else print)
     if a.memory:
         out["vjp_memory"] = bench.memory_by_policy(r)
         if not a.quiet:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import replay
 from .recipe import Recipe
 from .trajectory import (NondeterminismError, Problem, Trajectory, TrainingDivergedError, _cause,
                          check_fits)
@@ -50,6 +51,9 @@ class TrainingJacobian:
         Which optimizer states the reverse sweep keeps (see :mod:`tjac.trajectory`).
     block_size : int
         Largest number of vectors propagated together; wider blocks are split.
+    backend : 'auto', 'eager', 'fused' or 'compiled'
+        How a block is carried through the steps (:mod:`tjac.replay`); ``auto`` is ``fused`` for
+        MLPs without dropout, else ``eager``. :func:`tjac.bench.autotune` measures the choice.
 
     Examples
     --------
@@ -66,7 +70,7 @@ class TrainingJacobian:
     """
 
     def __init__(self, recipe: Recipe | Problem, theta0: torch.Tensor | None = None, *,
-                 checkpoint="all", block_size: int = 128):
+                 checkpoint="all", block_size: int = 128, backend: str = "auto"):
         self.problem = recipe if isinstance(recipe, Problem) else Problem(recipe)
         self.recipe = self.problem.recipe
         if not isinstance(block_size, int) or block_size < 1:
@@ -77,6 +81,7 @@ class TrainingJacobian:
         t = time.perf_counter()
         self.trajectory = Trajectory(self.problem, theta0, checkpoint=checkpoint)
         self.time_trajectory = time.perf_counter() - t
+        self.backend = backend
         P = self.problem.num_params
         self.shape = (P, P)
         self.dtype = self.problem.dtype
@@ -146,30 +151,26 @@ class TrainingJacobian:
     def rmatvec(self, w) -> torch.Tensor:
         return self.rmatmat(_col(w)).reshape(-1)
 
+    @property
+    def backend(self) -> str:
+        """The replay backend in use (resolved: never 'auto')."""
+        return self._replay.name
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._replay = replay.make(self.problem, self.trajectory, name)
+
     def _jvp_block(self, V):  # V: (k, P) rows are tangents
-        prob, opt = self.problem, self.problem.optimizer
-        state = opt.init(self.theta0)
-        ds = (V.contiguous(),) + tuple(torch.zeros_like(V) for _ in state[1:])
-        with torch.no_grad():
-            for t in range(self.num_steps):
-                g, hv = prob.grad_hvp(state[0], ds[0], t)
-                state, ds = opt.jvp(state, g, ds, hv, t)
-        if not bool(torch.isfinite(ds[0]).all()):
+        out = self._replay.jvp(V)
+        if not bool(torch.isfinite(out).all()):
             raise TrainingDivergedError(self.num_steps - 1, "tangents")
-        return ds[0]
+        return out
 
     def _vjp_block(self, W):  # W: (k, P) rows are cotangents of theta_T
-        prob, opt = self.problem, self.problem.optimizer
-        bs = (W.contiguous(),) + tuple(torch.zeros_like(W) for _ in opt.state_names[1:])
-        with torch.no_grad():
-            for t, state in self.trajectory.reversed_states():
-                g = prob.grad(state[0], t) if opt.needs_grad_for_vjp else None
-                bs, bg = opt.vjp(state, g, bs, t)
-                _, hbg = prob.grad_hvp(state[0], bg, t)
-                bs = (bs[0] + hbg,) + bs[1:]
-        if not bool(torch.isfinite(bs[0]).all()):
+        out = self._replay.vjp(W)
+        if not bool(torch.isfinite(out).all()):
             raise TrainingDivergedError(0, "cotangents")
-        return bs[0]
+        return out
 
     # -- interop --------------------------------------------------------------------------------
     def to_scipy(self):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import __version__, store
-from .bench import autotune_block
+from .bench import autotune
 from .analysis import spectrum_summary, structural_ones
 from .linalg import choose_method, small_svd, svd
 from .operator import TrainingJacobian
@@ -53,9 +53,18 @@ def _to_np(t: torch.Tensor) -> np.ndarray:
 def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: int = 32,
                  tol: float = 1e-8, method: str = "auto", run_id: str | None = None,
                  resume: bool = False, overwrite: bool = False, checkpoint="all", argv=None,
-                 progress=None, block: int | None = None) -> RunOutcome:
-    """Run the analysis of ``recipe`` into ``store_path`` (see module doc)."""
+                 progress=None, block: int | None = None, backend: str = "auto") -> RunOutcome:
+    """Run the analysis of ``recipe`` into ``store_path`` (see module doc).
+
+    ``backend`` (see :mod:`tjac.replay`): ``auto`` measures the candidates with
+    :func:`tjac.bench.autotune` once per run; a name pins it (its block width is still tuned). The
+    choice lives in the run's provenance and a resume reuses it (same arithmetic, same chunks)."""
     run_id = store.check_run_id(run_id or f"{recipe.hash()}")
+    if backend != "auto":  # refuse before the store is touched
+        from . import replay
+        from .trajectory import Problem
+
+        replay.resolve(Problem(recipe), backend)
     with store.Writer(store_path) as w:
         if w.has_run(run_id):
             status = w.run(run_id).attrs.get("status")
@@ -72,7 +81,8 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
                 raise store.StoreError(f"run {run_id!r} in {store_path!r} is incomplete; pass "
                                        f"--resume to continue it or --overwrite to restart it")
         t0 = time.perf_counter()
-        op = TrainingJacobian(recipe, checkpoint=checkpoint)
+        op = TrainingJacobian(recipe, checkpoint=checkpoint,
+                              backend="auto" if backend == "auto" else backend)
         check = op.check()
         P = op.shape[0]
         if w.has_run(run_id):
@@ -83,13 +93,15 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
                 raise store.StoreError(f"run {run_id!r}: this machine's training does not reproduce "
                                        f"the stored thetaT bit for bit; cannot resume")
         else:
-            tuned = autotune_block(op.problem)
+            tuned = autotune(op.problem, backends=None if backend == "auto" else [backend],
+                             trajectory=op.trajectory)
             prov = provenance(recipe, op, argv)
             prov["autotune"] = tuned
             run = w.create_run(run_id, recipe_json=recipe.to_json(), recipe_hash=recipe.hash(),
                                provenance=prov, theta0=_to_np(op.theta0), thetaT=_to_np(op.thetaT))
-        if tuned:  # the replay width autotuned once per recipe, reused on resume (same chunking)
+        if tuned:  # backend and width tuned once per recipe, reused on resume (same arithmetic)
             op.block_size = int(tuned["block"])
+            op.backend = tuned.get("backend", "auto")
         np_dtype = str(_to_np(op.theta0).dtype)
         methods = {which: (method if method != "auto" else choose_method(P, k, which))
                    for which, k in (("top", k_top), ("bottom", k_bottom)) if k}

@@ -1,0 +1,154 @@
+"""Replay backends (tjac.replay): each must give the eager path's J V and J^T W to ~1e-12, and the
+choice must be made, recorded and refused the way the docs say."""
+import pytest
+import torch
+
+import tjac
+from tjac import bench, replay
+from tjac.trajectory import Problem
+
+from conftest import assert_close, tiny
+
+needs_compiler = pytest.mark.skipif(not bench.compiler_available(),
+                                    reason="torch.compile (inductor) needs a C++ compiler")
+
+MLP_CASES = {
+    "sgd": dict(),
+    "sgd-depth3-tanh": dict(hidden=(6, 5, 7), activation="tanh"),
+    "sgd-relu-no-momentum": dict(activation="relu", momentum=0.0),
+    "nesterov-wd": dict(nesterov=True, weight_decay=1e-2),
+    "adam": dict(optimizer="adam", lr=0.01),
+    "adamw": dict(optimizer="adamw", lr=0.01, weight_decay=1e-2),
+    "wide-last-layer": dict(hidden=(40,), n_train=64),  # `out` >= 32 takes the batched-GEMM branch
+}
+
+
+def _pair(r, backend, policy="all", k=5, seed=0):
+    op = tjac.TrainingJacobian(r, checkpoint=policy, backend="eager")
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.randn(op.shape[0], k, generator=gen, dtype=torch.float64)
+    W = torch.randn(op.shape[0], k, generator=gen, dtype=torch.float64)
+    ref = op.matmat(V), op.rmatmat(W)
+    op.backend = backend
+    assert op.backend == backend
+    return ref, (op.matmat(V), op.rmatmat(W))
+
+
+@pytest.mark.parametrize("case", sorted(MLP_CASES))
+def test_fused_matches_eager(case):
+    (jv, jtw), (fv, ftw) = _pair(tiny(**MLP_CASES[case]), "fused")
+    assert_close(fv, jv, 1e-12, f"fused J V ({case})")
+    assert_close(ftw, jtw, 1e-12, f"fused J^T W ({case})")
+
+
+@pytest.mark.parametrize("policy", ["sqrt", 3])
+def test_fused_vjp_under_every_checkpoint_policy(policy):
+    r = tiny(epochs=3, optimizer="adam", lr=0.01)
+    (_, jtw), (_, ftw) = _pair(r, "fused", policy=policy)
+    assert_close(ftw, jtw, 1e-12, f"fused J^T W, checkpoint={policy}")
+
+
+def test_fused_float32_agrees_with_float64():
+    r64 = tiny()
+    (jv, _), _ = _pair(r64, "eager")
+    op = tjac.TrainingJacobian(tiny(dtype="float32"), backend="fused")
+    V = torch.randn(op.shape[0], 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = op.matmat(V.float())
+    assert out.dtype == torch.float32
+    assert_close(out, jv, 1e-4, "float32 fused vs float64 eager")
+
+
+def test_partial_replay_is_the_tangent_after_s_steps():
+    """jvp(V, steps=s) (used by the autotuner) is the JVP of a run cut after s steps."""
+    r = tiny(epochs=3)
+    prob = Problem(r)
+    op = tjac.TrainingJacobian(prob, backend="fused")
+    V = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    short = tjac.TrainingJacobian(tiny(epochs=3), backend="eager")
+    # a run of 2 steps with the same schedule is not a prefix (the cosine depends on T), so compare
+    # backends on the same prefix instead, and against the full replay at s = T
+    e = replay.make(prob, op.trajectory, "eager")
+    assert_close(op._replay.jvp(V.T, steps=2).T, e.jvp(V.T, steps=2).T, 1e-12, "2-step prefix")
+    assert_close(op._replay.jvp(V.T, steps=10**6).T, short.matmat(V), 1e-12, "steps beyond T")
+    assert not torch.allclose(e.jvp(V.T, steps=2), e.jvp(V.T))
+
+
+@needs_compiler
+def test_compiled_matches_eager_including_a_narrower_block():
+    r = tiny(optimizer="adam", lr=0.01)
+    op = tjac.TrainingJacobian(r, backend="eager", checkpoint=3)
+    gen = torch.Generator().manual_seed(0)
+    V = torch.randn(op.shape[0], 4, generator=gen, dtype=torch.float64)
+    ref_v, ref_w = op.matmat(V), op.rmatmat(V)
+    op.backend = "compiled"
+    assert_close(op.matmat(V), ref_v, 1e-12, "compiled J V")
+    assert_close(op.rmatmat(V), ref_w, 1e-12, "compiled J^T W")
+    assert_close(op.matmat(V[:, :3]), ref_v[:, :3], 1e-12, "compiled, narrower block (zero-padded)")
+
+
+@needs_compiler
+@pytest.mark.slow
+def test_compiled_matches_eager_on_the_zoo():
+    for fam, hidden in (("cnn", (3,)), ("transformer", (8,))):
+        r = tiny(family=fam, hidden=hidden, n_train=64, epochs=1)
+        (jv, jtw), (cv, ctw) = _pair(r, "compiled", k=3)
+        assert_close(cv, jv, 1e-12, f"compiled J V ({fam})")
+        assert_close(ctw, jtw, 1e-12, f"compiled J^T W ({fam})")
+
+
+def test_backend_resolution_and_refusals():
+    mlp = Problem(tiny())
+    cnn = Problem(tiny(family="cnn", hidden=(2,), n_train=64, epochs=1))
+    assert replay.resolve(mlp, "auto") == "fused"
+    assert replay.resolve(cnn, "auto") == "eager"
+    with pytest.raises(replay.Unsupported, match="MLP family only"):
+        replay.resolve(cnn, "fused")
+    with pytest.raises(replay.Unsupported, match="dropout"):
+        replay.resolve(Problem(tiny(dropout=0.1)), "fused")
+    with pytest.raises(ValueError, match="unknown replay backend 'jit'"):
+        tjac.TrainingJacobian(tiny(), backend="jit")
+    assert replay.resolve(Problem(tiny(dropout=0.1)), "auto") == "eager"
+
+
+def test_autotune_picks_a_measured_pair_and_explains_skips():
+    prob = Problem(tiny())
+    out = bench.autotune(prob, blocks=(2, 4), steps=2)
+    assert out["backend"] in out["seconds_per_vector_step"]
+    table = out["seconds_per_vector_step"]
+    assert set(table) >= {"eager", "fused"}
+    best = min(v for row in table.values() for v in row.values())
+    assert table[out["backend"]][str(out["block"])] == best
+    # a tiny replay cannot pay for a compile: skipped with the reason
+    if bench.compiler_available():
+        assert "would not pay off" in out["skipped"]["compiled"]
+    only = bench.autotune(prob, blocks=(3,), backends=["eager"], steps=1)
+    assert (only["backend"], only["block"]) == ("eager", 3)
+    with pytest.raises(replay.Unsupported):
+        bench.autotune(Problem(tiny(family="cnn", hidden=(2,), n_train=64, epochs=1)),
+                       backends=["fused"])
+
+
+def test_runner_records_the_backend_in_provenance(tmp_path):
+    from tjac import runner
+    from tjac.query import open as open_store
+
+    r = tiny()
+    out = runner.run_analysis(r, str(tmp_path / "s.zarr"), k_top=2, k_bottom=2, method="dense",
+                              backend="eager")
+    prov = open_store(str(tmp_path / "s.zarr")).run(out.run_id).provenance
+    assert prov["autotune"]["backend"] == "eager"
+    assert set(prov["autotune"]["seconds_per_vector_step"]) == {"eager"}
+
+
+def test_cli_refuses_an_unsupported_backend(tmp_path, capsys):
+    from tjac.cli import main
+
+    cfg = tmp_path / "cnn.toml"
+    cfg.write_text('family = "cnn"\nhidden = [2]\nepochs = 1\nn_train = 64\n')
+    assert main(["run", "--config", str(cfg), "--backend", "fused", "--store",
+                 str(tmp_path / "s.zarr"), "--k-top", "1", "--k-bottom", "0", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "MLP family only" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s.zarr").exists()
+    assert main(["bench", "--backends", "eager,jit", "-q"]) == 2
+    assert "--backends" in capsys.readouterr().err

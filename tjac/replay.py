@@ -1,0 +1,400 @@
+r"""Block replays: how a block of k tangents (JVP) or cotangents (VJP) is carried through training.
+
+Every backend computes the same J V and J^T W of the same run; the suite holds each to the eager
+path at ~1e-12 relative (they differ only in the order of floating-point sums).
+
+``eager``
+    The model's ``grad_hvp`` on (k, P) blocks and the optimizer's elementwise tangent/adjoint maps.
+    Any model family (the CNN and transformer go through ``torch.func``).
+``fused``
+    MLPs without dropout. Tangents are held **block-major**: every parameter's (k, *shape) block is
+    contiguous, and the tangent activations are feature-major (k, width, batch). Then the two products
+    per layer that dominate the cost, dW a^T and dDelta a, are each *one* GEMM of (k*width) rows instead
+    of k small ones; the Hessian-vector product is written straight into the tangent state with the
+    GEMM's beta (for SGD the momentum factor: dm <- mu dm + H dtheta costs no extra pass) and nothing of
+    size k x P is allocated per step.
+``compiled``
+    ``torch.compile`` (inductor) of the eager JVP and VJP steps; needs a C++ compiler on CPU and
+    compiles once per block width (20-70 s here), so it pays for long solves: 3-6x faster than
+    eager for the CNN and transformer (torch.func) steps. Chosen only by
+    :func:`tjac.bench.autotune` (which measures it) or by name.
+
+:func:`make` builds one by name; ``"auto"`` is ``fused`` where it applies, else ``eager``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import optim
+from .models import MLP
+from .trajectory import TrainingDivergedError
+
+BACKENDS = ("eager", "fused", "compiled")
+
+
+class Unsupported(ValueError):
+    """This backend cannot replay this recipe (the message says why)."""
+
+
+class EagerReplay:
+    name = "eager"
+
+    def __init__(self, problem, trajectory):
+        self.problem, self.trajectory = problem, trajectory
+
+    def jvp(self, V, steps: int | None = None):  # V: (k, P) rows are tangents of theta_0
+        """Tangents of theta after ``steps`` steps (default: all, i.e. J V)."""
+        prob, opt = self.problem, self.problem.optimizer
+        state = opt.init(self.trajectory.theta0)
+        ds = (V.contiguous(),) + tuple(torch.zeros_like(V) for _ in state[1:])
+        with torch.no_grad():
+            for t in range(_steps(prob, steps)):
+                g, hv = prob.grad_hvp(state[0], ds[0], t)
+                state, ds = opt.jvp(state, g, ds, hv, t)
+        return ds[0]
+
+    def vjp(self, W):  # W: (k, P) rows are cotangents of theta_T
+        prob, opt = self.problem, self.problem.optimizer
+        bs = (W.contiguous(),) + tuple(torch.zeros_like(W) for _ in opt.state_names[1:])
+        with torch.no_grad():
+            for t, state in self.trajectory.reversed_states():
+                g = prob.grad(state[0], t) if opt.needs_grad_for_vjp else None
+                bs, bg = opt.vjp(state, g, bs, t)
+                _, hbg = prob.grad_hvp(state[0], bg, t)
+                bs = (bs[0] + hbg,) + bs[1:]
+        return bs[0]
+
+
+class CompiledReplay(EagerReplay):
+    """The eager JVP and VJP steps under ``torch.compile`` (inductor). The learning rate and Adam's
+    bias corrections enter as 0-d tensors, so one graph serves every step; a block narrower than
+    the first one compiled is zero-padded to it rather than compiled again."""
+
+    name = "compiled"
+
+    def __init__(self, problem, trajectory):
+        super().__init__(problem, trajectory)
+        if problem.model.stochastic:
+            raise Unsupported("the compiled backend refuses dropout (random masks inside a graph)")
+        opt, model = problem.optimizer, problem.model
+        dev = problem.device
+
+        def scalar(v):
+            return torch.tensor(v, dtype=torch.float64, device=dev)
+
+        self._lr = [scalar(opt.lr(t)) for t in range(problem.num_steps)]
+        self._bc = [(scalar(1 - opt.b1 ** (t + 1)), scalar(1 - opt.b2 ** (t + 1)))
+                    if isinstance(opt, optim.Adam) else None for t in range(problem.num_steps)]
+
+        def jvp_step(state, ds, x, y, lr, bc):
+            g, hv = model.grad_hvp(state[0], x, y, ds[0])
+            return _jvp_with_lr(opt, state, g, ds, hv, lr, bc)
+
+        def vjp_step(state, bs, x, y, lr, bc):
+            g = model.grad(state[0], x, y) if opt.needs_grad_for_vjp else None
+            bs, bg = _vjp_with_lr(opt, state, g, bs, lr, bc)
+            _, hbg = model.grad_hvp(state[0], x, y, bg)
+            return (bs[0] + hbg,) + tuple(bs[1:])
+
+        self._jvp_c = torch.compile(jvp_step, dynamic=False)
+        self._vjp_c = torch.compile(vjp_step, dynamic=False)
+        self._width = None
+
+    def _padded(self, V, fn):
+        k = V.shape[0]
+        if self._width is None or k > self._width:
+            self._width = k
+        if k == self._width:
+            return fn(V)
+        return fn(torch.cat([V, V.new_zeros(self._width - k, V.shape[1])]))[:k]
+
+    def jvp(self, V, steps: int | None = None):
+        return self._padded(V, lambda X: self._jvp(X, steps))
+
+    def vjp(self, W):
+        return self._padded(W, self._vjp)
+
+    def _jvp(self, V, steps):
+        prob = self.problem
+        state = prob.optimizer.init(self.trajectory.theta0)
+        ds = (V.contiguous(),) + tuple(torch.zeros_like(V) for _ in state[1:])
+        with torch.no_grad():
+            for t in range(_steps(prob, steps)):
+                state, ds = self._jvp_c(state, ds, *prob.batch(t), self._lr[t], self._bc[t])
+        return ds[0]
+
+    def _vjp(self, W):
+        prob = self.problem
+        bs = (W.contiguous(),) + tuple(torch.zeros_like(W) for _ in prob.optimizer.state_names[1:])
+        with torch.no_grad():
+            for t, state in self.trajectory.reversed_states():
+                bs = self._vjp_c(state, bs, *prob.batch(t), self._lr[t], self._bc[t])
+        return bs[0]
+
+
+def _vjp_with_lr(opt, state, g, bs, lr, bc):
+    """``opt.vjp`` with the step's learning rate (and Adam's bias corrections) as tensors."""
+    if isinstance(opt, optim.SGD):
+        btheta, bm = bs
+        bd = -lr * btheta
+        if opt.nesterov:
+            bm_tot = bm + opt.mu * bd
+            bg = bd + bm_tot
+        else:
+            bm_tot = bm + bd
+            bg = bm_tot
+        bm_prev = opt.mu * bm_tot
+        if opt.wd:
+            btheta = btheta + opt.wd * bg
+        return (btheta, bm_prev), bg
+    theta, m, v = state
+    btheta, bm, bv = bs
+    c1, c2 = bc
+    ge = g + opt.wd * theta if (opt.wd and not opt.decoupled) else g
+    m = opt.b1 * m + (1 - opt.b1) * ge
+    v = opt.b2 * v + (1 - opt.b2) * ge * ge
+    root = (v / c2 + opt.eps_root).sqrt()
+    den = root + opt.eps
+    bd = -lr * btheta
+    if opt.wd and opt.decoupled:
+        btheta = btheta + opt.wd * bd
+    bm_tot = bm + (bd / den) / c1
+    bv_tot = bv - (bd * (m / c1) / (2 * root * den * den)) / c2
+    bg = (1 - opt.b1) * bm_tot + 2 * (1 - opt.b2) * ge * bv_tot
+    if opt.wd and not opt.decoupled:
+        btheta = btheta + opt.wd * bg
+    return (btheta, opt.b1 * bm_tot, opt.b2 * bv_tot), bg
+
+
+def _jvp_with_lr(opt, state, g, ds, hv, lr, bc):
+    """``opt.jvp`` with the step's learning rate (and Adam's bias corrections) as tensors."""
+    if isinstance(opt, optim.SGD):
+        theta, m = state
+        dtheta, dm = ds
+        if opt.wd:
+            g, hv = g + opt.wd * theta, hv + opt.wd * dtheta
+        m = opt.mu * m + g if opt.mu else g
+        dm = opt.mu * dm + hv if opt.mu else hv
+        d = g + opt.mu * m if opt.nesterov else m
+        dd = hv + opt.mu * dm if opt.nesterov else dm
+        return (theta - lr * d, m), (dtheta - lr * dd, dm)
+    theta, m, v = state
+    dtheta, dm, dv = ds
+    c1, c2 = bc
+    ge = g + opt.wd * theta if (opt.wd and not opt.decoupled) else g
+    dg = hv + opt.wd * dtheta if (opt.wd and not opt.decoupled) else hv
+    m = opt.b1 * m + (1 - opt.b1) * ge
+    v = opt.b2 * v + (1 - opt.b2) * ge * ge
+    dm = opt.b1 * dm + (1 - opt.b1) * dg
+    dv = opt.b2 * dv + 2 * (1 - opt.b2) * ge * dg
+    root = (v / c2 + opt.eps_root).sqrt()
+    den = root + opt.eps
+    mh = m / c1
+    d = mh / den
+    dd = (dm / c1) / den - mh * (dv / c2) / (2 * root * den * den)
+    if opt.wd and opt.decoupled:
+        d, dd = d + opt.wd * theta, dd + opt.wd * dtheta
+    return (theta - lr * d, m, v), (dtheta - lr * dd, dm, dv)
+
+
+class FusedMLPReplay:
+    """Block-major, allocation-free tangent propagation for MLPs (see the module docstring)."""
+
+    name = "fused"
+
+    def __init__(self, problem, trajectory):
+        model = problem.model
+        if not isinstance(model, MLP) or model.backend != "manual":
+            raise Unsupported(f"the fused backend handles the MLP family only, not "
+                              f"{problem.recipe.model.family!r}")
+        if model.stochastic:
+            raise Unsupported("the fused backend refuses dropout")
+        self.problem, self.trajectory, self.model = problem, trajectory, model
+        self.opt = problem.optimizer
+        self.layout = model.layout
+        o = self.opt
+        # plain (heavy-ball) SGD: the momentum factor rides in the GEMMs' beta
+        self.plain_sgd = isinstance(o, optim.SGD) and not o.nesterov and not o.wd
+        self._n = len(self.layout) // 2
+        self._ws: dict = {}
+
+    # -- layout ---------------------------------------------------------------------------------
+    def _views(self, buf, k):
+        return [buf[k * p.offset:k * (p.offset + p.size)].view(k, *p.shape) for p in self.layout]
+
+    def _to_bm(self, V):
+        k, P = V.shape
+        buf = V.new_empty(k * P)
+        for p, view in zip(self.layout, self._views(buf, k)):
+            view.copy_(V[:, p.offset:p.offset + p.size].view(k, *p.shape))
+        return buf
+
+    def _from_bm(self, buf, k):
+        P = self.model.num_params
+        out = buf.new_empty(k, P)
+        for p, view in zip(self.layout, self._views(buf, k)):
+            out[:, p.offset:p.offset + p.size] = view.reshape(k, p.size)
+        return out
+
+    def _param_slices(self, x):
+        return [x[p.offset:p.offset + p.size].view(p.shape) for p in self.layout]
+
+    # -- the block Hessian-vector product -------------------------------------------------------
+    def _buf(self, name, shape, like):
+        """A workspace tensor reused across steps (fresh (k, width, B) blocks every step would be
+        page-faulted in by the allocator each time: measured ~20% of a step)."""
+        b = self._ws.get(name)
+        if b is None or b.shape != shape or b.dtype != like.dtype or b.device != like.device:
+            b = self._ws[name] = like.new_empty(shape)
+        return b
+
+    def _hvp(self, theta, t, dps, outs, beta: float):
+        """outs_i <- beta * outs_i + (H_t dtheta)_i for every parameter block; returns the gradient g.
+
+        ``dps``/``outs`` are block-major views (k, *shape); tangent activations are (k, width, B)."""
+        model = self.model
+        x, y = self.problem.batch(t)
+        B, n, k = len(y), self._n, dps[0].shape[0]
+        ps = model.unflatten(theta)
+        acts, derivs, z = model._forward(ps, x, [None] * (n - 1))
+        p = torch.softmax(z, -1)
+        delta = p.clone()
+        delta[torch.arange(B, device=y.device), y] -= 1.0
+        grads, deltas = model._backward(ps, acts, derivs, delta / B)
+        d1T = [d[0].T.contiguous() for d in derivs]
+        dzs, das = [], [None]
+        for i in range(n):
+            W = ps[2 * i]
+            out_, in_ = W.shape
+            dz = self._buf(f"dz{i}", (k, out_, B), theta)
+            torch.mm(dps[2 * i].reshape(k * out_, in_), acts[i].T, out=dz.view(k * out_, B))
+            dz += dps[2 * i + 1][:, :, None]
+            if das[i] is not None:
+                dz.baddbmm_(W.expand(k, out_, in_), das[i])
+            dzs.append(dz)
+            if i < n - 1:
+                das.append(torch.mul(dz, d1T[i], out=self._buf(f"da{i + 1}", dz.shape, theta)))
+        pT = p.T.contiguous()
+        pdz = dzs[-1] * pT
+        ddelta = (pdz - pT * pdz.sum(1, keepdim=True)) / B
+        for i in reversed(range(n)):
+            W = ps[2 * i]
+            out_, in_ = W.shape
+            deltaT = deltas[i].T.contiguous()
+            outs[2 * i].view(k * out_, in_).addmm_(ddelta.reshape(k * out_, B), acts[i], beta=beta)
+            if das[i] is not None:  # + delta^T da: one GEMM (k*in, B) @ (B, out), added transposed
+                dT = torch.mm(das[i].view(k * in_, B), deltas[i])
+                outs[2 * i] += dT.view(k, in_, out_).transpose(1, 2)
+            hb = ddelta.sum(-1)
+            if beta == 0:
+                outs[2 * i + 1].copy_(hb)
+            else:
+                outs[2 * i + 1].mul_(beta).add_(hb)
+            if i > 0:
+                # d(delta W)^T = dW^T delta^T + W^T dDelta^T, both as single GEMMs into an
+                # (in, k, B) buffer (k small GEMMs with inner size `out` cost 20% of a step)
+                de = self._buf(f"de{i}", (in_, k, B), theta)
+                torch.mm(dps[2 * i].permute(2, 0, 1).reshape(in_ * k, out_), deltaT,
+                         out=de.view(in_ * k, B))
+                de.view(in_, k * B).addmm_(W.T, ddelta.transpose(0, 1).reshape(out_, k * B))
+                eT = (deltas[i] @ W).T
+                nd = self._buf(f"dd{i - 1}", (k, in_, B), theta)
+                torch.mul(de.transpose(0, 1), d1T[i - 1], out=nd)
+                nd.addcmul_(eT * derivs[i - 1][1].T, dzs[i - 1])
+                ddelta = nd
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    # -- products -------------------------------------------------------------------------------
+    def jvp(self, V, steps: int | None = None):
+        k = V.shape[0]
+        opt = self.opt
+        state = opt.init(self.trajectory.theta0)
+        ds = [self._to_bm(V)] + [V.new_zeros(V.numel()) for _ in state[1:]]
+        dsv = [self._views(b, k) for b in ds]
+        hv = None if self.plain_sgd else V.new_empty(V.numel())
+        hvv = None if hv is None else self._views(hv, k)
+        with torch.no_grad():
+            for t in range(_steps(self.problem, steps)):
+                if self.plain_sgd:  # dm <- mu dm + H dtheta (in the GEMMs), dtheta <- dtheta - eta dm
+                    g = self._hvp(state[0], t, dsv[0], dsv[1], beta=opt.mu)
+                    ds[0].add_(ds[1], alpha=-opt.lr(t))
+                else:
+                    g = self._hvp(state[0], t, dsv[0], hvv, beta=0.0)
+                    self._tangent_map(state, g, ds, dsv, hvv, t)
+                state = opt.update(state, g, t)
+        return self._from_bm(ds[0], k)
+
+    def _tangent_map(self, state, g, ds, dsv, hvv, t):
+        """ds <- dU/ds ds + dU/dg hv, parameter by parameter (the maps are elementwise)."""
+        sp = [self._param_slices(s) for s in state]
+        gp = self._param_slices(g)
+        for j in range(len(self.layout)):
+            _, new = self.opt.jvp(tuple(s[j] for s in sp), gp[j], tuple(d[j] for d in dsv),
+                                  hvv[j], t)
+            for d, nd in zip(dsv, new):
+                d[j].copy_(nd)
+
+    def vjp(self, W):
+        k = W.shape[0]
+        opt, prob = self.opt, self.problem
+        bs = [self._to_bm(W)] + [W.new_zeros(W.numel()) for _ in opt.state_names[1:]]
+        bsv = [self._views(b, k) for b in bs]
+        bg = None if self.plain_sgd else W.new_empty(W.numel())
+        bgv = None if bg is None else self._views(bg, k)
+        with torch.no_grad():
+            for t, state in self.trajectory.reversed_states():
+                if self.plain_sgd:  # bm <- bm - eta btheta (= bg); btheta += H bg; bm <- mu bm
+                    bs[1].add_(bs[0], alpha=-opt.lr(t))
+                    self._hvp(state[0], t, bsv[1], bsv[0], beta=1.0)
+                    bs[1].mul_(opt.mu)
+                    continue
+                g = prob.grad(state[0], t) if opt.needs_grad_for_vjp else None
+                sp = [self._param_slices(s) for s in state]
+                gp = self._param_slices(g) if g is not None else [None] * len(self.layout)
+                for j in range(len(self.layout)):
+                    new, bgj = opt.vjp(tuple(s[j] for s in sp), gp[j], tuple(b[j] for b in bsv), t)
+                    for b, nb in zip(bsv, new):
+                        b[j].copy_(nb)
+                    bgv[j].copy_(bgj)
+                self._hvp(state[0], t, bgv, bsv[0], beta=1.0)
+        return self._from_bm(bs[0], k)
+
+
+def _steps(problem, steps):
+    return problem.num_steps if steps is None else min(int(steps), problem.num_steps)
+
+
+_CLASSES = {"eager": EagerReplay, "fused": FusedMLPReplay, "compiled": CompiledReplay}
+
+
+def supported(problem, name: str) -> str | None:
+    """None if backend ``name`` can replay this problem, else the reason it cannot."""
+    if name == "fused":
+        m = problem.model
+        if not isinstance(m, MLP) or m.backend != "manual":
+            return f"the fused backend handles the MLP family only, not {problem.recipe.model.family!r}"
+        if m.stochastic:
+            return "the fused backend refuses dropout"
+    if name == "compiled" and problem.model.stochastic:
+        return "the compiled backend refuses dropout (random masks inside a graph)"
+    return None
+
+
+def resolve(problem, name: str) -> str:
+    if name == "auto":
+        return "fused" if supported(problem, "fused") is None else "eager"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown replay backend {name!r}; expected 'auto' or one of {BACKENDS}")
+    why = supported(problem, name)
+    if why:
+        raise Unsupported(why)
+    return name
+
+
+def make(problem, trajectory, name: str = "auto"):
+    return _CLASSES[resolve(problem, name)](problem, trajectory)
+
+
+__all__ = ["BACKENDS", "EagerReplay", "FusedMLPReplay", "CompiledReplay", "Unsupported", "make",
+           "resolve", "supported", "TrainingDivergedError"]
