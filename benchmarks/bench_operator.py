@@ -1,7 +1,9 @@
 """Operator cost in units of R = one plain training run of the same recipe, measured side by side.
 
-For each recipe: R; one JVP; one VJP including the trajectory pass; per-vector cost of block
-JVP/VJP at block sizes 1, 8, 32, 128; peak RSS and stored-state size of the VJP per checkpoint
+For each recipe and each replay backend (eager, fused, compiled): R (and a torch.optim loop of the
+same recipe); one JVP; one VJP including the trajectory pass; per-vector cost of block JVP/VJP at
+block sizes 1, 8, 32, 64, 128, 256; the arithmetic floor (tangent flops at the measured GEMM rate);
+peak RSS and stored-state size of the VJP per checkpoint
 policy (each in a fresh subprocess). Accuracy first: the adjoint identity on the timed vectors.
 
     python benchmarks/bench_operator.py [--quick] [--device cpu|cuda] [--out PATH]
@@ -18,6 +20,7 @@ from tjac.bench import measure_operator, memory_by_policy  # noqa: E402
 
 # the 1e5 model runs 5 epochs (125 steps): costs in units of R do not depend on T
 RECIPES = {"paper": dict(), "mlp_1e5": dict(width=300, depth=2, epochs=5)}
+BLOCKS = {"paper": (1, 8, 32, 64, 128, 256), "mlp_1e5": (1, 8, 32, 64)}
 
 
 def main():
@@ -31,7 +34,7 @@ def main():
     out = a.out or os.path.join(os.path.dirname(__file__), "results",
                                 "operator.json" if a.device == "cpu" else f"operator-{a.device}.json")
     names = ["paper"] if a.quick else list(RECIPES)
-    blocks = (1, 8) if a.quick else (1, 8, 32, 128)
+    backends = ("auto",) if a.quick else ("eager", "fused", "compiled")
     if a.memory_only:
         import json
         with open(out) as f:
@@ -46,7 +49,9 @@ def main():
     for name in names:
         r = tjac.Recipe.paper(device=a.device, **RECIPES[name])
         print(name, flush=True)
-        res["results"][name] = measure_operator(r, blocks=blocks, repeats=1 if a.quick else 2,
+        blocks = (1, 8) if a.quick else BLOCKS[name]
+        res["results"][name] = measure_operator(r, blocks=blocks, backends=backends,
+                                                repeats=1 if a.quick else 2,
                                                 log=lambda s: print("  " + s, flush=True))
         res["results"][name]["vjp_memory"] = mem = memory_by_policy(r)
         print(f"  memory: {mem}", flush=True)

@@ -65,11 +65,11 @@ def test_jvp_and_vjp_match_dense_jacobian(dense_case, backend):
     op.backend = backend
     op.num_matvecs = op.num_rmatvecs = 0
     gen = torch.Generator().manual_seed(0)
-    V = torch.randn(op.shape[0], 5, generator=gen, dtype=torch.float64)
-    assert_close(op.matmat(V), J @ V, 1e-10, f"J V ({r.optim.name})")
-    assert_close(op.rmatmat(V), J.T @ V, 1e-10, f"J^T W ({r.optim.name})")
+    V = torch.randn(op.shape[0], 9, generator=gen, dtype=torch.float64)  # >= fused.min_width
+    assert_close(op.matmat(V), J @ V, 1e-10, f"J V ({r.optim.name}, {backend})")
+    assert_close(op.rmatmat(V), J.T @ V, 1e-10, f"J^T W ({r.optim.name}, {backend})")
     assert_close(op.matvec(V[:, 0]), J @ V[:, 0], 1e-10, "matvec")
-    assert op.num_matvecs == 6 and op.num_rmatvecs == 5
+    assert op.num_matvecs == 10 and op.num_rmatvecs == 9
     assert not torch.allclose(J, torch.eye(J.shape[0], dtype=J.dtype))  # a non-trivial oracle
 
 

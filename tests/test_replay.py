@@ -23,7 +23,7 @@ MLP_CASES = {
 }
 
 
-def _pair(r, backend, policy="all", k=5, seed=0):
+def _pair(r, backend, policy="all", k=9, seed=0):
     op = tjac.TrainingJacobian(r, checkpoint=policy, backend="eager")
     gen = torch.Generator().manual_seed(seed)
     V = torch.randn(op.shape[0], k, generator=gen, dtype=torch.float64)
@@ -52,10 +52,24 @@ def test_fused_float32_agrees_with_float64():
     r64 = tiny()
     (jv, _), _ = _pair(r64, "eager")
     op = tjac.TrainingJacobian(tiny(dtype="float32"), backend="fused")
-    V = torch.randn(op.shape[0], 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    V = torch.randn(op.shape[0], 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = op.matmat(V.float())
     assert out.dtype == torch.float32
     assert_close(out, jv, 1e-4, "float32 fused vs float64 eager")
+
+
+def test_fused_takes_the_eager_path_below_its_min_width(monkeypatch):
+    op = tjac.TrainingJacobian(tiny(), backend="fused")
+    V = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    calls = []
+    real = op._replay._hvp
+    monkeypatch.setattr(op._replay, "_hvp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    narrow = op.matmat(V)
+    assert not calls  # 3 < min_width: eager
+    op._replay.min_width = 1
+    wide = op.matmat(V)
+    assert calls
+    assert_close(wide, narrow, 1e-12, "block-major vs eager at width 3")
 
 
 def test_partial_replay_is_the_tangent_after_s_steps():
@@ -63,7 +77,7 @@ def test_partial_replay_is_the_tangent_after_s_steps():
     r = tiny(epochs=3)
     prob = Problem(r)
     op = tjac.TrainingJacobian(prob, backend="fused")
-    V = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    V = torch.randn(op.shape[0], 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     short = tjac.TrainingJacobian(tiny(epochs=3), backend="eager")
     # a run of 2 steps with the same schedule is not a prefix (the cosine depends on T), so compare
     # backends on the same prefix instead, and against the full replay at s = T

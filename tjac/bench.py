@@ -86,6 +86,30 @@ def torch_reference_seconds(prob: Problem) -> float | None:
     return time.perf_counter() - t0
 
 
+def tangent_flops_per_vector_step(prob: Problem) -> int | None:
+    """Floating-point operations one tangent (or cotangent) costs per step in an MLP's block HVP:
+    per layer the forward tangent dW a (+ W da) and the backward dDelta a (+ delta da), and for
+    inner layers d(delta W) (2 products); 2 flops per multiply-add. None for other families."""
+    if prob.recipe.model.family != "mlp":
+        return None
+    B = prob.recipe.batch_size
+    w = prob.model.widths
+    macs = sum((2 if i == 0 else 6) * B * a * b for i, (a, b) in enumerate(zip(w[:-1], w[1:])))
+    return 2 * macs
+
+
+def gemm_flops_per_second(prob: Problem, k: int = 64, repeats: int = 20) -> float:
+    """This device's rate on the block HVP's dominant GEMM shape, (k*out, in) @ (in, B), in the
+    recipe's dtype: the ceiling for any replay backend."""
+    w, B = prob.model.widths, prob.recipe.batch_size
+    a = torch.randn(k * w[1], w[0], dtype=prob.dtype, device=prob.device)
+    b = torch.randn(w[0], B, dtype=prob.dtype, device=prob.device)
+    out = torch.empty(k * w[1], B, dtype=prob.dtype, device=prob.device)
+    torch.mm(a, b, out=out)
+    best = _best(lambda: [torch.mm(a, b, out=out) for _ in range(repeats)], 3, prob.device)
+    return 2 * k * w[1] * w[0] * B * repeats / best
+
+
 def measure_operator(recipe: Recipe, *, blocks=(1, 8, 32, 128), backends=("auto",), repeats: int = 2,
                      log=print) -> dict:
     """R; one JVP; one VJP (with and without the trajectory pass); per-vector block costs; for each
@@ -109,6 +133,13 @@ def measure_operator(recipe: Recipe, *, blocks=(1, 8, 32, 128), backends=("auto"
            "backends": {}}
     log(f"P={P} T={prob.num_steps} R={R:.3f}s (torch.optim loop: "
         f"{'n/a' if ref is None else f'{ref:.3f}s'}), trajectory pass {traj / R:.2f} R")
+    flops = tangent_flops_per_vector_step(prob)
+    if flops is not None:  # the arithmetic floor of a JVP per vector, at this device's GEMM rate
+        rate = gemm_flops_per_second(prob)
+        out.update(tangent_flops_per_vector_step=flops, gemm_gflops=rate / 1e9,
+                   floor_per_vector_R=flops * prob.num_steps / rate / R)
+        log(f"GEMM {rate / 1e9:.0f} GFLOP/s; floor (tangent flops at that rate) "
+            f"{out['floor_per_vector_R']:.3f} R per vector")
     v = torch.randn(P, 1, generator=gen, dtype=torch.float64).to(dev, prob.dtype)
     w = torch.randn(P, 1, generator=gen, dtype=torch.float64).to(dev, prob.dtype)
     Vs = {k: torch.randn(P, k, generator=gen, dtype=torch.float64).to(dev, prob.dtype) for k in blocks}

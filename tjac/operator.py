@@ -88,6 +88,7 @@ class TrainingJacobian:
         self.device = self.problem.device
         self.num_matvecs = 0
         self.num_rmatvecs = 0
+        self.num_replays = 0  # passes over the training run (a block of vectors shares one)
         self.time_matvec = 0.0
         self.time_rmatvec = 0.0
 
@@ -161,12 +162,14 @@ class TrainingJacobian:
         self._replay = replay.make(self.problem, self.trajectory, name)
 
     def _jvp_block(self, V):  # V: (k, P) rows are tangents
+        self.num_replays += 1
         out = self._replay.jvp(V)
         if not bool(torch.isfinite(out).all()):
             raise TrainingDivergedError(self.num_steps - 1, "tangents")
         return out
 
     def _vjp_block(self, W):  # W: (k, P) rows are cotangents of theta_T
+        self.num_replays += 1
         out = self._replay.vjp(W)
         if not bool(torch.isfinite(out).all()):
             raise TrainingDivergedError(0, "cotangents")
@@ -193,6 +196,7 @@ class TrainingJacobian:
 
     def counters(self) -> dict:
         return {"num_matvecs": self.num_matvecs, "num_rmatvecs": self.num_rmatvecs,
+                "num_replays": self.num_replays,
                 "time_matvec": self.time_matvec, "time_rmatvec": self.time_rmatvec,
                 "time_trajectory": self.time_trajectory}
 

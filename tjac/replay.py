@@ -7,7 +7,7 @@ path at ~1e-12 relative (they differ only in the order of floating-point sums).
     The model's ``grad_hvp`` on (k, P) blocks and the optimizer's elementwise tangent/adjoint maps.
     Any model family (the CNN and transformer go through ``torch.func``).
 ``fused``
-    MLPs without dropout. Tangents are held **block-major**: every parameter's (k, *shape) block is
+    MLPs without dropout, blocks of 8 or more (narrower ones take the eager path). Tangents are held **block-major**: every parameter's (k, *shape) block is
     contiguous, and the tangent activations are feature-major (k, width, batch). Then the two products
     per layer that dominate the cost, dW a^T and dDelta a, are each *one* GEMM of (k*width) rows instead
     of k small ones; the Hessian-vector product is written straight into the tangent state with the
@@ -199,9 +199,14 @@ def _jvp_with_lr(opt, state, g, ds, hv, lr, bc):
 
 
 class FusedMLPReplay:
-    """Block-major, allocation-free tangent propagation for MLPs (see the module docstring)."""
+    """Block-major, allocation-free tangent propagation for MLPs (see the module docstring).
+
+    Blocks narrower than ``min_width`` go through the eager path, which is faster there (paper
+    recipe, one vector: 1.8 R eager vs 3.2 R block-major: the layout pays only when GEMMs are wide).
+    """
 
     name = "fused"
+    min_width = 8
 
     def __init__(self, problem, trajectory):
         model = problem.model
@@ -218,6 +223,7 @@ class FusedMLPReplay:
         self.plain_sgd = isinstance(o, optim.SGD) and not o.nesterov and not o.wd
         self._n = len(self.layout) // 2
         self._ws: dict = {}
+        self._eager = EagerReplay(problem, trajectory)
 
     # -- layout ---------------------------------------------------------------------------------
     def _views(self, buf, k):
@@ -308,6 +314,8 @@ class FusedMLPReplay:
     # -- products -------------------------------------------------------------------------------
     def jvp(self, V, steps: int | None = None):
         k = V.shape[0]
+        if k < self.min_width:
+            return self._eager.jvp(V, steps)
         opt = self.opt
         state = opt.init(self.trajectory.theta0)
         ds = [self._to_bm(V)] + [V.new_zeros(V.numel()) for _ in state[1:]]
@@ -337,6 +345,8 @@ class FusedMLPReplay:
 
     def vjp(self, W):
         k = W.shape[0]
+        if k < self.min_width:
+            return self._eager.vjp(W)
         opt, prob = self.opt, self.problem
         bs = [self._to_bm(W)] + [W.new_zeros(W.numel()) for _ in opt.state_names[1:]]
         bsv = [self._views(b, k) for b in bs]
