@@ -35,3 +35,16 @@ def test_cuda_request_without_cuda_is_one_clear_error():
         pytest.skip("CUDA is available here")
     with pytest.raises(ValueError, match="CUDA is not available"):
         tjac.Problem(tjac.Recipe.paper(width=4, epochs=1, device="cuda"))
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["fused", "compiled"])
+def test_cuda_backends_match_cpu_eager(backend):
+    r = tjac.Recipe.paper(width=8, epochs=2, n_train=256)
+    cpu = tjac.TrainingJacobian(r, backend="eager")
+    gpu = tjac.TrainingJacobian(r.replace(device="cuda"), cpu.theta0.cuda(), backend=backend)
+    V = torch.randn(cpu.shape[0], 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for a, b in ((cpu.matmat(V), gpu.matmat(V.cuda()).cpu()),
+                 (cpu.rmatmat(V), gpu.rmatmat(V.cuda()).cpu())):
+        assert float((a - b).abs().max() / a.abs().max()) < 1e-11
+    assert torch.equal(gpu.matmat(V.cuda()), gpu.matmat(V.cuda()))  # bitwise repeatable

@@ -4,7 +4,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "tjac"
 SAME = {"zoo": "models"}  # zoo.py is part of the model layer (models.build dispatches to it)
-ORDER = ["_checks", "recipe", "data", "models", "optim", "trajectory", "operator", "linalg",
+ORDER = ["_checks", "recipe", "data", "models", "optim", "trajectory", "replay", "operator", "linalg",
          "analysis", "bench", "store", "_env", "query", "plotting", "runner", "scale", "cli", "__main__"]
 
 

@@ -209,12 +209,17 @@ def test_bench_and_scale_commands(tmp_path):
     res = json.loads(out.read_text())
     assert set(res["results"]["block"]) == {"1", "4"} and res["results"]["adjoint_rel_error"] < 1e-12
     assert res["results"]["jvp_R"] > 0 and "torch" in res["environment"]
+    assert res["results"]["backend"] == "fused" and set(res["results"]["backends"]) == {"fused"}
+    assert res["results"]["floor_per_vector_R"] > 0 and res["results"]["R_torch_loop_seconds"] > 0
     p = tjac_cli("scale", "--widths", "4,6", "--epochs", "1", "--k-top", "3", "--k-bottom", "3",
                  "--store", str(tmp_path / "s.zarr"), "--json")
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout)["rows"]
     assert [r["P"] for r in rows] == [310, 460]
     assert all(r["exact_one"] == r["exact_one_predicted"] for r in rows)
+    # the dense path (auto at this size) forms J in P / width replays, width <= 128
+    assert all(r["replays"] >= -(-r["P"] // 128) and r["backend"] in ("eager", "fused", "compiled")
+               for r in rows)
     assert set(open_store(tmp_path / "s.zarr").runs()) == {"mlp-w4-d1", "mlp-w6-d1"}
     p = tjac_cli("scale", "--widths", "4,x")
     assert p.returncode == 2 and "comma-separated list" in p.stderr

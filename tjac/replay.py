@@ -102,12 +102,14 @@ class CompiledReplay(EagerReplay):
         self._width = None
 
     def _padded(self, V, fn):
+        # one layout for every call: graphs are specialised on strides too (a (1, P) view of a
+        # (P, 1) column has stride 1 where a copy has P), and each recompile costs a full compile
         k = V.shape[0]
         if self._width is None or k > self._width:
             self._width = k
-        if k == self._width:
-            return fn(V)
-        return fn(torch.cat([V, V.new_zeros(self._width - k, V.shape[1])]))[:k]
+        X = V.new_zeros(self._width, V.shape[1])
+        X[:k] = V
+        return fn(X)[:k]
 
     def jvp(self, V, steps: int | None = None):
         return self._padded(V, lambda X: self._jvp(X, steps))

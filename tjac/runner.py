@@ -109,6 +109,7 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
             methods = {which: "dense" for which in methods}
         full_sigma = None
         prior = dict(run.attrs.get("products", {"matvecs": 0, "rmatvecs": 0}))
+        prior_replays = int(run.attrs.get("replays", 0))
 
         def products():
             return {"matvecs": prior["matvecs"] + op.num_matvecs,
@@ -120,7 +121,7 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
                               _to_np(r["res"]).astype(np.float64), _to_np(r["U"].T), _to_np(r["V"].T))
             w.set_attrs(g, method=r["method"], tol=tol, norm_estimate=r["smax"],
                         converged=[bool(c) for c in r["conv"]], which=which)
-            w.set_attrs(run, products=products())
+            w.set_attrs(run, products=products(), replays=prior_replays + op.num_replays)
             w.drop_state(run, which)
 
         if "dense" in methods.values():
@@ -146,6 +147,8 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
         summary = _summarize(run, op, full_sigma, check, time.perf_counter() - t0, tol)
         summary["products"] = products()
         summary["products_total"] = sum(summary["products"].values())
+        summary["replays"] = prior_replays + op.num_replays  # passes over training (solves only)
+        summary["backend"], summary["block"] = op.backend, op.block_size
         w.finish(run, summary)
         return RunOutcome(run_id=run_id, store=store_path, summary=summary)
 

@@ -38,7 +38,8 @@ def run_sweep(recipes, store_path, *, k_top=16, k_bottom=16, tol=1e-8, method="a
                "bulk_1e-3": reg[1e-3]["bulk"], "stable_1e-3": reg[1e-3]["stable"],
                "complete": sp["complete"], "exact_one": sp["numerically_one"],
                "exact_one_predicted": sp["structural"]["n_exact_singular"],
-               "products": s.get("products_total"), "seconds": s["seconds"],
+               "products": s.get("products_total"), "replays": s.get("replays"),
+               "backend": s.get("backend"), "seconds": s["seconds"],
                "top_method": s.get("top", {}).get("method"),
                "bottom_method": s.get("bottom", {}).get("method")}
         rows.append(row)
@@ -50,6 +51,7 @@ def format_row(r):
     return (f"{r['run']:>18s} P={r['P']:<8d} sigma_max {r['sigma_max']:9.4g}  regions@1e-3 "
             f"{r['chaotic_1e-3']}/{r['bulk_1e-3']}/{r['stable_1e-3']}{'' if r['complete'] else '*'}  "
             f"exact-1 {r['exact_one']} (predicted {r['exact_one_predicted']})  "
+            f"{r['replays'] if r.get('replays') is not None else '?'} replays ({r.get('backend')}), "
             f"{r['seconds']:.1f}s")
 
 
@@ -77,6 +79,11 @@ def plot_scaling(rows, path):
         axes[0].loglog(P, c * P ** a, "--", label=f"fit: seconds ~ P^{a:.2f}")
         axes[0].legend()
     axes[0].set(xlabel="P (parameters)", ylabel="seconds (train + solves)", title="cost vs size")
+    reps = [r.get("replays") for r in rows]
+    if all(x is not None for x in reps):
+        ax2 = axes[0].twinx()
+        ax2.semilogx(P, reps, "s:", color="gray")
+        ax2.set_ylabel("replays (passes over training)", color="gray")
     axes[1].semilogx(P, [r["sigma_max"] for r in rows], "o-", label=r"$\sigma_{max}$")
     axes[1].semilogx(P, [r["exact_one"] for r in rows], "s-", label="exactly 1")
     axes[1].set(xlabel="P", title="spectrum vs size")

@@ -99,7 +99,6 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float = 1e
         res = torch.stack([(J @ V - U * S).norm(dim=0), (J.T @ U - V * S).norm(dim=0)], 1)
         smax, history, conv_est = float(torch.linalg.matrix_norm(J, 2)), (), None
     elif method == "randomized":
-        b = block or (k + 16)
         S, U, V, res, conv_est, history, smax = randomized(
             cop, k, tol=tol, maxiter=maxiter or 30, block=block or (k + 8), v0=v0, gen=gen,
             callback=callback)
