@@ -7,6 +7,9 @@ tuples of ``(k, P)`` blocks. With the step  s' = U_t(s, g),  g = grad L_t(theta)
 * ``jvp(s, g, ds, dg, t)``             -> (s', ds')        ds' = dU/ds ds + dU/dg dg
 * ``vjp(s, g, bs', t)``                -> (bs, bg)         bs = (dU/ds)^T bs',  bg = (dU/dg)^T bs'
 
+Each takes keyword overrides ``lr`` (eta_t) and ``bc`` (Adam's bias corrections (c1, c2)): the
+compiled replay passes them as 0-d tensors so one graph serves every step.
+
 The caller adds the Hessian term: dg = H dtheta (JVP) and btheta += H bg (VJP). The maps are
 hand-derived (elementwise, no autodiff overhead) and tested against ``torch.func`` in the suite.
 SGD is linear in g, so its ``vjp`` never reads g (``needs_grad_for_vjp = False``): the reverse sweep
@@ -47,25 +50,26 @@ class SGD:
     def lr(self, t):
         return learning_rate(self.spec, t, self.total)
 
-    def update(self, s, g, t):
+    def update(self, s, g, t, *, lr=None, bc=None):
         theta, m = s
         if self.wd:
             g = g + self.wd * theta
         m = self.mu * m + g if self.mu else g
         d = g + self.mu * m if self.nesterov else m
-        return (theta - self.lr(t) * d, m)
+        return (theta - (self.lr(t) if lr is None else lr) * d, m)
 
-    def jvp(self, s, g, ds, dg, t):
+    def jvp(self, s, g, ds, dg, t, *, lr=None, bc=None):
         dtheta, dm = ds
+        eta = self.lr(t) if lr is None else lr
         if self.wd:
             dg = dg + self.wd * dtheta
         dm = self.mu * dm + dg if self.mu else dg
         dd = dg + self.mu * dm if self.nesterov else dm
-        return self.update(s, g, t), (dtheta - self.lr(t) * dd, dm)
+        return self.update(s, g, t, lr=eta), (dtheta - eta * dd, dm)
 
-    def vjp(self, s, g, bs, t):
+    def vjp(self, s, g, bs, t, *, lr=None, bc=None):
         btheta, bm = bs
-        bd = -self.lr(t) * btheta
+        bd = -(self.lr(t) if lr is None else lr) * btheta
         if self.nesterov:
             bg, bm_tot = bd, bm + self.mu * bd
             bg = bg + bm_tot
@@ -101,28 +105,28 @@ class Adam:
     def lr(self, t):
         return learning_rate(self.spec, t, self.total)
 
-    def _parts(self, s, g, t):
+    def _parts(self, s, g, t, bc=None):
         theta, m, v = s
         ge = g + self.wd * theta if (self.wd and not self.decoupled) else g
         m = self.b1 * m + (1 - self.b1) * ge
         v = self.b2 * v + (1 - self.b2) * ge * ge
-        c1, c2 = 1 - self.b1 ** (t + 1), 1 - self.b2 ** (t + 1)
+        c1, c2 = (1 - self.b1 ** (t + 1), 1 - self.b2 ** (t + 1)) if bc is None else bc
         root = (v / c2 + self.eps_root).sqrt()
         den = root + self.eps
         return ge, m, v, c1, c2, root, den
 
-    def update(self, s, g, t):
+    def update(self, s, g, t, *, lr=None, bc=None):
         theta = s[0]
-        ge, m, v, c1, c2, root, den = self._parts(s, g, t)
+        ge, m, v, c1, c2, root, den = self._parts(s, g, t, bc)
         d = (m / c1) / den
         if self.wd and self.decoupled:
             d = d + self.wd * theta
-        return (theta - self.lr(t) * d, m, v)
+        return (theta - (self.lr(t) if lr is None else lr) * d, m, v)
 
-    def jvp(self, s, g, ds, dg, t):
+    def jvp(self, s, g, ds, dg, t, *, lr=None, bc=None):
         theta = s[0]
         dtheta, dm, dv = ds
-        ge, m, v, c1, c2, root, den = self._parts(s, g, t)
+        ge, m, v, c1, c2, root, den = self._parts(s, g, t, bc)
         if self.wd and not self.decoupled:
             dg = dg + self.wd * dtheta
         dm = self.b1 * dm + (1 - self.b1) * dg
@@ -132,13 +136,13 @@ class Adam:
         d = mh / den
         if self.wd and self.decoupled:
             d, dd = d + self.wd * theta, dd + self.wd * dtheta
-        eta = self.lr(t)
+        eta = self.lr(t) if lr is None else lr
         return (theta - eta * d, m, v), (dtheta - eta * dd, dm, dv)
 
-    def vjp(self, s, g, bs, t):
+    def vjp(self, s, g, bs, t, *, lr=None, bc=None):
         btheta, bm, bv = bs
-        ge, m, v, c1, c2, root, den = self._parts(s, g, t)
-        eta = self.lr(t)
+        ge, m, v, c1, c2, root, den = self._parts(s, g, t, bc)
+        eta = self.lr(t) if lr is None else lr
         bd = -eta * btheta
         if self.wd and self.decoupled:
             btheta = btheta + self.wd * bd

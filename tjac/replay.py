@@ -16,13 +16,16 @@ path at ~1e-12 relative (they differ only in the order of floating-point sums).
 ``compiled``
     ``torch.compile`` (inductor) of the eager JVP and VJP steps; needs a C++ compiler on CPU and
     compiles once per block width (20-70 s here), so it pays for long solves: 3-6x faster than
-    eager for the CNN and transformer (torch.func) steps. Chosen only by
-    :func:`tjac.bench.autotune` (which measures it) or by name.
+    eager for the CNN and transformer (torch.func) JVPs. Its first product in each direction is
+    checked against eager; a wrong graph (the transformer's VJP on torch 2.13) falls back to eager.
+    Chosen only by :func:`tjac.bench.autotune` (which measures it) or by name.
 
 :func:`make` builds one by name; ``"auto"`` is ``fused`` where it applies, else ``eager``.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -30,11 +33,17 @@ from . import optim
 from .models import MLP
 from .trajectory import TrainingDivergedError
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("eager", "fused", "compiled")
 
 
 class Unsupported(ValueError):
     """This backend cannot replay this recipe (the message says why)."""
+
+
+class CompileMismatch(RuntimeError):
+    """A compiled replay disagreed with the eager one."""
 
 
 class EagerReplay:
@@ -69,9 +78,15 @@ class EagerReplay:
 class CompiledReplay(EagerReplay):
     """The eager JVP and VJP steps under ``torch.compile`` (inductor). The learning rate and Adam's
     bias corrections enter as 0-d tensors, so one graph serves every step; a block narrower than
-    the first one compiled is zero-padded to it rather than compiled again."""
+    the first one compiled is zero-padded to it rather than compiled again.
+
+    torch.compile around torch.func transforms has silently produced wrong tangents (seen here: the
+    transformer's compiled VJP off by 9%), so the first product in each direction is also computed
+    eagerly and compared; on a mismatch that direction stays eager for good (``self.fallback`` says
+    why, and a warning is logged) and a partial replay (the autotuner's) raises instead."""
 
     name = "compiled"
+    rtol = {torch.float64: 1e-9, torch.float32: 1e-3}
 
     def __init__(self, problem, trajectory):
         super().__init__(problem, trajectory)
@@ -89,17 +104,19 @@ class CompiledReplay(EagerReplay):
 
         def jvp_step(state, ds, x, y, lr, bc):
             g, hv = model.grad_hvp(state[0], x, y, ds[0])
-            return _jvp_with_lr(opt, state, g, ds, hv, lr, bc)
+            return opt.jvp(state, g, ds, hv, 0, lr=lr, bc=bc)
 
         def vjp_step(state, bs, x, y, lr, bc):
             g = model.grad(state[0], x, y) if opt.needs_grad_for_vjp else None
-            bs, bg = _vjp_with_lr(opt, state, g, bs, lr, bc)
+            bs, bg = opt.vjp(state, g, bs, 0, lr=lr, bc=bc)
             _, hbg = model.grad_hvp(state[0], x, y, bg)
             return (bs[0] + hbg,) + tuple(bs[1:])
 
         self._jvp_c = torch.compile(jvp_step, dynamic=False)
         self._vjp_c = torch.compile(vjp_step, dynamic=False)
         self._width = None
+        self._verified: set = set()
+        self.fallback: dict = {}  # direction -> reason it runs eagerly
 
     def _padded(self, V, fn):
         # one layout for every call: graphs are specialised on strides too (a (1, P) view of a
@@ -112,10 +129,34 @@ class CompiledReplay(EagerReplay):
         return fn(X)[:k]
 
     def jvp(self, V, steps: int | None = None):
-        return self._padded(V, lambda X: self._jvp(X, steps))
+        if "jvp" in self.fallback:
+            return super().jvp(V, steps)
+        out = self._padded(V, lambda X: self._jvp(X, steps))
+        return self._verify("jvp", out, lambda: super(CompiledReplay, self).jvp(V, steps),
+                            partial=steps is not None and steps < self.problem.num_steps)
 
     def vjp(self, W):
-        return self._padded(W, self._vjp)
+        if "vjp" in self.fallback:
+            return super().vjp(W)
+        out = self._padded(W, self._vjp)
+        return self._verify("vjp", out, lambda: super(CompiledReplay, self).vjp(W), partial=False)
+
+    def _verify(self, direction, out, eager, *, partial):
+        key = (direction, partial)
+        if key in self._verified:
+            return out
+        ref = eager()
+        err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+        if not err <= self.rtol.get(ref.dtype, 1e-9):
+            why = (f"torch.compile gave a wrong {direction.upper()} for this recipe (relative error "
+                   f"{err:.1e} against eager)")
+            if partial:
+                raise CompileMismatch(why)
+            self.fallback[direction] = why
+            log.warning("%s; %ss run eagerly from now on", why, direction.upper())
+            return ref
+        self._verified.add(key)
+        return out
 
     def _jvp(self, V, steps):
         prob = self.problem
@@ -133,71 +174,6 @@ class CompiledReplay(EagerReplay):
             for t, state in self.trajectory.reversed_states():
                 bs = self._vjp_c(state, bs, *prob.batch(t), self._lr[t], self._bc[t])
         return bs[0]
-
-
-def _vjp_with_lr(opt, state, g, bs, lr, bc):
-    """``opt.vjp`` with the step's learning rate (and Adam's bias corrections) as tensors."""
-    if isinstance(opt, optim.SGD):
-        btheta, bm = bs
-        bd = -lr * btheta
-        if opt.nesterov:
-            bm_tot = bm + opt.mu * bd
-            bg = bd + bm_tot
-        else:
-            bm_tot = bm + bd
-            bg = bm_tot
-        bm_prev = opt.mu * bm_tot
-        if opt.wd:
-            btheta = btheta + opt.wd * bg
-        return (btheta, bm_prev), bg
-    theta, m, v = state
-    btheta, bm, bv = bs
-    c1, c2 = bc
-    ge = g + opt.wd * theta if (opt.wd and not opt.decoupled) else g
-    m = opt.b1 * m + (1 - opt.b1) * ge
-    v = opt.b2 * v + (1 - opt.b2) * ge * ge
-    root = (v / c2 + opt.eps_root).sqrt()
-    den = root + opt.eps
-    bd = -lr * btheta
-    if opt.wd and opt.decoupled:
-        btheta = btheta + opt.wd * bd
-    bm_tot = bm + (bd / den) / c1
-    bv_tot = bv - (bd * (m / c1) / (2 * root * den * den)) / c2
-    bg = (1 - opt.b1) * bm_tot + 2 * (1 - opt.b2) * ge * bv_tot
-    if opt.wd and not opt.decoupled:
-        btheta = btheta + opt.wd * bg
-    return (btheta, opt.b1 * bm_tot, opt.b2 * bv_tot), bg
-
-
-def _jvp_with_lr(opt, state, g, ds, hv, lr, bc):
-    """``opt.jvp`` with the step's learning rate (and Adam's bias corrections) as tensors."""
-    if isinstance(opt, optim.SGD):
-        theta, m = state
-        dtheta, dm = ds
-        if opt.wd:
-            g, hv = g + opt.wd * theta, hv + opt.wd * dtheta
-        m = opt.mu * m + g if opt.mu else g
-        dm = opt.mu * dm + hv if opt.mu else hv
-        d = g + opt.mu * m if opt.nesterov else m
-        dd = hv + opt.mu * dm if opt.nesterov else dm
-        return (theta - lr * d, m), (dtheta - lr * dd, dm)
-    theta, m, v = state
-    dtheta, dm, dv = ds
-    c1, c2 = bc
-    ge = g + opt.wd * theta if (opt.wd and not opt.decoupled) else g
-    dg = hv + opt.wd * dtheta if (opt.wd and not opt.decoupled) else hv
-    m = opt.b1 * m + (1 - opt.b1) * ge
-    v = opt.b2 * v + (1 - opt.b2) * ge * ge
-    dm = opt.b1 * dm + (1 - opt.b1) * dg
-    dv = opt.b2 * dv + 2 * (1 - opt.b2) * ge * dg
-    root = (v / c2 + opt.eps_root).sqrt()
-    den = root + opt.eps
-    mh = m / c1
-    d = mh / den
-    dd = (dm / c1) / den - mh * (dv / c2) / (2 * root * den * den)
-    if opt.wd and opt.decoupled:
-        d, dd = d + opt.wd * theta, dd + opt.wd * dtheta
-    return (theta - lr * d, m, v), (dtheta - lr * dd, dm, dv)
 
 
 class FusedMLPReplay:
@@ -408,5 +384,6 @@ def make(problem, trajectory, name: str = "auto"):
     return _CLASSES[resolve(problem, name)](problem, trajectory)
 
 
-__all__ = ["BACKENDS", "EagerReplay", "FusedMLPReplay", "CompiledReplay", "Unsupported", "make",
+__all__ = ["BACKENDS", "EagerReplay", "FusedMLPReplay", "CompiledReplay", "CompileMismatch",
+           "Unsupported", "make",
            "resolve", "supported", "TrainingDivergedError"]
