@@ -19,7 +19,7 @@ MLP_CASES = {
     "nesterov-wd": dict(nesterov=True, weight_decay=1e-2),
     "adam": dict(optimizer="adam", lr=0.01),
     "adamw": dict(optimizer="adamw", lr=0.01, weight_decay=1e-2),
-    "wide-last-layer": dict(hidden=(40,), n_train=64),  # `out` >= 32 takes the batched-GEMM branch
+    "wide-hidden": dict(hidden=(40, 36), n_train=64),  # `out` >= 32: the batched-GEMM branch
 }
 
 

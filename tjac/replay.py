@@ -267,7 +267,10 @@ class FusedMLPReplay:
             out_, in_ = W.shape
             deltaT = deltas[i].T.contiguous()
             outs[2 * i].view(k * out_, in_).addmm_(ddelta.reshape(k * out_, B), acts[i], beta=beta)
-            if das[i] is not None:  # + delta^T da: one GEMM (k*in, B) @ (B, out), added transposed
+            wide = out_ >= 32
+            if das[i] is not None and wide:  # + delta^T da, k GEMMs of full size
+                outs[2 * i].baddbmm_(deltaT.expand(k, out_, B), das[i].transpose(1, 2))
+            elif das[i] is not None:  # narrow: one GEMM (k*in, B) @ (B, out), added transposed
                 dT = torch.mm(das[i].view(k * in_, B), deltas[i])
                 outs[2 * i] += dT.view(k, in_, out_).transpose(1, 2)
             hb = ddelta.sum(-1)
@@ -276,15 +279,22 @@ class FusedMLPReplay:
             else:
                 outs[2 * i + 1].mul_(beta).add_(hb)
             if i > 0:
-                # d(delta W)^T = dW^T delta^T + W^T dDelta^T, both as single GEMMs into an
-                # (in, k, B) buffer (k small GEMMs with inner size `out` cost 20% of a step)
-                de = self._buf(f"de{i}", (in_, k, B), theta)
-                torch.mm(dps[2 * i].permute(2, 0, 1).reshape(in_ * k, out_), deltaT,
-                         out=de.view(in_ * k, B))
-                de.view(in_, k * B).addmm_(W.T, ddelta.transpose(0, 1).reshape(out_, k * B))
+                # d(delta W)^T = dW^T delta^T + W^T dDelta^T. Narrow layers (the output): both as
+                # single GEMMs into an (in, k, B) buffer (k tiny GEMMs with inner size `out` cost
+                # 20% of a step); wide ones: k full-size GEMMs each (the single-GEMM form would copy
+                # dW, 17 MB for a 300x300 layer at k = 24: 20% of a step on the 1e5 net)
                 eT = (deltas[i] @ W).T
                 nd = self._buf(f"dd{i - 1}", (k, in_, B), theta)
-                torch.mul(de.transpose(0, 1), d1T[i - 1], out=nd)
+                if wide:
+                    torch.bmm(dps[2 * i].transpose(1, 2), deltaT.expand(k, out_, B), out=nd)
+                    nd.baddbmm_(W.T.expand(k, in_, out_), ddelta)
+                    nd.mul_(d1T[i - 1])
+                else:
+                    de = self._buf(f"de{i}", (in_, k, B), theta)
+                    torch.mm(dps[2 * i].permute(2, 0, 1).reshape(in_ * k, out_), deltaT,
+                             out=de.view(in_ * k, B))
+                    de.view(in_, k * B).addmm_(W.T, ddelta.transpose(0, 1).reshape(out_, k * B))
+                    torch.mul(de.transpose(0, 1), d1T[i - 1], out=nd)
                 nd.addcmul_(eT * derivs[i - 1][1].T, dzs[i - 1])
                 ddelta = nd
         return torch.cat([g.reshape(-1) for g in grads])
