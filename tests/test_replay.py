@@ -9,7 +9,7 @@ from tjac.trajectory import Problem
 
 from conftest import assert_close, tiny
 
-needs_compiler = pytest.mark.skipif(not bench.compiler_available(),
+needs_compiler = pytest.mark.skipif(not replay.compiler_available(),
                                     reason="torch.compile (inductor) needs a C++ compiler")
 
 MLP_CASES = {
@@ -150,6 +150,16 @@ def test_backend_resolution_and_refusals():
     assert replay.resolve(Problem(tiny(dropout=0.1)), "auto") == "eager"
 
 
+def test_compiled_without_a_compiler_is_refused_up_front(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(replay.Unsupported, match="C.. compiler"):
+        tjac.TrainingJacobian(tiny(), backend="compiled")
+    out = bench.autotune(Problem(tiny()), blocks=(2,), steps=1)
+    assert "C++ compiler" in out["skipped"]["compiled"] and out["backend"] != "compiled"
+
+
 def test_autotune_picks_a_measured_pair_and_explains_skips():
     prob = Problem(tiny())
     out = bench.autotune(prob, blocks=(2, 4), steps=2)
@@ -159,8 +169,10 @@ def test_autotune_picks_a_measured_pair_and_explains_skips():
     best = min(v for row in table.values() for v in row.values())
     assert table[out["backend"]][str(out["block"])] == best
     # a tiny replay cannot pay for a compile: skipped with the reason
-    if bench.compiler_available():
+    if replay.compiler_available():
         assert "would not pay off" in out["skipped"]["compiled"]
+    else:
+        assert "C++ compiler" in out["skipped"]["compiled"]
     only = bench.autotune(prob, blocks=(3,), backends=["eager"], steps=1)
     assert (only["backend"], only["block"]) == ("eager", 3)
     with pytest.raises(replay.Unsupported):

@@ -209,13 +209,6 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def compiler_available() -> bool:
-    """Whether torch.compile's CPU backend (inductor) can build kernels: it needs a C++ compiler."""
-    import shutil
-
-    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-
-
 def autotune(prob: Problem, *, blocks=(8, 16, 32, 64, 128), backends=None, steps: int = 10,
              compile_threshold_s: float = 1.0, trajectory=None) -> dict:
     """Pick the replay backend and block width with the lowest measured cost per vector-step.
@@ -229,8 +222,15 @@ def autotune(prob: Problem, *, blocks=(8, 16, 32, 64, 128), backends=None, steps
     from . import replay
     from .trajectory import Trajectory
 
+    skipped: dict = {}
     if backends is None:
-        backends = [b for b in replay.BACKENDS if replay.supported(prob, b) is None]
+        backends = []
+        for b in replay.BACKENDS:
+            why = replay.supported(prob, b)
+            if why:
+                skipped[b] = why
+            else:
+                backends.append(b)
     for b in backends:
         replay.resolve(prob, b)  # unknown or unsupported names raise here
     steps = max(1, min(steps, prob.num_steps))
@@ -238,7 +238,6 @@ def autotune(prob: Problem, *, blocks=(8, 16, 32, 64, 128), backends=None, steps
         trajectory = Trajectory.__new__(Trajectory)
         trajectory.checkpoints = {0: prob.optimizer.init(prob.init_theta())}
     table: dict = {}
-    skipped: dict = {}
 
     def measure(name, k):
         rp = replay.make(prob, trajectory, name)
@@ -259,9 +258,7 @@ def autotune(prob: Problem, *, blocks=(8, 16, 32, 64, 128), backends=None, steps
     if "compiled" in backends:
         k = int(best[1]) if best else max(blocks)
         per_replay = table[best[0]][best[1]] * k * prob.num_steps if best else float("inf")
-        if not compiler_available():
-            skipped["compiled"] = "no C++ compiler for inductor"
-        elif per_replay < compile_threshold_s:
+        if per_replay < compile_threshold_s:
             skipped["compiled"] = (f"one replay takes {per_replay:.2f} s < {compile_threshold_s} s: "
                                    f"compiling would not pay off")
         else:

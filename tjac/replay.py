@@ -366,6 +366,13 @@ def _steps(problem, steps):
 _CLASSES = {"eager": EagerReplay, "fused": FusedMLPReplay, "compiled": CompiledReplay}
 
 
+def compiler_available() -> bool:
+    """Whether torch.compile's CPU backend (inductor) can build kernels: it needs a C++ compiler."""
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
 def supported(problem, name: str) -> str | None:
     """None if backend ``name`` can replay this problem, else the reason it cannot."""
     if name == "fused":
@@ -376,6 +383,8 @@ def supported(problem, name: str) -> str | None:
             return "the fused backend refuses dropout"
     if name == "compiled" and problem.model.stochastic:
         return "the compiled backend refuses dropout (random masks inside a graph)"
+    if name == "compiled" and problem.device.type == "cpu" and not compiler_available():
+        return "the compiled backend needs a C++ compiler (g++, c++ or clang++) on CPU"
     return None
 
 
