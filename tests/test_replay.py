@@ -137,6 +137,9 @@ def test_compiled_guard_falls_back_to_eager_on_a_wrong_graph(caplog):
 
 
 def test_backend_resolution_and_refusals():
+    from tjac import cli
+
+    assert cli.BACKENDS == ("auto",) + replay.BACKENDS  # the CLI's literal copy has not drifted
     mlp = Problem(tiny())
     cnn = Problem(tiny(family="cnn", hidden=(2,), n_train=64, epochs=1))
     assert replay.resolve(mlp, "auto") == "fused"

@@ -14,6 +14,7 @@ import os
 import sys
 
 EXIT_BAD_INPUT = 2
+BACKENDS = ("auto", "eager", "fused", "compiled")  # tjac.replay's, kept literal: no torch at parse time
 
 
 class BadInput(Exception):
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tol", type=_positive_float, default=1e-8)
     r.add_argument("--method", choices=["auto", "lanczos", "randomized", "dense"], default="auto")
     r.add_argument("--block", type=_positive_int, help="solver block width (vectors per replay)")
-    r.add_argument("--backend", choices=["auto", "eager", "fused", "compiled"], default="auto",
+    r.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="how blocks are replayed (auto: measured once per run)")
     r.add_argument("--checkpoint", default="all", help="all, sqrt or an interval in steps")
     r.add_argument("--store", default="results.zarr")
@@ -369,9 +370,8 @@ def cmd_bench(a):
 
     blocks = _int_list(a.blocks, "--blocks")
     backends = [s.strip() for s in a.backends.split(",") if s.strip()]
-    bad = [b for b in backends if b not in ("auto", "eager", "fused", "compiled")]
-    if bad or not backends:
-        raise BadInput(f"--backends must list auto, eager, fused or compiled, got {a.backends!r}")
+    if not backends or set(backends) - set(BACKENDS):
+        raise BadInput(f"--backends must list {', '.join(BACKENDS)}, got {a.backends!r}")
     r = Recipe.paper(family=a.family, width=a.width, depth=a.depth, epochs=a.epochs,
                      optimizer=a.optimizer, dtype=a.dtype, device=a.device)
     out = bench.measure_operator(r, blocks=blocks, backends=backends,

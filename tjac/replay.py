@@ -31,7 +31,6 @@ import torch
 
 from . import optim
 from .models import MLP
-from .trajectory import TrainingDivergedError
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +89,7 @@ class CompiledReplay(EagerReplay):
 
     def __init__(self, problem, trajectory):
         super().__init__(problem, trajectory)
-        if problem.model.stochastic:
-            raise Unsupported("the compiled backend refuses dropout (random masks inside a graph)")
+        _require(problem, self.name)
         opt, model = problem.optimizer, problem.model
         dev = problem.device
 
@@ -187,15 +185,10 @@ class FusedMLPReplay:
     min_width = 8
 
     def __init__(self, problem, trajectory):
-        model = problem.model
-        if not isinstance(model, MLP) or model.backend != "manual":
-            raise Unsupported(f"the fused backend handles the MLP family only, not "
-                              f"{problem.recipe.model.family!r}")
-        if model.stochastic:
-            raise Unsupported("the fused backend refuses dropout")
-        self.problem, self.trajectory, self.model = problem, trajectory, model
+        _require(problem, self.name)
+        self.problem, self.trajectory, self.model = problem, trajectory, problem.model
         self.opt = problem.optimizer
-        self.layout = model.layout
+        self.layout = self.model.layout
         o = self.opt
         # plain (heavy-ball) SGD: the momentum factor rides in the GEMMs' beta
         self.plain_sgd = isinstance(o, optim.SGD) and not o.nesterov and not o.wd
@@ -388,14 +381,18 @@ def supported(problem, name: str) -> str | None:
     return None
 
 
+def _require(problem, name: str) -> None:
+    why = supported(problem, name)
+    if why:
+        raise Unsupported(why)
+
+
 def resolve(problem, name: str) -> str:
     if name == "auto":
         return "fused" if supported(problem, "fused") is None else "eager"
     if name not in BACKENDS:
         raise ValueError(f"unknown replay backend {name!r}; expected 'auto' or one of {BACKENDS}")
-    why = supported(problem, name)
-    if why:
-        raise Unsupported(why)
+    _require(problem, name)
     return name
 
 
@@ -404,5 +401,4 @@ def make(problem, trajectory, name: str = "auto"):
 
 
 __all__ = ["BACKENDS", "EagerReplay", "FusedMLPReplay", "CompiledReplay", "CompileMismatch",
-           "Unsupported", "make",
-           "resolve", "supported", "TrainingDivergedError"]
+           "Unsupported", "compiler_available", "make", "resolve", "supported"]

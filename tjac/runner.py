@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import __version__, store
+from . import __version__, replay, store
 from .bench import autotune
 from .analysis import spectrum_summary, structural_ones
 from .linalg import choose_method, small_svd, svd
 from .operator import TrainingJacobian
 from .recipe import Recipe
+from .trajectory import Problem
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,8 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
     :func:`tjac.bench.autotune` once per run; a name pins it (its block width is still tuned). The
     choice lives in the run's provenance and a resume reuses it (same arithmetic, same chunks)."""
     run_id = store.check_run_id(run_id or f"{recipe.hash()}")
-    if backend != "auto":  # refuse before the store is touched
-        from . import replay
-        from .trajectory import Problem
-
-        replay.resolve(Problem(recipe), backend)
+    problem = Problem(recipe)  # bad recipes and backends are refused before the store is touched
+    replay.resolve(problem, backend)
     with store.Writer(store_path) as w:
         if w.has_run(run_id):
             status = w.run(run_id).attrs.get("status")
@@ -81,8 +79,7 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
                 raise store.StoreError(f"run {run_id!r} in {store_path!r} is incomplete; pass "
                                        f"--resume to continue it or --overwrite to restart it")
         t0 = time.perf_counter()
-        op = TrainingJacobian(recipe, checkpoint=checkpoint,
-                              backend="auto" if backend == "auto" else backend)
+        op = TrainingJacobian(problem, checkpoint=checkpoint, backend=backend)
         check = op.check()
         P = op.shape[0]
         if w.has_run(run_id):
