@@ -5,7 +5,7 @@ import torch
 
 import tjac
 from tjac import bench, replay
-from tjac.trajectory import Problem
+from tjac.trajectory import Problem, Trajectory
 
 from conftest import assert_close, tiny
 
@@ -116,6 +116,34 @@ def test_compiled_on_the_zoo_matches_eager_or_falls_back():
         assert_close(op.rmatmat(V), jtw, 1e-12, f"compiled J^T W ({fam})")
         if fam == "cnn":
             assert not op._replay.fallback
+
+
+@needs_compiler
+def test_compiled_graphs_are_shared_per_problem_and_separate_across_problems():
+    """One compile per problem serves all its replays (the autotuner's is the operator's), and each
+    problem has its own code object: dynamo's recompile limit (8 graphs per code object) must not
+    be shared by every problem in a process (it was: a benchmark sweep silently ran eagerly)."""
+    p1, p2 = Problem(tiny()), Problem(tiny())
+    a = replay.CompiledReplay(p1, Trajectory.start_only(p1, p1.init_theta()))
+    b = replay.CompiledReplay(p1, Trajectory.start_only(p1, p1.init_theta()))
+    c = replay.CompiledReplay(p2, Trajectory.start_only(p2, p2.init_theta()))
+    assert a._jvp_c is b._jvp_c and a._vjp_c is b._vjp_c
+    for f, g in ((a._jvp_c, c._jvp_c), (a._vjp_c, c._vjp_c)):
+        assert f is not g
+        assert f._torchdynamo_orig_callable.__code__ is not g._torchdynamo_orig_callable.__code__
+
+
+def test_start_only_trajectory_serves_jvps_and_refuses_the_rest():
+    prob = Problem(tiny())
+    full = Trajectory(prob, prob.init_theta())
+    start = Trajectory.start_only(prob, prob.init_theta())
+    V = torch.randn(5, prob.num_params, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    assert torch.equal(replay.EagerReplay(prob, start).jvp(V), replay.EagerReplay(prob, full).jvp(V))
+    with pytest.raises(RuntimeError, match="only theta_0"):
+        replay.EagerReplay(prob, start).vjp(V)
+    with pytest.raises(RuntimeError, match="only theta_0"):
+        start.thetaT
 
 
 def test_compiled_guard_falls_back_to_eager_on_a_wrong_graph(caplog):

@@ -234,9 +234,8 @@ def autotune(prob: Problem, *, blocks=(8, 16, 32, 64, 128), backends=None, steps
     for b in backends:
         replay.resolve(prob, b)  # unknown or unsupported names raise here
     steps = max(1, min(steps, prob.num_steps))
-    if trajectory is None:  # the replays below read only theta_0
-        trajectory = Trajectory.__new__(Trajectory)
-        trajectory.checkpoints = {0: prob.optimizer.init(prob.init_theta())}
+    if trajectory is None:  # the JVPs below start from theta_0 and need nothing else
+        trajectory = Trajectory.start_only(prob, prob.init_theta())
     table: dict = {}
 
     def measure(name, k):

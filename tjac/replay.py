@@ -26,6 +26,8 @@ path at ~1e-12 relative (they differ only in the order of floating-point sums).
 from __future__ import annotations
 
 import logging
+import types
+import weakref
 
 import torch
 
@@ -77,7 +79,8 @@ class EagerReplay:
 class CompiledReplay(EagerReplay):
     """The eager JVP and VJP steps under ``torch.compile`` (inductor). The learning rate and Adam's
     bias corrections enter as 0-d tensors, so one graph serves every step; a block narrower than
-    the first one compiled is zero-padded to it rather than compiled again.
+    the first one compiled is zero-padded to it rather than compiled again. The compiled steps
+    belong to the problem (:func:`_compiled_steps`): every replay of one problem shares one compile.
 
     torch.compile around torch.func transforms has silently produced wrong tangents (seen here: the
     transformer's compiled VJP off by 9%), so the first product in each direction is also computed
@@ -90,28 +93,7 @@ class CompiledReplay(EagerReplay):
     def __init__(self, problem, trajectory):
         super().__init__(problem, trajectory)
         _require(problem, self.name)
-        opt, model = problem.optimizer, problem.model
-        dev = problem.device
-
-        def scalar(v):
-            return torch.tensor(v, dtype=torch.float64, device=dev)
-
-        self._lr = [scalar(opt.lr(t)) for t in range(problem.num_steps)]
-        self._bc = [(scalar(1 - opt.b1 ** (t + 1)), scalar(1 - opt.b2 ** (t + 1)))
-                    if isinstance(opt, optim.Adam) else None for t in range(problem.num_steps)]
-
-        def jvp_step(state, ds, x, y, lr, bc):
-            g, hv = model.grad_hvp(state[0], x, y, ds[0])
-            return opt.jvp(state, g, ds, hv, 0, lr=lr, bc=bc)
-
-        def vjp_step(state, bs, x, y, lr, bc):
-            g = model.grad(state[0], x, y) if opt.needs_grad_for_vjp else None
-            bs, bg = opt.vjp(state, g, bs, 0, lr=lr, bc=bc)
-            _, hbg = model.grad_hvp(state[0], x, y, bg)
-            return (bs[0] + hbg,) + tuple(bs[1:])
-
-        self._jvp_c = torch.compile(jvp_step, dynamic=False)
-        self._vjp_c = torch.compile(vjp_step, dynamic=False)
+        self._jvp_c, self._vjp_c, self._lr, self._bc = _compiled_steps(problem)
         self._width = None
         self._verified: set = set()
         self.fallback: dict = {}  # direction -> reason it runs eagerly
@@ -172,6 +154,49 @@ class CompiledReplay(EagerReplay):
             for t, state in self.trajectory.reversed_states():
                 bs = self._vjp_c(state, bs, *prob.batch(t), self._lr[t], self._bc[t])
         return bs[0]
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled_steps(problem):
+    """The compiled JVP and VJP step functions of ``problem`` (built once per problem, shared by
+    all its replays: the autotuner's compile is the operator's).
+
+    dynamo keeps its graphs on the step function's *code object* and stops compiling (running
+    eagerly, silently slower) after ``recompile_limit`` (8) graphs per code object. A closure
+    defined here would share one code object across every problem in the process (a benchmark
+    sweeping recipes and widths hit the limit), so each problem gets its own copy of the code."""
+    hit = _COMPILED.get(problem)
+    if hit is not None:
+        return hit
+    opt, model = problem.optimizer, problem.model
+    dev = problem.device
+
+    def scalar(v):
+        return torch.tensor(v, dtype=torch.float64, device=dev)
+
+    lrs = [scalar(opt.lr(t)) for t in range(problem.num_steps)]
+    bcs = [(scalar(1 - opt.b1 ** (t + 1)), scalar(1 - opt.b2 ** (t + 1)))
+           if isinstance(opt, optim.Adam) else None for t in range(problem.num_steps)]
+
+    def jvp_step(state, ds, x, y, lr, bc):
+        g, hv = model.grad_hvp(state[0], x, y, ds[0])
+        return opt.jvp(state, g, ds, hv, 0, lr=lr, bc=bc)
+
+    def vjp_step(state, bs, x, y, lr, bc):
+        g = model.grad(state[0], x, y) if opt.needs_grad_for_vjp else None
+        bs, bg = opt.vjp(state, g, bs, 0, lr=lr, bc=bc)
+        _, hbg = model.grad_hvp(state[0], x, y, bg)
+        return (bs[0] + hbg,) + tuple(bs[1:])
+
+    def own_code(f):
+        return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__,
+                                  f.__defaults__, f.__closure__)
+
+    hit = _COMPILED[problem] = (torch.compile(own_code(jvp_step), dynamic=False),
+                                torch.compile(own_code(vjp_step), dynamic=False), lrs, bcs)
+    return hit
 
 
 class FusedMLPReplay:

@@ -238,12 +238,25 @@ class Trajectory:
             state, _ = run_segment(problem, state, t0, t1, keep=False)
         self.final_state = state
 
+    @classmethod
+    def start_only(cls, problem: Problem, theta0: torch.Tensor) -> "Trajectory":
+        """Only the initial state, without training: enough for JVPs (which start from theta_0
+        and replay training themselves); anything needing later states raises."""
+        self = cls.__new__(cls)
+        self.problem, self.num_steps, self.policy = problem, problem.num_steps, "start"
+        self.interval = problem.num_steps
+        self.checkpoints = {0: problem.optimizer.init(theta0)}
+        self.final_state = None
+        return self
+
     @property
     def theta0(self):
         return self.checkpoints[0][0]
 
     @property
     def thetaT(self):
+        if self.final_state is None:
+            raise RuntimeError("this Trajectory holds only theta_0 (start_only): no theta_T")
         return self.final_state[0]
 
     @property
@@ -256,6 +269,8 @@ class Trajectory:
 
     def reversed_states(self):
         """Yield (t, s_t) for t = T-1, ..., 0, replaying one segment at a time."""
+        if self.final_state is None:
+            raise RuntimeError("this Trajectory holds only theta_0 (start_only): no reverse sweep")
         for t0, t1 in reversed(self.segments()):
             if self.interval == 1:
                 yield t0, self.checkpoints[t0]
