@@ -21,7 +21,9 @@ import tjac  # noqa: E402
 from tjac.bench import autotune, plain_run_seconds  # noqa: E402
 from tjac.trajectory import Problem  # noqa: E402
 
-SIZES = {"1e3": dict(width=14), "1e4": dict(width=140), "1e5": dict(width=300, depth=2)}
+SIZES = {"1e3": dict(width=14), "1e4": dict(width=140), "1e5": dict(width=300, depth=2),
+         # between the decades (P = 3,385 and 33,910): is the step from 1e3 to 1e4 a trend in P?
+         "3e3": dict(width=45), "3e4": dict(width=150, depth=2)}
 
 
 def main():
