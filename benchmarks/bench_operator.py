@@ -6,7 +6,7 @@ block sizes 1, 8, 32, 64, 128, 256; the arithmetic floor (tangent flops at the m
 peak RSS and stored-state size of the VJP per checkpoint
 policy (each in a fresh subprocess). Accuracy first: the adjoint identity on the timed vectors.
 
-    python benchmarks/bench_operator.py [--quick] [--device cpu|cuda] [--out PATH]
+    python benchmarks/bench_operator.py [--quick] [--device cpu|cuda] [--backends eager,fused] [--out PATH]
 """
 import argparse
 import os
@@ -28,13 +28,15 @@ def main():
     ap.add_argument("--quick", action="store_true", help="paper recipe only, blocks 1 and 8")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--backends", default="eager,fused,compiled",
+                    help="comma-separated replay backends to measure")
     ap.add_argument("--memory-only", action="store_true",
                     help="re-measure only the memory per checkpoint policy into the existing JSON")
     a = ap.parse_args()
     out = a.out or os.path.join(os.path.dirname(__file__), "results",
                                 "operator.json" if a.device == "cpu" else f"operator-{a.device}.json")
     names = ["paper"] if a.quick else list(RECIPES)
-    backends = ("auto",) if a.quick else ("eager", "fused", "compiled")
+    backends = ("auto",) if a.quick else tuple(b for b in a.backends.split(",") if b)
     if a.memory_only:
         import json
         with open(out) as f:
