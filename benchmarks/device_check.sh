@@ -16,7 +16,7 @@
 #   1. tests/test_cuda.py (CUDA operator vs CPU, determinism, fused/compiled on CUDA)
 #   2. top-16 of the P = 1.1e6 MLP (64-1024-1024-10, the paper's schedule)  -> scale-top16-cuda.json
 #   3. the operator benchmark on CUDA (eager and fused)                      -> operator-cuda.json
-#   4. `tjac run` of the paper recipe on CUDA (all 4,810 sigma)              -> run-paper-cuda.log
+#   4. `tjac run` of the paper recipe on CUDA (all 4,810 sigma)              -> run-paper.log
 # Limits: TEST_LIMIT, SCALE_LIMIT, OP_LIMIT, RUN_LIMIT (seconds; defaults 90/240/140/80 fit one
 # 590-s call; the 1e6 target itself allows 600 s, so give it a call of its own if 240 s is short).
 # Dry run on this CPU: DEVICE=cpu SCALE_SIZES=1e3 OP_ARGS=--quick RUN_ARGS="--epochs 2" \
