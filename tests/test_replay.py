@@ -187,13 +187,13 @@ def test_compiled_without_a_compiler_is_refused_up_front(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(replay.Unsupported, match="C.. compiler"):
         tjac.TrainingJacobian(tiny(), backend="compiled")
-    out = bench.autotune(Problem(tiny()), blocks=(2,), steps=1)
+    out = replay.autotune(Problem(tiny()), blocks=(2,), steps=1)
     assert "C++ compiler" in out["skipped"]["compiled"] and out["backend"] != "compiled"
 
 
 def test_autotune_picks_a_measured_pair_and_explains_skips():
     prob = Problem(tiny())
-    out = bench.autotune(prob, blocks=(2, 4), steps=2)
+    out = replay.autotune(prob, blocks=(2, 4), steps=2)
     assert out["backend"] in out["seconds_per_vector_step"]
     table = out["seconds_per_vector_step"]
     assert set(table) >= {"eager", "fused"}
@@ -204,11 +204,25 @@ def test_autotune_picks_a_measured_pair_and_explains_skips():
         assert "would not pay off" in out["skipped"]["compiled"]
     else:
         assert "C++ compiler" in out["skipped"]["compiled"]
-    only = bench.autotune(prob, blocks=(3,), backends=["eager"], steps=1)
+    only = replay.autotune(prob, blocks=(3,), backends=["eager"], steps=1)
     assert (only["backend"], only["block"]) == ("eager", 3)
     with pytest.raises(replay.Unsupported):
-        bench.autotune(Problem(tiny(family="cnn", hidden=(2,), n_train=64, epochs=1)),
+        replay.autotune(Problem(tiny(family="cnn", hidden=(2,), n_train=64, epochs=1)),
                        backends=["fused"])
+
+
+def test_operator_autotune_switches_to_the_measured_pick_and_keeps_the_products():
+    op = tjac.TrainingJacobian(tiny(), backend="eager", block_size=128)
+    V = torch.randn(op.shape[0], 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = op.matmat(V), op.rmatmat(V)
+    tuned = op.autotune(blocks=(2, 4), backends=["eager", "fused"], steps=2)
+    assert (op.backend, op.block_size) == (tuned["backend"], tuned["block"])
+    assert tuned["block"] in (2, 4)
+    assert_close(op.matmat(V), ref[0], 1e-12, "J V after autotune")
+    assert_close(op.rmatmat(V), ref[1], 1e-12, "J^T W after autotune")
+    op.apply_tuning({"backend": "fused", "block": 3})  # a stored pick (a resume) is used as is
+    assert (op.backend, op.block_size) == ("fused", 3)
+    assert bench.autotune is replay.autotune  # the name it was first published under
 
 
 def test_runner_records_the_backend_in_provenance(tmp_path):

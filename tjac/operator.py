@@ -53,7 +53,8 @@ class TrainingJacobian:
         Largest number of vectors propagated together; wider blocks are split.
     backend : 'auto', 'eager', 'fused' or 'compiled'
         How a block is carried through the steps (:mod:`tjac.replay`); ``auto`` is ``fused`` for
-        MLPs without dropout, else ``eager``. :func:`tjac.bench.autotune` measures the choice.
+        MLPs without dropout, else ``eager``. :meth:`autotune` measures the backends and block widths
+        and switches to the fastest pair.
 
     Examples
     --------
@@ -151,6 +152,23 @@ class TrainingJacobian:
 
     def rmatvec(self, w) -> torch.Tensor:
         return self.rmatmat(_col(w)).reshape(-1)
+
+    def autotune(self, *, blocks=(8, 16, 32, 64, 128), backends=None, steps: int = 10,
+                 compile_threshold_s: float = 1.0) -> dict:
+        """Time each replay backend and block width on ``steps`` steps of this run
+        (:func:`tjac.replay.autotune`), switch to the fastest pair (``backend``, ``block_size``) and
+        return the measurements. Timing-based: two calls may pick differently (every pick gives the
+        same products to ~1e-15; pin ``backend`` for bitwise reproducibility)."""
+        tuned = replay.autotune(self.problem, blocks=blocks, backends=backends, steps=steps,
+                                compile_threshold_s=compile_threshold_s, trajectory=self.trajectory)
+        self.apply_tuning(tuned)
+        return tuned
+
+    def apply_tuning(self, tuned: dict) -> None:
+        """Use a pick made by :meth:`autotune` (e.g. one stored in a run's provenance)."""
+        check_fits(self.problem, checkpoint=self.trajectory.policy, block=int(tuned["block"]))
+        self.block_size = int(tuned["block"])
+        self.backend = tuned.get("backend", "auto")
 
     @property
     def backend(self) -> str:

@@ -18,7 +18,7 @@ path at ~1e-12 relative (they differ only in the order of floating-point sums).
     compiles once per block width (20-70 s here), so it pays for long solves: 3-6x faster than
     eager for the CNN and transformer (torch.func) JVPs. Its first product in each direction is
     checked against eager; a wrong graph (the transformer's VJP on torch 2.13) falls back to eager.
-    Chosen only by :func:`tjac.bench.autotune` (which measures it) or by name.
+    Chosen only by :func:`autotune` (which measures it) or by name.
 
 :func:`make` builds one by name; ``"auto"`` is ``fused`` where it applies, else ``eager``.
 """
@@ -26,6 +26,7 @@ path at ~1e-12 relative (they differ only in the order of floating-point sums).
 from __future__ import annotations
 
 import logging
+import time
 import types
 import weakref
 
@@ -33,6 +34,7 @@ import torch
 
 from . import optim
 from .models import MLP
+from .trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -417,5 +419,71 @@ def make(problem, trajectory, name: str = "auto"):
     return _CLASSES[resolve(problem, name)](problem, trajectory)
 
 
-__all__ = ["BACKENDS", "EagerReplay", "FusedMLPReplay", "CompiledReplay", "CompileMismatch",
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autotune(prob: Problem, *, blocks=(8, 16, 32, 64, 128), backends=None, steps: int = 10,
+             compile_threshold_s: float = 1.0, trajectory=None) -> dict:
+    """Pick the replay backend and block width with the lowest measured cost per vector-step.
+
+    Each (backend, block) pair runs ``steps`` JVP steps on the recipe's first batches (after one
+    warm-up pass). ``compiled`` is measured only at the best width found for the others, only
+    when a C++ compiler is present, and only when one replay of the best so far is projected above
+    ``compile_threshold_s`` (below that its compile time, 20-70 s here, can't pay off). Returns
+    ``{"backend", "block", "seconds_per_vector_step": {backend: {block: s}}, "skipped": {...}}``;
+    the runner stores it in the run's provenance and reuses it on resume;
+    :meth:`tjac.TrainingJacobian.autotune` applies it to an operator."""
+    skipped: dict = {}
+    if backends is None:
+        backends = []
+        for b in BACKENDS:
+            why = supported(prob, b)
+            if why:
+                skipped[b] = why
+            else:
+                backends.append(b)
+    for b in backends:
+        resolve(prob, b)  # unknown or unsupported names raise here
+    steps = max(1, min(steps, prob.num_steps))
+    if trajectory is None:  # the JVPs below start from theta_0 and need nothing else
+        trajectory = Trajectory.start_only(prob, prob.init_theta())
+    table: dict = {}
+
+    def measure(name, k):
+        rp = make(prob, trajectory, name)
+        gen = torch.Generator().manual_seed(0)  # not zeros: `compiled` checks itself against eager
+        V = torch.randn(k, prob.num_params, generator=gen, dtype=torch.float64).to(prob.device,
+                                                                                 prob.dtype)
+        rp.jvp(V, steps=1)  # warm-up (and the compile, for `compiled`)
+        _sync(prob.device)
+        t = time.perf_counter()
+        rp.jvp(V, steps=steps)
+        _sync(prob.device)
+        return (time.perf_counter() - t) / (k * steps)
+
+    for name in [b for b in backends if b != "compiled"]:
+        table[name] = {str(k): measure(name, k) for k in blocks}
+    best = min(((b, k) for b in table for k in table[b]), key=lambda bk: table[bk[0]][bk[1]],
+               default=None)
+    if "compiled" in backends:
+        k = int(best[1]) if best else max(blocks)
+        per_replay = table[best[0]][best[1]] * k * prob.num_steps if best else float("inf")
+        if per_replay < compile_threshold_s:
+            skipped["compiled"] = (f"one replay takes {per_replay:.2f} s < {compile_threshold_s} s: "
+                                   f"compiling would not pay off")
+        else:
+            try:
+                table["compiled"] = {str(k): measure("compiled", k)}
+            except Exception as e:  # noqa: BLE001 - inductor failures are environment problems
+                skipped["compiled"] = f"torch.compile failed: {type(e).__name__}: {e}"[:300]
+            else:
+                if best is None or table["compiled"][str(k)] < table[best[0]][best[1]]:
+                    best = ("compiled", str(k))
+    return {"backend": best[0], "block": int(best[1]), "steps": steps,
+            "seconds_per_vector_step": table, "skipped": skipped}
+
+
+__all__ = ["BACKENDS", "autotune", "EagerReplay", "FusedMLPReplay", "CompiledReplay", "CompileMismatch",
            "Unsupported", "compiler_available", "make", "resolve", "supported"]

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from . import __version__, replay, store
-from .bench import autotune
 from .analysis import spectrum_summary, structural_ones
 from .linalg import choose_method, small_svd, svd
 from .operator import TrainingJacobian
@@ -58,7 +57,7 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
     """Run the analysis of ``recipe`` into ``store_path`` (see module doc).
 
     ``backend`` (see :mod:`tjac.replay`): ``auto`` measures the candidates with
-    :func:`tjac.bench.autotune` once per run; a name pins it (its block width is still tuned). The
+    :meth:`TrainingJacobian.autotune` once per run; a name pins it (its block width is still tuned). The
     choice lives in the run's provenance and a resume reuses it (same arithmetic, same chunks)."""
     run_id = store.check_run_id(run_id or f"{recipe.hash()}")
     problem = Problem(recipe)  # bad recipes and backends are refused before the store is touched
@@ -85,20 +84,18 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
         if w.has_run(run_id):
             run = w.run(run_id)
             tuned = run.attrs.get("provenance", {}).get("autotune")
+            if tuned:  # tuned once per run; a resume reuses the pick (same arithmetic, same chunks)
+                op.apply_tuning(tuned)
             stored = np.asarray(run["thetaT"][:])
             if not np.array_equal(stored, _to_np(op.thetaT)):
                 raise store.StoreError(f"run {run_id!r}: this machine's training does not reproduce "
                                        f"the stored thetaT bit for bit; cannot resume")
         else:
-            tuned = autotune(op.problem, backends=None if backend == "auto" else [backend],
-                             trajectory=op.trajectory)
+            tuned = op.autotune(backends=None if backend == "auto" else [backend])
             prov = provenance(recipe, op, argv)
             prov["autotune"] = tuned
             run = w.create_run(run_id, recipe_json=recipe.to_json(), recipe_hash=recipe.hash(),
                                provenance=prov, theta0=_to_np(op.theta0), thetaT=_to_np(op.thetaT))
-        if tuned:  # backend and width tuned once per recipe, reused on resume (same arithmetic)
-            op.block_size = int(tuned["block"])
-            op.backend = tuned.get("backend", "auto")
         np_dtype = str(_to_np(op.theta0).dtype)
         methods = {which: (method if method != "auto" else choose_method(P, k, which))
                    for which, k in (("top", k_top), ("bottom", k_bottom)) if k}
