@@ -58,18 +58,47 @@ def test_fused_float32_agrees_with_float64():
     assert_close(out, jv, 1e-4, "float32 fused vs float64 eager")
 
 
-def test_fused_takes_the_eager_path_below_its_min_width(monkeypatch):
+def test_fused_takes_the_eager_path_below_its_min_width_only_without_its_cache(monkeypatch):
     op = tjac.TrainingJacobian(tiny(), backend="fused")
     V = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     calls = []
     real = op._replay._hvp
     monkeypatch.setattr(op._replay, "_hvp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cached = op.matmat(V)  # the primal cache fits: block-major even at width 3
+    assert calls and op._replay._cache
+    calls.clear()
+    op._replay._cache = False  # as when it does not fit
     narrow = op.matmat(V)
     assert not calls  # 3 < min_width: eager
     op._replay.min_width = 1
     wide = op.matmat(V)
     assert calls
     assert_close(wide, narrow, 1e-12, "block-major vs eager at width 3")
+    assert_close(cached, narrow, 1e-12, "cached block-major vs eager at width 3")
+
+
+@pytest.mark.parametrize("case", ["sgd", "adam", "wide-hidden"])
+def test_fused_primal_cache_is_bitwise_neutral_and_bounded(case, monkeypatch):
+    """Replays reading the cached primal half of each step equal uncached ones bit for bit (JVP and
+    VJP, every step cached by the first replay), and the cache is not kept when it would not fit."""
+    r = tiny(**MLP_CASES[case])
+    prob = Problem(r)
+    traj = Trajectory(prob, prob.init_theta(), checkpoint=3)
+    V = torch.randn(9, prob.num_params, generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)
+    off = replay.FusedMLPReplay(prob, traj)
+    off.cache_fraction = 0.0
+    on = replay.FusedMLPReplay(prob, traj)
+    ref = off.jvp(V), off.vjp(V)
+    assert off._cache is False
+    first = on.jvp(V)
+    assert len(on._cache) == prob.num_steps
+    for _ in range(2):  # warm: everything from the cache
+        assert torch.equal(on.jvp(V), ref[0]) and torch.equal(on.vjp(V), ref[1])
+    assert torch.equal(first, ref[0])
+    monkeypatch.setattr(replay, "available_bytes", lambda device: 1000)
+    small = replay.FusedMLPReplay(prob, traj)
+    assert torch.equal(small.jvp(V), ref[0]) and small._cache is False
 
 
 def test_partial_replay_is_the_tangent_after_s_steps():

@@ -177,7 +177,9 @@ class TrainingJacobian:
 
     @backend.setter
     def backend(self, name: str) -> None:
-        self._replay = replay.make(self.problem, self.trajectory, name)
+        current = getattr(self, "_replay", None)
+        if current is None or replay.resolve(self.problem, name) != current.name:  # keep caches
+            self._replay = replay.make(self.problem, self.trajectory, name)
 
     def _jvp_block(self, V):  # V: (k, P) rows are tangents
         self.num_replays += 1
