@@ -80,12 +80,16 @@ def test_fused_takes_the_eager_path_below_its_min_width_only_without_its_cache(m
 @pytest.mark.parametrize("case", ["sgd", "adam", "wide-hidden"])
 def test_fused_primal_cache_is_bitwise_neutral_and_bounded(case, monkeypatch):
     """Replays reading the cached primal half of each step equal uncached ones bit for bit (JVP and
-    VJP, every step cached by the first replay), and the cache is not kept when it would not fit."""
+    VJP, every step cached by the first replay); the cache is not kept when it would not fit or
+    when the trajectory is checkpointed."""
     r = tiny(**MLP_CASES[case])
     prob = Problem(r)
-    traj = Trajectory(prob, prob.init_theta(), checkpoint=3)
+    traj = Trajectory(prob, prob.init_theta())
     V = torch.randn(9, prob.num_params, generator=torch.Generator().manual_seed(1),
                     dtype=torch.float64)
+    sparse = replay.FusedMLPReplay(prob, Trajectory(prob, prob.init_theta(), checkpoint=3))
+    assert torch.equal(sparse.vjp(V), replay.FusedMLPReplay(prob, traj).vjp(V))
+    assert sparse._cache is False  # checkpointing asked to save memory: no cache
     off = replay.FusedMLPReplay(prob, traj)
     off.cache_fraction = 0.0
     on = replay.FusedMLPReplay(prob, traj)

@@ -13,8 +13,8 @@ path at ~1e-12 relative (they differ only in the order of floating-point sums).
     of k small ones; the Hessian-vector product is written straight into the tangent state with the
     GEMM's beta (for SGD the momentum factor: dm <- mu dm + H dtheta costs no extra pass) and nothing of
     size k x P is allocated per step. The primal half of each step (forward, backward) is computed
-    once per trajectory and kept when it fits in memory (a quarter of what is free), so every later
-    replay, JVP or VJP, of any width does only the tangent work.
+    once per trajectory and kept (with ``checkpoint="all"``, when it fits in a quarter of the free
+    memory), so every later replay, JVP or VJP, of any width does only the tangent work.
 ``compiled``
     ``torch.compile`` (inductor) of the eager JVP and VJP steps; needs a C++ compiler on CPU and
     compiles once per block width (20-70 s here), so it pays for long solves: 3-6x faster than
@@ -207,8 +207,8 @@ class FusedMLPReplay:
     """Block-major, allocation-free tangent propagation for MLPs (see the module docstring).
 
     The k-independent half of every step (forward, backward, transposed operands) is cached per
-    step when all T steps fit in ``cache_fraction`` of the free memory (:meth:`_primal`); later
-    replays of the trajectory skip it. Where it does not fit, blocks narrower than ``min_width`` go
+    step when the trajectory keeps every state (``checkpoint="all"``) and all T steps fit in
+    ``cache_fraction`` of the free memory (:meth:`_primal`); later replays of the trajectory skip it. Where it does not fit, blocks narrower than ``min_width`` go
     through the eager path, which is faster there without the cache (one vector, JVP: block-major
     uncached 1.05-1.34x eager's time, cached 0.36-0.45x; paper recipe and 1e5 net).
     """
@@ -227,7 +227,9 @@ class FusedMLPReplay:
         self.plain_sgd = isinstance(o, optim.SGD) and not o.nesterov and not o.wd
         self._n = len(self.layout) // 2
         self._ws: dict = {}
-        self._cache = None  # step -> _primal(...); None: undecided, False: does not fit
+        # step -> _primal(...); None: undecided, False: not kept. Only when the trajectory keeps
+        # every state: a checkpointed one was asked to save memory, and the cache would outweigh it
+        self._cache = None if getattr(trajectory, "interval", 0) == 1 else False
         self._eager = EagerReplay(problem, trajectory)
 
     # -- layout ---------------------------------------------------------------------------------
