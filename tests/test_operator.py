@@ -65,7 +65,7 @@ def test_jvp_and_vjp_match_dense_jacobian(dense_case, backend):
     op.backend = backend
     op.num_matvecs = op.num_rmatvecs = 0
     gen = torch.Generator().manual_seed(0)
-    V = torch.randn(op.shape[0], 9, generator=gen, dtype=torch.float64)  # >= fused.min_width
+    V = torch.randn(op.shape[0], 9, generator=gen, dtype=torch.float64)
     assert_close(op.matmat(V), J @ V, 1e-10, f"J V ({r.optim.name}, {backend})")
     assert_close(op.rmatmat(V), J.T @ V, 1e-10, f"J^T W ({r.optim.name}, {backend})")
     assert_close(op.matvec(V[:, 0]), J @ V[:, 0], 1e-10, "matvec")

@@ -58,23 +58,23 @@ def test_fused_float32_agrees_with_float64():
     assert_close(out, jv, 1e-4, "float32 fused vs float64 eager")
 
 
-def test_fused_takes_the_eager_path_below_its_min_width_only_without_its_cache(monkeypatch):
-    op = tjac.TrainingJacobian(tiny(), backend="fused")
-    V = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    calls = []
-    real = op._replay._hvp
-    monkeypatch.setattr(op._replay, "_hvp", lambda *a, **k: calls.append(1) or real(*a, **k))
-    cached = op.matmat(V)  # the primal cache fits: block-major even at width 3
-    assert calls and op._replay._cache
-    calls.clear()
-    op._replay._cache = False  # as when it does not fit
-    narrow = op.matmat(V)
-    assert not calls  # 3 < min_width: eager
-    op._replay.min_width = 1
-    wide = op.matmat(V)
-    assert calls
-    assert_close(wide, narrow, 1e-12, "block-major vs eager at width 3")
-    assert_close(cached, narrow, 1e-12, "cached block-major vs eager at width 3")
+def test_fused_narrow_blocks_match_eager_with_and_without_the_cache():
+    """Every width takes the block-major path (k = 1 and 3 here), cached or not: the arithmetic
+    must not depend on the checkpoint policy (test_operator holds policies bit-identical)."""
+    prob = Problem(tiny())
+    traj = Trajectory(prob, prob.init_theta())
+    for k in (1, 3):
+        V = torch.randn(k, prob.num_params, generator=torch.Generator().manual_seed(k),
+                        dtype=torch.float64)
+        e = replay.EagerReplay(prob, traj)
+        ref = e.jvp(V), e.vjp(V)
+        on, off = replay.FusedMLPReplay(prob, traj), replay.FusedMLPReplay(prob, traj)
+        off.cache_fraction = 0.0
+        for rp in (on, off, on):  # cold, uncached, warm
+            assert_close(rp.jvp(V), ref[0], 1e-12, f"fused J V, k = {k}")
+            assert_close(rp.vjp(V), ref[1], 1e-12, f"fused J^T W, k = {k}")
+        assert on._cache and off._cache is False
+        assert torch.equal(on.jvp(V), off.jvp(V)) and torch.equal(on.vjp(V), off.vjp(V))
 
 
 @pytest.mark.parametrize("case", ["sgd", "adam", "wide-hidden"])

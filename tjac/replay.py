@@ -208,13 +208,13 @@ class FusedMLPReplay:
 
     The k-independent half of every step (forward, backward, transposed operands) is cached per
     step when the trajectory keeps every state (``checkpoint="all"``) and all T steps fit in
-    ``cache_fraction`` of the free memory (:meth:`_primal`); later replays of the trajectory skip it. Where it does not fit, blocks narrower than ``min_width`` go
-    through the eager path, which is faster there without the cache (one vector, JVP: block-major
-    uncached 1.05-1.34x eager's time, cached 0.36-0.45x; paper recipe and 1e5 net).
+    ``cache_fraction`` of the free memory (:meth:`_primal`); later replays of the trajectory skip it.
+    Every width goes through this path, so the arithmetic (and every bit of the result) does not
+    depend on the checkpoint policy or on whether the cache fits. One vector, JVP: 0.36-0.45x
+    eager's time with the cache, 1.05-1.34x without it (paper recipe and 1e5 net).
     """
 
     name = "fused"
-    min_width = 8
     cache_fraction = 0.25  # of the free memory the per-step primal cache may take (0: never)
 
     def __init__(self, problem, trajectory):
@@ -230,7 +230,6 @@ class FusedMLPReplay:
         # step -> _primal(...); None: undecided, False: not kept. Only when the trajectory keeps
         # every state: a checkpointed one was asked to save memory, and the cache would outweigh it
         self._cache = None if getattr(trajectory, "interval", 0) == 1 else False
-        self._eager = EagerReplay(problem, trajectory)
 
     # -- layout ---------------------------------------------------------------------------------
     def _views(self, buf, k):
@@ -346,8 +345,6 @@ class FusedMLPReplay:
     # -- products -------------------------------------------------------------------------------
     def jvp(self, V, steps: int | None = None):
         k = V.shape[0]
-        if k < self.min_width and self._cache is False:
-            return self._eager.jvp(V, steps)
         opt = self.opt
         state = opt.init(self.trajectory.theta0)
         ds = [self._to_bm(V)] + [V.new_zeros(V.numel()) for _ in state[1:]]
@@ -377,8 +374,6 @@ class FusedMLPReplay:
 
     def vjp(self, W):
         k = W.shape[0]
-        if k < self.min_width and self._cache is False:
-            return self._eager.vjp(W)
         opt, prob = self.opt, self.problem
         bs = [self._to_bm(W)] + [W.new_zeros(W.numel()) for _ in opt.state_names[1:]]
         bsv = [self._views(b, k) for b in bs]
