@@ -77,7 +77,7 @@ def test_fused_narrow_blocks_match_eager_with_and_without_the_cache():
         assert torch.equal(on.jvp(V), off.jvp(V)) and torch.equal(on.vjp(V), off.vjp(V))
 
 
-@pytest.mark.parametrize("case", ["sgd", "adam", "wide-hidden"])
+@pytest.mark.parametrize("case", sorted(MLP_CASES))
 def test_fused_primal_cache_is_bitwise_neutral_and_bounded(case, monkeypatch):
     """Replays reading the cached primal half of each step equal uncached ones bit for bit (JVP and
     VJP, every step cached by the first replay); the cache is not kept when it would not fit or
