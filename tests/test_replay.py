@@ -179,8 +179,10 @@ def test_start_only_trajectory_serves_jvps_and_refuses_the_rest():
         start.thetaT
 
 
-def test_compiled_guard_falls_back_to_eager_on_a_wrong_graph(caplog):
-    """The guard itself, with a deliberately wrong 'compiled' step (no compiler needed)."""
+def test_compiled_guard_falls_back_to_eager_on_a_wrong_graph(caplog, monkeypatch):
+    """The guard itself, with a deliberately wrong 'compiled' step (no compiler needed: the graphs
+    are replaced before anything is compiled, so the compiler check is bypassed)."""
+    monkeypatch.setattr(replay, "compiler_available", lambda: True)
     op = tjac.TrainingJacobian(tiny(), backend="eager")
     W = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ref = op.rmatmat(W)

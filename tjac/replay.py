@@ -36,7 +36,7 @@ import torch
 
 from . import optim
 from .models import MLP
-from .trajectory import Trajectory, available_bytes
+from .trajectory import Problem, Trajectory, available_bytes
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class FusedMLPReplay:
         self._ws: dict = {}
         # step -> _primal(...); None: undecided, False: not kept. Only when the trajectory keeps
         # every state: a checkpointed one was asked to save memory, and the cache would outweigh it
-        self._cache = None if getattr(trajectory, "interval", 0) == 1 else False
+        self._cache = None if trajectory.interval == 1 else False
 
     # -- layout ---------------------------------------------------------------------------------
     def _views(self, buf, k):
@@ -281,12 +281,12 @@ class FusedMLPReplay:
         d1T = [d[0].T.contiguous() for d in derivs]
         # d(phi'(z)) term of the backward tangent: (delta_i W_i)^T * phi''(z_{i-1})
         cs = [((deltas[i] @ ps[2 * i]).T * derivs[i - 1][1].T).contiguous() for i in range(1, n)]
-        out = (acts, d1T, cs, p.T.contiguous(), deltas, [d.T.contiguous() for d in deltas],
-               torch.cat([g.reshape(-1) for g in grads]))
+        pT, deltaTs = p.T.contiguous(), [d.T.contiguous() for d in deltas]
+        g = torch.cat([gi.reshape(-1) for gi in grads])
+        out = (acts, d1T, cs, pT, deltas, deltaTs, g)
         if self._cache is None:  # first step: decide whether all T steps fit
-            size = sum(a.numel() * a.element_size() for part in out[1:] for a in
-                       (part if isinstance(part, list) else [part]))
-            size += sum(a.numel() * a.element_size() for a in acts[1:])
+            held = [*acts[1:], *d1T, *cs, pT, *deltas, *deltaTs, g]  # acts[0] is the batch itself
+            size = sum(a.numel() * a.element_size() for a in held)
             fits = size * self.problem.num_steps <= self.cache_fraction * available_bytes(theta.device)
             self._cache = {} if fits else False
         if self._cache is not False:
