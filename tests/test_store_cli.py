@@ -15,6 +15,8 @@ import tjac
 from tjac import store
 from tjac.query import open as open_store
 
+from conftest import tiny
+
 TINY = ["--width", "8", "--epochs", "2", "--n-train", "256", "--k-top", "4", "--k-bottom", "4"]
 
 
@@ -194,6 +196,32 @@ def test_sigkill_then_resume_gives_identical_sigma(tmp_path, method):
         np.testing.assert_array_equal(ra.sigma(which), rb.sigma(which))
         assert len(rb.sigma(which)) == (3 if which == "top" else 6)
         assert rb.top(3).converged.all() and rb.bottom(6).converged.all()
+
+
+def test_lanczos_checkpoint_killed_inside_a_save_is_refused_not_mixed(tmp_path):
+    """A SIGKILL can land between the arrays of one Lanczos save. The saved state must then be
+    refused (the solve starts again) rather than loaded as a mix of two saves, or crash on an
+    array that an overwrite had deleted (seen once in CI: `tjac: error: B` on resume)."""
+    from tjac import runner
+    from tjac.linalg import svd
+
+    op = tjac.TrainingJacobian(tiny(), backend="eager")
+    with store.Writer(str(tmp_path / "s.zarr")) as w:
+        run = w.create_run("r", recipe_json=op.recipe.to_json(), recipe_hash=op.recipe.hash(),
+                           provenance={}, theta0=op.theta0.numpy(), thetaT=op.thetaT.numpy())
+        g = w.state_group(run, "top")
+        svd(op, 3, which="top", method="lanczos", tol=1e-10, block=2, raise_on_failure=False,
+            on_step=lambda st: runner._save_gkl_state(w, g, st, op.shape[0]))
+        good = runner._load_gkl_state(g, op)
+        assert good is not None and good["step"] == g.attrs["step"]
+        save = g.attrs["save"]
+        for name, stamp in (("B", -1), ("pending", save + 1), ("U", -1)):  # mid-rewrite, one ahead
+            g[name].attrs["save"] = stamp
+            assert runner._load_gkl_state(g, op) is None, name
+            g[name].attrs["save"] = save
+        assert runner._load_gkl_state(g, op) is not None
+        del g["B"]  # an overwrite deletes before it creates
+        assert runner._load_gkl_state(g, op) is None
 
 
 @pytest.mark.parametrize("script", ["quickstart.py", "query_store.py"])
