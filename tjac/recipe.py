@@ -18,14 +18,49 @@ from . import _checks
 
 SCHEMA = 1
 
-MODEL_FAMILIES = ("mlp", "cnn", "transformer")
+MODEL_FAMILIES = ("mlp", "cnn", "transformer", "module")
 ACTIVATIONS = ("gelu_tanh", "tanh", "relu")
-DATASETS = ("digits",)
+DATASETS = ("digits", "iris", "wine", "breast_cancer")  # sklearn's bundled sets; else a path
+PREPROCESS = ("default", "none", "scale01", "standardize")
+LOSSES = ("cross_entropy", "mse")  # or "package.module:function"
 DATA_VARIANTS = ("clean", "shuffled_labels", "white_noise")
 SHUFFLES = ("none", "seeded", "unseeded")
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "custom")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float64", "float32")
+
+
+def _json_kwargs(what: str, kwargs) -> dict:
+    """A JSON object, normalised (keys sorted) so equal kwargs give equal recipes and hashes."""
+    if kwargs is None:
+        return {}
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"`{what}` must be a JSON object: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"`{what}` must be a JSON object (a dict), got {type(kwargs).__name__}")
+    try:
+        return json.loads(json.dumps(kwargs, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"`{what}` must hold only JSON values (numbers, strings, lists, dicts): "
+                         f"{e}") from None
+
+
+def _import_path(what: str, path) -> None:
+    if not isinstance(path, str) or path.count(":") != 1 or not all(path.split(":")):
+        raise ValueError(f"`{what}` must be an import path 'package.module:attribute', got {path!r}")
+
+
+def _omit_defaults(obj, d: dict) -> dict:
+    """Drop the fields added after schema 1 while they hold their defaults, so adding a field never
+    changes the JSON (hence the hash) of a recipe written before it existed."""
+    for f in dataclasses.fields(obj):
+        if f.name in getattr(obj, "_ADDED", ()) and getattr(obj, f.name) == (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default):
+            d.pop(f.name, None)
+    return d
 
 
 @dataclass(frozen=True)
@@ -35,18 +70,46 @@ class ModelSpec:
     Weights are LeCun-normal (``weight_init="lecun_normal"``: JAX/Flax's truncated normal with
     variance 1/fan_in; ``"normal"``: untruncated); biases are N(0, 1/fan_in), which for the paper's
     64-64-10 net is the paper's N(0, 1/width) for every bias, the output bias included.
-    ``dropout`` > 0 makes training stochastic; :meth:`tjac.TrainingJacobian.check` refuses it.
+    ``dropout`` > 0 draws masks from a per-step seed (recipe.seed, step): the same masks in training
+    and in every replay.
+
+    ``family="module"``: any ``torch.nn.Module`` built by ``factory`` (an import path
+    ``"package.module:function"``) called with the JSON object ``kwargs``; ``hidden``, ``activation``
+    and ``weight_init`` do not apply. A live module or factory (``Recipe.paper(model=obj)``) is held
+    in ``live`` and named ``"live:<qualname>"``: such a recipe runs, but cannot be rebuilt from its
+    JSON.
     """
+
+    _ADDED = ("factory", "kwargs")
 
     family: str = "mlp"
     hidden: tuple[int, ...] = (64,)
     activation: str = "gelu_tanh"
     dropout: float = 0.0
     weight_init: str = "lecun_normal"
+    factory: str | None = None
+    kwargs: dict = field(default_factory=dict)
+    live: Any = field(default=None, compare=False, repr=False)
+
+    def __hash__(self):
+        return hash(json.dumps(_omit_defaults(self, _asdict(self)), sort_keys=True))
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "kwargs", _json_kwargs("model kwargs", self.kwargs))
         _checks.one_of("model family", self.family, MODEL_FAMILIES)
+        if self.family == "module":
+            if self.factory is None:
+                raise ValueError("a model of family 'module' needs `factory` "
+                                 "('package.module:function')")
+            if not self.factory.startswith("live:"):
+                _import_path("model", self.factory)
+            elif self.live is None:
+                raise ValueError(f"recipe names the live model {self.factory[5:]!r}, which "
+                                 f"exists only in the process that made it: pass the module or "
+                                 f"factory again (Recipe.paper(model=...))")
+        elif self.factory is not None or self.kwargs:
+            raise ValueError(f"`factory`/`kwargs` apply to family 'module', not {self.family!r}")
         _checks.one_of("weight_init", self.weight_init, ("lecun_normal", "normal"))
         _checks.one_of("activation", self.activation, ACTIVATIONS)
         if len(self.hidden) == 0:
@@ -67,7 +130,18 @@ class DataSpec:
     ``n_train`` training examples (tiny test recipes). ``shuffle``: ``none`` (the paper: consecutive
     batches in the same order every epoch), ``seeded`` (a new permutation per epoch from
     ``shuffle_seed``) or ``unseeded`` (torch's global RNG: not deterministic, refused by ``check()``).
+
+    ``name``: one of sklearn's bundled sets (``digits``, ``iris``, ``wine``, ``breast_cancer``) or a
+    path: an ``.npz`` (or a folder of ``.npy`` files) with ``X_train, y_train, X_test, y_test``, a
+    folder of MNIST/Fashion-MNIST IDX files, or a folder of CIFAR-10/100 binary batches. Arrays held
+    in memory (``Recipe.paper(dataset=(X_train, y_train, X_test, y_test))``) live in ``live`` and
+    are named ``"arrays:<sha256 prefix>"``. ``preprocess``: ``default`` (the source's convention:
+    digits X/16, 8-bit images X/255, else none), ``none``, ``scale01`` (the training set's range
+    onto [0, 1]) or ``standardize`` (per feature, training-set mean and std; constant features
+    become 0). ``test_size``/``split_seed`` apply to sklearn's sets only.
     """
+
+    _ADDED = ("preprocess",)
 
     name: str = "digits"
     variant: str = "clean"
@@ -77,9 +151,18 @@ class DataSpec:
     n_train: int | None = None
     shuffle: str = "none"
     shuffle_seed: int = 0
+    preprocess: str = "default"
+    live: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
-        _checks.one_of("data set", self.name, DATASETS)
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"`dataset` must be a name ({', '.join(DATASETS)}) or a path, "
+                             f"got {self.name!r}")
+        if self.name.startswith("arrays:") and self.live is None:
+            raise ValueError(f"recipe names in-memory arrays ({self.name!r}) that exist only in "
+                             f"the process that made it: pass them again "
+                             f"(Recipe.paper(dataset=...))")
+        _checks.one_of("preprocess", self.preprocess, PREPROCESS)
         _checks.one_of("data variant", self.variant, DATA_VARIANTS)
         _checks.one_of("shuffle", self.shuffle, SHUFFLES)
         _checks.positive_int("test_size", self.test_size)
@@ -97,7 +180,14 @@ class OptimSpec:
     case eps_root = 0); ``adam`` adds wd*theta to g, ``adamw`` decays theta by lr_t*wd.
     Schedules over steps t = 0..T-1: ``cosine`` lr*(1 + cos(pi t / T))/2, or ``constant``; a linear
     warm-up over the first ``warmup_steps`` multiplies either by (t+1)/warmup_steps.
+    ``clip_norm``: the gradient is scaled by min(1, clip_norm/||g||) (global norm) before the
+    optimizer sees it. ``custom``: ``factory`` (``"package.module:function"``, called with the JSON
+    ``kwargs``) returns an optax-style pair of pure functions ``init(params) -> state`` and
+    ``update(grads, state, params, step) -> (updates, state)`` over flat tensors; the lr, schedule
+    and moment fields do not apply.
     """
+
+    _ADDED = ("clip_norm", "factory", "kwargs")
 
     name: str = "sgd"
     lr: float = 0.1
@@ -110,9 +200,22 @@ class OptimSpec:
     eps_root: float = 1e-8
     schedule: str = "cosine"
     warmup_steps: int = 0
+    clip_norm: float | None = None
+    factory: str | None = None
+    kwargs: dict = field(default_factory=dict)
+
+    def __hash__(self):
+        return hash(json.dumps(_omit_defaults(self, _asdict(self)), sort_keys=True))
 
     def __post_init__(self):
+        object.__setattr__(self, "kwargs", _json_kwargs("optimizer kwargs", self.kwargs))
         _checks.one_of("optimizer", self.name, OPTIMIZERS)
+        if self.name == "custom":
+            _import_path("optimizer", self.factory)
+        elif self.factory is not None or self.kwargs:
+            raise ValueError(f"`factory`/`kwargs` apply to the 'custom' optimizer, not {self.name!r}")
+        if self.clip_norm is not None:
+            _checks.positive_float("clip_norm", self.clip_norm)
         _checks.one_of("schedule", self.schedule, SCHEDULES)
         _checks.positive_float("lr", self.lr)
         if not 0.0 <= self.momentum < 1.0:
@@ -131,7 +234,16 @@ class OptimSpec:
 
 @dataclass(frozen=True)
 class Recipe:
-    """One deterministic training run. ``Recipe.paper()`` is Belrose & Scherlis (2024)."""
+    """One deterministic training run. ``Recipe.paper()`` is Belrose & Scherlis (2024).
+
+    ``loss``: ``cross_entropy`` (integer labels), ``mse`` (mean over the batch of the squared error
+    summed over outputs) or ``"package.module:function"`` called as ``loss(outputs, targets)`` and
+    returning the batch mean. ``param_filter``: names or glob patterns of parameters (``"layers.0.*"``);
+    J is then the block d theta_T[S] / d theta_0[S] of those parameters, the others starting from
+    theta_0 and training as usual.
+    """
+
+    _ADDED = ("loss", "param_filter")
 
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -141,8 +253,21 @@ class Recipe:
     seed: int = 0
     dtype: str = "float64"
     device: str = "cpu"
+    loss: str = "cross_entropy"
+    param_filter: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.param_filter, str):
+            object.__setattr__(self, "param_filter", (self.param_filter,))
+        object.__setattr__(self, "param_filter", tuple(self.param_filter))
+        if not all(isinstance(p, str) and p for p in self.param_filter):
+            raise ValueError(f"`param_filter` must be parameter names or glob patterns, got "
+                             f"{self.param_filter!r}")
+        if self.loss not in LOSSES:
+            if not isinstance(self.loss, str) or self.loss.count(":") != 1:
+                raise ValueError(f"unknown loss {self.loss!r}; expected one of "
+                                 f"{', '.join(map(repr, LOSSES))} or 'package.module:function'")
+            _import_path("loss", self.loss)
         _checks.positive_int("batch_size", self.batch_size)
         _checks.positive_int("epochs", self.epochs)
         _checks.one_of("dtype", self.dtype, DTYPES)
@@ -158,17 +283,22 @@ class Recipe:
 
         Overrides: ``family`` (``mlp``, ``cnn``: ``width`` = channels, ``transformer``: ``width``
         = model width, ``depth`` = blocks), ``width`` (every hidden layer), ``depth`` (number of
-        hidden layers), ``hidden``
+        hidden layers), ``model`` (an import path ``"package.module:factory"``, or a live
+        ``nn.Module`` / factory) with ``model_kwargs``, ``hidden``
         (explicit tuple), ``activation``, ``dropout``, ``epochs``, ``batch_size``, ``optimizer``
         (``sgd``; ``adam``/``adamw`` switch to lr 3e-3 unless ``lr`` is given), ``lr``,
-        ``momentum``, ``weight_decay``, ``schedule``, ``warmup_steps``, ``data`` (a variant name),
-        ``n_train``, ``shuffle``, ``seed``, ``dtype``, ``device``.
+        ``momentum``, ``weight_decay``, ``schedule``, ``warmup_steps``, ``clip_norm``, ``optimizer_factory``
+        (``optimizer="custom"``) with ``optimizer_kwargs``, ``data`` (a variant name), ``dataset`` (a
+        name, a path, or arrays ``(X_train, y_train, X_test, y_test)`` / a dict with those keys),
+        ``preprocess``, ``n_train``, ``shuffle``, ``loss``, ``param_filter``, ``seed``, ``dtype``,
+        ``device``.
         """
         known = {"family", "width", "depth", "hidden", "activation", "dropout", "weight_init", "epochs",
                  "batch_size",
                  "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
                  "warmup_steps", "data", "variant_seed", "n_train", "shuffle", "shuffle_seed",
-                 "seed", "dtype", "device"}
+                 "seed", "dtype", "device", "model", "model_kwargs", "dataset", "preprocess",
+                 "loss", "param_filter", "clip_norm", "optimizer_factory", "optimizer_kwargs"}
         unknown = set(overrides) - known
         if unknown:
             raise TypeError(f"unknown override(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -178,29 +308,77 @@ class Recipe:
         _checks.positive_int("width", width)
         _checks.positive_int("depth", depth)
         hidden = tuple(o.pop("hidden", (width,) * depth))
-        model = ModelSpec(family=o.pop("family", "mlp"), hidden=hidden,
-                          activation=o.pop("activation", "gelu_tanh"),
-                          dropout=o.pop("dropout", 0.0),
-                          weight_init=o.pop("weight_init", "lecun_normal"))
-        data = DataSpec(variant=o.pop("data", "clean"), variant_seed=o.pop("variant_seed", 0),
+        user = o.pop("model", None)
+        user_kwargs = o.pop("model_kwargs", None)
+        if user is None:
+            if user_kwargs:
+                raise TypeError("`model_kwargs` needs `model` (an import path or a live module)")
+            model = ModelSpec(family=o.pop("family", "mlp"), hidden=hidden,
+                              activation=o.pop("activation", "gelu_tanh"),
+                              dropout=o.pop("dropout", 0.0),
+                              weight_init=o.pop("weight_init", "lecun_normal"))
+        else:
+            clash = {"family", "width", "depth", "hidden", "activation", "weight_init"} & set(overrides)
+            if clash:
+                raise TypeError(f"{sorted(clash)} describe the built-in families; a user `model` "
+                                f"takes `model_kwargs` instead")
+            o.pop("dropout", None)
+            if isinstance(user, str):
+                model = ModelSpec(family="module", factory=user, kwargs=user_kwargs or {})
+            elif callable(user):
+                if user_kwargs:
+                    raise TypeError("`model_kwargs` apply to an import path; call a live factory "
+                                    "yourself (functools.partial)")
+                name = getattr(user, "__qualname__", None) or type(user).__qualname__
+                if _is_module(user):
+                    name = type(user).__qualname__
+                model = ModelSpec(family="module", factory=f"live:{name}", live=user)
+            else:
+                raise TypeError(f"`model` must be an import path, an nn.Module or a factory, got "
+                                f"{type(user).__name__}")
+        dataset = o.pop("dataset", "digits")
+        live_data = None
+        if not isinstance(dataset, str):
+            live_data = data_arrays(dataset)
+            dataset = arrays_name(live_data)
+        data = DataSpec(name=dataset, variant=o.pop("data", "clean"),
+                        variant_seed=o.pop("variant_seed", 0),
                         n_train=o.pop("n_train", None), shuffle=o.pop("shuffle", "none"),
-                        shuffle_seed=o.pop("shuffle_seed", 0))
+                        shuffle_seed=o.pop("shuffle_seed", 0),
+                        preprocess=o.pop("preprocess", "default"), live=live_data)
         name = o.pop("optimizer", "sgd")
         lr = o.pop("lr", 3e-3 if name in ("adam", "adamw") else 0.1)
+        factory = o.pop("optimizer_factory", None)
+        if factory is not None and name == "sgd" and "optimizer" not in overrides:
+            name = "custom"
         optim = OptimSpec(name=name, lr=lr, momentum=o.pop("momentum", 0.9),
                           nesterov=o.pop("nesterov", False),
                           weight_decay=o.pop("weight_decay", 0.0),
                           schedule=o.pop("schedule", "cosine"),
-                          warmup_steps=o.pop("warmup_steps", 0))
+                          warmup_steps=o.pop("warmup_steps", 0),
+                          clip_norm=o.pop("clip_norm", None), factory=factory,
+                          kwargs=o.pop("optimizer_kwargs", None) or {})
+        if "param_filter" in o and o["param_filter"] is None:
+            o["param_filter"] = ()
         return cls(model=model, data=data, optim=optim, **o)
+
+    @property
+    def is_live(self) -> bool:
+        """Whether the recipe holds a live module or arrays (runs, but cannot be rebuilt from JSON)."""
+        return self.model.live is not None or self.data.live is not None
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        """Canonical JSON-ready form (fields added after schema 1 appear only when set)."""
+        d = _omit_defaults(self, _asdict(self))
+        for name in ("model", "data", "optim"):
+            d[name] = _omit_defaults(getattr(self, name), d[name])
         d["model"]["hidden"] = list(self.model.hidden)
+        if "param_filter" in d:
+            d["param_filter"] = list(self.param_filter)
         d["schema"] = SCHEMA
         return d
 
@@ -213,6 +391,9 @@ class Recipe:
         schema = d.pop("schema", SCHEMA)
         if schema != SCHEMA:
             raise ValueError(f"recipe schema {schema} is not supported (this tjac reads {SCHEMA})")
+        for name in ("model", "data", "optim"):
+            if "live" in d.get(name, {}):
+                raise ValueError(f"invalid recipe: unknown key 'live' in [{name}]")
         try:
             return cls(model=ModelSpec(**d.pop("model", {})), data=DataSpec(**d.pop("data", {})),
                        optim=OptimSpec(**d.pop("optim", {})), **d)
@@ -229,3 +410,63 @@ class Recipe:
         d.pop("device")
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _asdict(obj) -> dict:
+    """dataclasses.asdict without the live objects (modules and arrays are not recipe data)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        if f.name == "live" or f.name.startswith("_"):
+            continue
+        v = getattr(obj, f.name)
+        out[f.name] = _asdict(v) if dataclasses.is_dataclass(v) else (
+            dict(v) if isinstance(v, dict) else v)
+    return out
+
+
+ARRAY_KEYS = ("X_train", "y_train", "X_test", "y_test")
+
+
+def data_arrays(data) -> dict:
+    """``(X_train, y_train, X_test, y_test)`` or a dict with those keys -> {key: numpy array}."""
+    import numpy as np
+
+    if isinstance(data, dict):
+        missing = [k for k in ARRAY_KEYS if k not in data]
+        if missing:
+            raise ValueError(f"in-memory data must have the keys {', '.join(ARRAY_KEYS)}; missing "
+                             f"{', '.join(missing)}")
+        items = [data[k] for k in ARRAY_KEYS]
+    elif isinstance(data, (tuple, list)) and len(data) == 4:
+        items = list(data)
+    else:
+        raise TypeError("`dataset` must be a name, a path, a dict with keys "
+                        f"{', '.join(ARRAY_KEYS)} or a 4-tuple of arrays, got {type(data).__name__}")
+    out = {}
+    for k, a in zip(ARRAY_KEYS, items):
+        if hasattr(a, "detach"):  # torch tensor
+            a = a.detach().cpu().numpy()
+        a = np.asarray(a)
+        if a.dtype == object:
+            raise TypeError(f"`{k}` must be a numeric array, got dtype object")
+        out[k] = a
+    return out
+
+
+def arrays_name(data) -> str:
+    """``"arrays:<sha256 prefix>"`` of in-memory data (dtype, shape and bytes of each array)."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for k, a in data_arrays(data).items():
+        h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return "arrays:" + h.hexdigest()[:16]
+
+
+def _is_module(obj) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, torch.nn.Module)
