@@ -3,8 +3,8 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "tjac"
-SAME = {"zoo": "models"}  # zoo.py is part of the model layer (models.build dispatches to it)
-ORDER = ["_checks", "recipe", "data", "models", "optim", "trajectory", "replay", "operator", "linalg",
+SAME: dict = {}
+ORDER = ["_checks", "recipe", "data", "models", "optim", "problem", "trajectory", "replay", "operator", "linalg",
          "analysis", "bench", "store", "_env", "query", "plotting", "runner", "scale", "cli", "__main__"]
 
 
@@ -43,12 +43,13 @@ def test_import_direction():
                 if me == "linalg" and (mod.startswith("torch.nn") or mod.startswith("sklearn")):
                     bad.append(f"{path.name} imports {mod}")
                 continue
-            target = mod if level == 1 and me != "linalg" or level == 2 else None
-            if me == "linalg" and level == 1:
-                continue  # inside the linalg package
+            package = path.parent != ROOT  # tjac/<package>/<module>.py
+            if level == 1 and package:
+                continue  # inside the same package
+            target = mod if (level == 1 and not package) or (level == 2 and package) else None
             target = SAME.get(target, target)
             if target in ORDER and ORDER.index(target) > ORDER.index(me):
                 bad.append(f"{path.relative_to(ROOT)} imports {target} (a higher layer)")
-            if me == "linalg" and target in ("data", "models", "trajectory", "store"):
+            if me == "linalg" and target in ("data", "models", "problem", "trajectory", "store"):
                 bad.append(f"{path.relative_to(ROOT)} imports {target}")
     assert not bad, "\n".join(bad)

@@ -14,10 +14,11 @@ from conftest import RTOL, assert_close
 @pytest.mark.parametrize("hidden", [(5,), (6, 3), (4, 5, 3)])
 def test_mlp_grad_and_hvp_match_torch_func(activation, hidden):
     gen = torch.Generator().manual_seed(0)
-    spec = tjac.ModelSpec(hidden=hidden, activation=activation)
-    manual = models.MLP(spec, 7, 4)
-    ref = models.MLP(spec, 7, 4, backend="func")
-    theta = manual.init(1, dtype=torch.float64, device="cpu")
+    with models.seeded_construction(1, torch.float64):
+        module = models.MLP(7, hidden, 4, activation)
+    manual = models.MLPModel(module)
+    ref = models.MLPModel(module, backend="func")
+    theta = manual.theta0()
     x = torch.randn(11, 7, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 4, (11,), generator=gen)
     V = torch.randn(3, manual.num_params, generator=gen, dtype=torch.float64)
@@ -30,8 +31,13 @@ def test_mlp_grad_and_hvp_match_torch_func(activation, hidden):
     assert float((hv1[0] @ V[1] - V[0] @ hv1[1]).abs()) < 1e-12 * float(hv1.norm() * V.norm())
 
 
+def mlp(seed, **kw):
+    with models.seeded_construction(seed, torch.float64):
+        return models.MLPModel(models.MLP(**kw))
+
+
 def test_param_layout_is_contiguous_and_torch_shaped():
-    m = models.MLP(tjac.ModelSpec(hidden=(64,)), 64, 10)
+    m = mlp(0, n_in=64, hidden=(64,), n_out=10)
     names = [p.name for p in m.layout]
     assert names == ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
     assert [p.shape for p in m.layout] == [(64, 64), (64,), (10, 64), (10,)]
@@ -43,19 +49,23 @@ def test_param_layout_is_contiguous_and_torch_shaped():
 
 
 def test_init_statistics_lecun_and_bias():
-    m = models.MLP(tjac.ModelSpec(hidden=(256,)), 64, 10)
-    th = m.init(0, dtype=torch.float64, device="cpu")
+    m = mlp(0, n_in=64, hidden=(256,), n_out=10)
+    th = m.theta0()
     W0, b0, W1, b1 = m.unflatten(th)
     assert abs(float(W0.std()) - 64 ** -0.5) < 0.005
     assert abs(float(W1.std()) - 256 ** -0.5) < 0.003
     # truncated at two (unscaled) standard deviations, as JAX's lecun_normal
     assert float(W0.abs().max()) <= 2 / 0.87962566103423978 * 64 ** -0.5 + 1e-15
     assert float(b0.abs().max()) > 2.5 * 64 ** -0.5  # biases are not truncated
-    plain = models.MLP(tjac.ModelSpec(hidden=(256,), weight_init="normal"), 64, 10)
-    assert float(plain.unflatten(plain.init(0, dtype=torch.float64, device="cpu"))[0].abs().max()) > 2.3 * 64 ** -0.5
+    plain = mlp(0, n_in=64, hidden=(256,), n_out=10, weight_init="normal")
+    assert float(plain.unflatten(plain.theta0())[0].abs().max()) > 2.3 * 64 ** -0.5
     assert abs(float(b0.std()) - 64 ** -0.5) < 0.03
-    assert torch.equal(th, m.init(0, dtype=torch.float64, device="cpu"))
-    assert not torch.equal(th, m.init(1, dtype=torch.float64, device="cpu"))
+    assert torch.equal(th, mlp(0, n_in=64, hidden=(256,), n_out=10).theta0())
+    assert not torch.equal(th, mlp(1, n_in=64, hidden=(256,), n_out=10).theta0())
+    # the caller's RNG state is untouched by a seeded construction
+    state = torch.get_rng_state()
+    mlp(3, n_in=64, hidden=(8,), n_out=10)
+    assert torch.equal(state, torch.get_rng_state())
 
 
 OPTS = [

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch.func import grad, jacrev
 
 import tjac
-from tjac.models import Model, ParamInfo
 from tjac.trajectory import Problem
 
 from conftest import RTOL, assert_close, tiny
@@ -101,20 +100,13 @@ def test_central_finite_differences():
     assert_close(op.matvec(v), fd, 1e-7, "J v vs central differences")
 
 
-class Quadratic(Model):
-    """L_t(theta) = mean_b (x_b . theta)^2 / 2: Hessian A_t = X_t^T X_t / B."""
-
-    def __init__(self, n):
-        self.layout = (ParamInfo("w", (n,), 0),)
-
-    def loss(self, theta, x, y):
-        return 0.5 * ((x @ theta) ** 2).mean()
-
-
 def test_sgd_on_quadratic_matches_closed_form():
-    r = tiny(momentum=0.0, lr=0.5, epochs=3)
+    """A user's module and loss by import path: L_t(w) = mean_b (x_b . w)^2 / 2, Hessian
+    A_t = X_t^T X_t / B, so J = prod_t (I - eta_t A_t)."""
+    r = tjac.Recipe.paper(model="usermodels:quadratic", model_kwargs={"n": 64},
+                          loss="usermodels:half_square", momentum=0.0, lr=0.5, epochs=3,
+                          n_train=128, batch_size=32)
     prob = Problem(r)
-    prob.model = Quadratic(prob.data.n_features)
     theta0 = torch.linspace(-1, 1, 64, dtype=torch.float64)
     op = tjac.TrainingJacobian(prob, theta0)
     J = torch.eye(64, dtype=torch.float64)
@@ -160,12 +152,23 @@ def test_float32_operator_agrees_with_float64():
         op32.matmat(V)
 
 
-@pytest.mark.parametrize("kw, cause", [(dict(dropout=0.2), "dropout=0.2"),
-                                       (dict(shuffle="unseeded"), "unseeded batch shuffling")])
-def test_check_refuses_nondeterministic_recipes(kw, cause):
-    op = tjac.TrainingJacobian(tiny(**kw))
+@pytest.mark.parametrize("recipe, cause", [
+    (lambda: tiny(shuffle="unseeded"), "unseeded batch shuffling"),
+    (lambda: tjac.Recipe.paper(model="usermodels:noisy", epochs=1, n_train=128, batch_size=32),
+     r"unseeded randomness in jitter \(Jitter\)"),
+])
+def test_check_refuses_nondeterministic_recipes(recipe, cause):
+    op = tjac.TrainingJacobian(recipe())
     with pytest.raises(tjac.NondeterminismError, match=cause):
         op.check()
+
+
+def test_seeded_dropout_is_replayable():
+    op = tjac.TrainingJacobian(tiny(dropout=0.2))
+    assert op.problem.stochastic and op.check().deterministic
+    # the masks really drop: a different seed gives a different run from the same theta_0
+    other = tjac.TrainingJacobian(tiny(dropout=0.2, seed=1), op.theta0)
+    assert not torch.equal(other.thetaT, op.thetaT)
 
 
 def test_seeded_shuffle_is_deterministic():

@@ -100,7 +100,7 @@ def test_fused_primal_cache_is_bitwise_neutral_and_bounded(case, monkeypatch):
     for _ in range(2):  # warm: everything from the cache
         assert torch.equal(on.jvp(V), ref[0]) and torch.equal(on.vjp(V), ref[1])
     assert torch.equal(first, ref[0])
-    monkeypatch.setattr(replay, "available_bytes", lambda device: 1000)
+    monkeypatch.setattr(replay.fused, "available_bytes", lambda device: 1000)
     small = replay.FusedMLPReplay(prob, traj)
     assert torch.equal(small.jvp(V), ref[0]) and small._cache is False
 
@@ -182,7 +182,7 @@ def test_start_only_trajectory_serves_jvps_and_refuses_the_rest():
 def test_compiled_guard_falls_back_to_eager_on_a_wrong_graph(caplog, monkeypatch):
     """The guard itself, with a deliberately wrong 'compiled' step (no compiler needed: the graphs
     are replaced before anything is compiled, so the compiler check is bypassed)."""
-    monkeypatch.setattr(replay, "compiler_available", lambda: True)
+    monkeypatch.setattr(replay.support, "compiler_available", lambda: True)
     op = tjac.TrainingJacobian(tiny(), backend="eager")
     W = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ref = op.rmatmat(W)
@@ -207,7 +207,7 @@ def test_backend_resolution_and_refusals():
     cnn = Problem(tiny(family="cnn", hidden=(2,), n_train=64, epochs=1))
     assert replay.resolve(mlp, "auto") == "fused"
     assert replay.resolve(cnn, "auto") == "eager"
-    with pytest.raises(replay.Unsupported, match="MLP family only"):
+    with pytest.raises(replay.Unsupported, match="built-in MLP"):
         replay.resolve(cnn, "fused")
     with pytest.raises(replay.Unsupported, match="dropout"):
         replay.resolve(Problem(tiny(dropout=0.1)), "fused")
@@ -280,7 +280,7 @@ def test_cli_refuses_an_unsupported_backend(tmp_path, capsys):
     assert main(["run", "--config", str(cfg), "--backend", "fused", "--store",
                  str(tmp_path / "s.zarr"), "--k-top", "1", "--k-bottom", "0", "-q"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "MLP family only" in err and len(err.splitlines()) == 1
+    assert "built-in MLP" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "s.zarr").exists()
     assert main(["bench", "--backends", "eager,jit", "-q"]) == 2
     assert "--backends" in capsys.readouterr().err

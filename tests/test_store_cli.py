@@ -100,7 +100,7 @@ def test_cli_info_query_plot(dense_store, tmp_path):
     (["run", "--k-top", "-1"], "must be >= 0"),
     (["run", "--tol=-1e-3"], "must be a positive number"),
     (["run", "--tol", "-1e-3"], "--tol: expected one argument"),
-    (["run", "--optimizer", "lbfgs"], "invalid choice"),
+    (["run", "--optimizer", "lbfgs"], "--optimizer must be sgd, adam, adamw or an import path"),
     (["run", "--width", "0"], "must be >= 1"),
     (["run", "--bogus"], "unrecognized arguments"),
     (["run", "--width", "4", "--epochs", "1", "--store", "/proc/nope/r.zarr"], "not a writable directory"),

@@ -9,7 +9,8 @@ from .linalg import ConvergenceError, SVDResult, svd
 from .recipe import DataSpec, ModelSpec, OptimSpec, Recipe
 from . import query
 from .query import open
-from .trajectory import NondeterminismError, Problem, TrainingDivergedError, TrainResult, train
+from .problem import Problem
+from .trajectory import NondeterminismError, TrainingDivergedError, TrainResult, train
 
 __version__ = "0.1.0"
 

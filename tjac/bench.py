@@ -16,9 +16,11 @@ import time
 import torch
 
 from .operator import TrainingJacobian
-from .replay import _sync, autotune  # noqa: F401 (tjac.bench.autotune: its first home)
+from .replay import autotune  # noqa: F401 (tjac.bench.autotune: its first home)
+from .replay.autotune import _sync
 from .recipe import Recipe
-from .trajectory import Problem, check_fits, memory_estimate, run_segment  # noqa: F401
+from .problem import Problem, check_fits, memory_estimate  # noqa: F401
+from .trajectory import run_segment  # noqa: F401
 
 
 def plain_run_seconds(prob: Problem) -> float:

@@ -69,9 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=_positive_int)
     r.add_argument("--batch-size", type=_positive_int)
     r.add_argument("--n-train", type=_positive_int)
-    r.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    r.add_argument("--optimizer", help="sgd, adam, adamw, or an import path "
+                   "'package.module:factory' of an optax-style (init, update) pair")
+    r.add_argument("--optimizer-kwargs", help="JSON object passed to the optimizer factory")
+    r.add_argument("--clip-norm", type=_positive_float, help="clip gradients to this global norm")
     r.add_argument("--lr", type=_positive_float)
     r.add_argument("--data", choices=["clean", "shuffled_labels", "white_noise"])
+    r.add_argument("--model", help="your model: import path 'package.module:factory' of an "
+                   "nn.Module factory (the working directory is importable)")
+    r.add_argument("--model-kwargs", help="JSON object passed to the model factory")
+    r.add_argument("--dataset", help="digits (default), iris, wine, breast_cancer, or a path: "
+                   ".npz / folder of .npy (X_train, y_train, X_test, y_test), MNIST IDX folder, "
+                   "CIFAR-10/100 binary folder")
+    r.add_argument("--preprocess", choices=["default", "none", "scale01", "standardize"])
+    r.add_argument("--loss", help="cross_entropy (default), mse, or 'package.module:function'")
+    r.add_argument("--param-filter", action="append", metavar="PATTERN",
+                   help="restrict J to parameters matching this name or glob (repeatable; "
+                   "comma-separated lists too)")
     r.add_argument("--seed", type=int)
     r.add_argument("--dtype", choices=["float64", "float32"], default=None)
     r.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default cpu)")
@@ -155,18 +169,40 @@ def _recipe_from_args(a):
                 cfg = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise BadInput(f"config {a.config!r} is not valid TOML: {e}") from None
-        if any(key in cfg for key in ("model", "data", "optim")) and isinstance(cfg.get("model", {}), dict):
+        if any(key in cfg for key in ("model", "data", "optim")) and isinstance(cfg.get("model", {}), dict) \
+                and isinstance(cfg.get("data", {}), dict):
             base = Recipe.from_dict(cfg)
             over_base = base
         else:
             over_base, over = None, dict(cfg)
     else:
         over_base = None
-    for name in ("width", "depth", "epochs", "batch_size", "n_train", "optimizer", "lr", "data",
-                 "seed", "dtype"):
-        val = getattr(a, name)
+    for name in ("width", "depth", "epochs", "batch_size", "n_train", "lr", "data",
+                 "seed", "dtype", "model", "dataset", "preprocess", "loss", "clip_norm"):
+        val = getattr(a, name, None)
         if val is not None:
             over[name] = val
+    for flag, name in (("--model-kwargs", "model_kwargs"), ("--optimizer-kwargs", "optimizer_kwargs")):
+        text = getattr(a, name, None)
+        if text is not None:
+            try:
+                over[name] = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{flag} must be a JSON object: {e}") from None
+            if not isinstance(over[name], dict):
+                raise BadInput(f"{flag} must be a JSON object, got {text!r}")
+    opt = getattr(a, "optimizer", None)
+    if opt is not None:
+        if ":" in opt:
+            over["optimizer"], over["optimizer_factory"] = "custom", opt
+        else:
+            if opt not in ("sgd", "adam", "adamw"):
+                raise BadInput(f"--optimizer must be sgd, adam, adamw or an import path "
+                               f"'package.module:factory', got {opt!r}")
+            over["optimizer"] = opt
+    if getattr(a, "param_filter", None):
+        over["param_filter"] = tuple(p.strip() for arg in a.param_filter for p in arg.split(",")
+                                     if p.strip())
     if a.device == "auto":
         import torch
 
@@ -208,10 +244,6 @@ def cmd_run(a):
     recipe = _recipe_from_args(a)
     if a.k_top == 0 and a.k_bottom == 0:
         raise BadInput("--k-top and --k-bottom are both 0: nothing to compute")
-    P = _num_params(recipe)
-    for flag, k in (("--k-top", a.k_top), ("--k-bottom", a.k_bottom)):
-        if k > P:
-            raise BadInput(f"{flag} must be at most P = {P}, got {k}")
     if a.resume and a.overwrite:
         raise BadInput("--resume and --overwrite exclude each other")
     out = runner.run_analysis(recipe, a.store, k_top=a.k_top, k_bottom=a.k_bottom, tol=a.tol,
@@ -228,11 +260,6 @@ def cmd_run(a):
     if not a.quiet:
         print(_summary_table(out, png))
     return 0
-
-
-def _num_params(recipe):
-    widths = (64, *recipe.model.hidden, 10)
-    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
 
 
 def _summary_table(out, png):
@@ -283,7 +310,7 @@ def cmd_info(a):
     for rid, r in info["runs"].items():
         run = res.run(rid)
         rec = run.recipe
-        print(f"  {rid}  {r['status']:9s} P={r['P']:<8d} MLP{list(rec.model.hidden)} {rec.optim.name} "
+        print(f"  {rid}  {r['status']:9s} P={r['P']:<8d} {rec.describe()} {rec.optim.name} "
               f"{rec.epochs} epochs seed {rec.seed} {rec.dtype}")
     return 0
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from . import replay
+from .problem import Problem, check_fits
 from .recipe import Recipe
-from .trajectory import (NondeterminismError, Problem, Trajectory, TrainingDivergedError, _cause,
-                         check_fits)
+from .trajectory import NondeterminismError, Trajectory, TrainingDivergedError, _cause
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,13 @@ class TrainingJacobian:
         Largest number of vectors propagated together; wider blocks are split.
     backend : 'auto', 'eager', 'fused' or 'compiled'
         How a block is carried through the steps (:mod:`tjac.replay`); ``auto`` is ``fused`` for
-        MLPs without dropout, else ``eager``. :meth:`autotune` measures the backends and block widths
-        and switches to the fastest pair.
+        the built-in MLP without dropout, else ``eager``. :meth:`autotune` measures the backends
+        and block widths and switches to the fastest pair.
+
+    With ``recipe.param_filter`` the operator is the block J_S = d theta_T[S] / d theta_0[S] of the
+    selected parameters S (the others start from theta_0 and train as usual): ``shape``,
+    ``param_layout``, ``theta0`` and ``thetaT`` are then those of S, and every product replays the
+    whole network with zero tangents outside S.
 
     Examples
     --------
@@ -83,7 +88,8 @@ class TrainingJacobian:
         self.trajectory = Trajectory(self.problem, theta0, checkpoint=checkpoint)
         self.time_trajectory = time.perf_counter() - t
         self.backend = backend
-        P = self.problem.num_params
+        self._sel = self.problem.selection  # None, or the indices of theta that J acts on
+        P = self.problem.num_params if self._sel is None else int(self._sel.numel())
         self.shape = (P, P)
         self.dtype = self.problem.dtype
         self.device = self.problem.device
@@ -96,15 +102,27 @@ class TrainingJacobian:
     # -- properties -----------------------------------------------------------------------------
     @property
     def theta0(self) -> torch.Tensor:
-        return self.trajectory.theta0
+        """theta_0 in ``param_layout`` order (the selected parameters under ``param_filter``)."""
+        return self._restrict(self.trajectory.theta0)
 
     @property
     def thetaT(self) -> torch.Tensor:
-        return self.trajectory.thetaT
+        return self._restrict(self.trajectory.thetaT)
 
     @property
     def param_layout(self):
-        return self.problem.layout
+        """(name, shape, offset) of every parameter tensor J acts on, offsets into ``theta0``."""
+        return self.problem.selected_layout
+
+    def _restrict(self, x):
+        return x if self._sel is None else x[..., self._sel]
+
+    def _expand(self, X):  # (k, |S|) -> (k, P): zero tangents outside S
+        if self._sel is None:
+            return X
+        out = X.new_zeros(X.shape[0], self.problem.num_params)
+        out[:, self._sel] = X
+        return out
 
     @property
     def num_steps(self) -> int:
@@ -183,14 +201,14 @@ class TrainingJacobian:
 
     def _jvp_block(self, V):  # V: (k, P) rows are tangents
         self.num_replays += 1
-        out = self._replay.jvp(V)
+        out = self._restrict(self._replay.jvp(self._expand(V)))
         if not bool(torch.isfinite(out).all()):
             raise TrainingDivergedError(self.num_steps - 1, "tangents")
         return out
 
     def _vjp_block(self, W):  # W: (k, P) rows are cotangents of theta_T
         self.num_replays += 1
-        out = self._replay.vjp(W)
+        out = self._restrict(self._replay.vjp(self._expand(W)))
         if not bool(torch.isfinite(out).all()):
             raise TrainingDivergedError(0, "cotangents")
         return out
@@ -224,7 +242,8 @@ class TrainingJacobian:
     def check(self, *, n_probes: int = 2, rng: int = 0, adjoint_rtol: float | None = None) -> CheckReport:
         """Verify that J is a well-defined matrix and that the two products are adjoint.
 
-        1. Two JVP replays of the same vectors agree bit for bit (refuses dropout, unseeded shuffle).
+        1. Two JVP replays of the same vectors agree bit for bit (refuses unseeded randomness in a
+           forward, naming the module, and unseeded shuffling; seeded dropout passes).
         2. Replaying each checkpointed segment reproduces the stored states bit for bit.
         3. <J V, W> = <V, J^T W> on ``n_probes`` random vectors to ``adjoint_rtol``
            (default 1e-10 in float64, 1e-4 in float32).

@@ -20,6 +20,11 @@ from __future__ import annotations
 
 import math
 
+import torch
+from torch.func import jvp as func_jvp
+from torch.func import vjp as func_vjp
+from torch.func import vmap
+
 from .recipe import OptimSpec
 
 
@@ -38,6 +43,7 @@ class SGD:
     """m' = mu m + g + wd theta;  d = m' (or g + wd theta + mu m' with Nesterov);  theta' = theta - eta d."""
 
     needs_grad_for_vjp = False
+    elementwise = True  # the maps act coordinate by coordinate (the fused replay relies on it)
     state_names = ("theta", "m")
 
     def __init__(self, spec: OptimSpec, total_steps: int):
@@ -92,6 +98,7 @@ class Adam:
     """
 
     needs_grad_for_vjp = True
+    elementwise = True
     state_names = ("theta", "m", "v")
 
     def __init__(self, spec: OptimSpec, total_steps: int, *, decoupled: bool):
@@ -154,9 +161,132 @@ class Adam:
         return (btheta, self.b1 * bm_tot, self.b2 * bv_tot), bg
 
 
+class Clipped:
+    r"""Gradient clipping by global norm in front of another optimizer: g_c = s g with
+    s = min(1, c/||g||). Where ||g|| > c its tangent map is not the identity:
+    dg_c = (c/||g||) (dg - g (g . dg)/||g||^2), a symmetric map, so the adjoint is the same formula.
+    Written with ``torch.where`` (no host sync, one graph under ``torch.compile``)."""
+
+    needs_grad_for_vjp = True
+    elementwise = False
+
+    def __init__(self, inner, clip_norm: float):
+        self.inner, self.c = inner, float(clip_norm)
+        self.lr = inner.lr
+        for name in ("b1", "b2", "mu"):
+            if hasattr(inner, name):
+                setattr(self, name, getattr(inner, name))
+
+    @property
+    def state_names(self):
+        return self.inner.state_names
+
+    def init(self, theta):
+        return self.inner.init(theta)
+
+    def _clip(self, g):
+        n = g.norm()
+        over = n > self.c
+        scale = torch.where(over, self.c / n, torch.ones_like(n))
+        return g * scale, n, over, scale
+
+    def _dclip(self, g, n, over, scale, dg):  # dg: (k, P)
+        coef = torch.where(over, self.c / (n * n * n), torch.zeros_like(n))
+        return scale * dg - coef * (dg @ g)[:, None] * g
+
+    def update(self, s, g, t, **kw):
+        return self.inner.update(s, self._clip(g)[0], t, **kw)
+
+    def jvp(self, s, g, ds, dg, t, **kw):
+        gc, n, over, scale = self._clip(g)
+        return self.inner.jvp(s, gc, ds, self._dclip(g, n, over, scale, dg), t, **kw)
+
+    def vjp(self, s, g, bs, t, **kw):
+        gc, n, over, scale = self._clip(g)
+        bs, bgc = self.inner.vjp(s, gc, bs, t, **kw)
+        return bs, self._dclip(g, n, over, scale, bgc)
+
+
+class FuncOptimizer:
+    """A user's optimizer in the optax/torchopt style, over flat tensors:
+    ``init(params) -> state`` (a tensor or a tuple of tensors shaped like params) and
+    ``update(grads, state, params, step) -> (updates, state)``; theta' = theta + updates.
+    Its tangent and adjoint maps come from ``torch.func`` (``jvp``/``vjp`` of one step, vmapped
+    over the block), so ``update`` must be written in torch operations."""
+
+    needs_grad_for_vjp = True
+    elementwise = False
+
+    def __init__(self, transform, name: str, total_steps: int):
+        init = getattr(transform, "init", None)
+        update = getattr(transform, "update", None)
+        if init is None and isinstance(transform, (tuple, list)) and len(transform) == 2:
+            init, update = transform
+        if not callable(init) or not callable(update):
+            raise ValueError(f"optimizer {name!r} must provide init(params) and "
+                             f"update(grads, state, params, step) (an object with those two "
+                             f"functions, or a pair)")
+        self._init, self._update, self.name, self.total = init, update, name, total_steps
+        self.state_names = None  # known after init()
+
+    @staticmethod
+    def _tuple(state):
+        return (state,) if isinstance(state, torch.Tensor) else tuple(state)
+
+    def init(self, theta):
+        raw = self._init(theta)
+        self._single = isinstance(raw, torch.Tensor)
+        rest = self._tuple(raw)
+        for i, r in enumerate(rest):
+            if not isinstance(r, torch.Tensor) or r.shape != theta.shape or r.dtype != theta.dtype:
+                raise ValueError(f"optimizer {self.name!r}: init() must return tensors shaped like "
+                                 f"params ({tuple(theta.shape)}, {theta.dtype}); state {i} is "
+                                 f"{getattr(r, 'shape', type(r).__name__)}")
+        self.state_names = ("theta",) + tuple(f"state{i}" for i in range(len(rest)))
+        return (theta,) + rest
+
+    def lr(self, t):  # the user's update owns its schedule
+        return 0.0
+
+    def _step(self, t):
+        def step(s, g):
+            upd, new = self._update(g, s[1] if self._single else s[1:], s[0], t)
+            new = self._tuple(new)
+            if len(new) != len(s) - 1:
+                raise ValueError(f"optimizer {self.name!r}: update() returned {len(new)} state "
+                                 f"tensors, init() gave {len(s) - 1}")
+            return (s[0] + upd,) + new
+        return step
+
+    def update(self, s, g, t, **kw):
+        return self._step(t)(tuple(s), g)
+
+    def jvp(self, s, g, ds, dg, t, **kw):
+        step, s = self._step(t), tuple(s)
+        new = step(s, g)
+        tan = vmap(lambda d, e: func_jvp(step, (s, g), (d, e))[1])(tuple(ds), dg)
+        return new, tan
+
+    def vjp(self, s, g, bs, t, **kw):
+        _, pull = func_vjp(self._step(t), tuple(s), g)
+        bs_prev, bg = vmap(pull)(tuple(bs))
+        return bs_prev, bg
+
+
 def build(spec: OptimSpec, total_steps: int):
-    if spec.name == "sgd":
-        return SGD(spec, total_steps)
-    if spec.name in ("adam", "adamw"):
-        return Adam(spec, total_steps, decoupled=spec.name == "adamw")
-    raise ValueError(f"unknown optimizer {spec.name!r}")  # pragma: no cover (spec checks it)
+    if spec.name == "custom":
+        from .models.imports import resolve
+
+        factory = resolve(spec.factory, what="optimizer")
+        try:
+            transform = factory(**spec.kwargs) if callable(factory) else factory
+        except Exception as e:  # noqa: BLE001 - the user's factory failed
+            raise ValueError(f"optimizer {spec.factory!r} raised {type(e).__name__}: {e}") from None
+        opt = FuncOptimizer(transform, spec.factory, total_steps)
+    elif spec.name == "sgd":
+        opt = SGD(spec, total_steps)
+    elif spec.name in ("adam", "adamw"):
+        opt = Adam(spec, total_steps, decoupled=spec.name == "adamw")
+    else:  # pragma: no cover (spec checks it)
+        raise ValueError(f"unknown optimizer {spec.name!r}")
+    return Clipped(opt, spec.clip_norm) if spec.clip_norm is not None else opt

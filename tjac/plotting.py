@@ -47,7 +47,7 @@ def spectrum_figure(run, path: str) -> str:
            ylim=(-0.05, 1.05))
     ax.legend()
     r = run.recipe
-    fig.suptitle(f"run {run.id}: MLP {r.model.hidden}, {r.optim.name}, {r.epochs} epochs, P={run.P}")
+    fig.suptitle(f"run {run.id}: {r.describe()}, {r.optim.name}, {r.epochs} epochs, P={run.P}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -30,6 +30,17 @@ SCHEDULES = ("cosine", "constant")
 DTYPES = ("float64", "float32")
 
 
+class _LiveMissing:
+    """Stands for a live module or arrays in a recipe read back from JSON: the recipe can be shown
+    and queried, but building its model or data asks for the object again."""
+
+    def __repr__(self):
+        return "<live object not available in this process>"
+
+
+LIVE_MISSING = _LiveMissing()
+
+
 def _json_kwargs(what: str, kwargs) -> dict:
     """A JSON object, normalised (keys sorted) so equal kwargs give equal recipes and hashes."""
     if kwargs is None:
@@ -236,8 +247,8 @@ class OptimSpec:
 class Recipe:
     """One deterministic training run. ``Recipe.paper()`` is Belrose & Scherlis (2024).
 
-    ``loss``: ``cross_entropy`` (integer labels), ``mse`` (mean over the batch of the squared error
-    summed over outputs) or ``"package.module:function"`` called as ``loss(outputs, targets)`` and
+    ``loss``: ``cross_entropy`` (integer labels), ``mse`` (mean of the squared error over all
+    elements, as ``F.mse_loss``) or ``"package.module:function"`` called as ``loss(outputs, targets)`` and
     returning the batch mean. ``param_filter``: names or glob patterns of parameters (``"layers.0.*"``);
     J is then the block d theta_T[S] / d theta_0[S] of those parameters, the others starting from
     theta_0 and training as usual.
@@ -362,6 +373,17 @@ class Recipe:
             o["param_filter"] = ()
         return cls(model=model, data=data, optim=optim, **o)
 
+    def describe(self) -> str:
+        """A short label of the model and data, e.g. ``MLP[64] on digits``."""
+        m = self.model
+        if m.family == "module":
+            what = m.factory + (f"({json.dumps(m.kwargs, sort_keys=True)})" if m.kwargs else "")
+        else:
+            what = {"mlp": "MLP", "cnn": "CNN", "transformer": "transformer"}[m.family] + \
+                str(list(m.hidden))
+        name = self.data.name if len(self.data.name) <= 40 else "..." + self.data.name[-37:]
+        return f"{what} on {name}" + (f" [{', '.join(self.param_filter)}]" if self.param_filter else "")
+
     @property
     def is_live(self) -> bool:
         """Whether the recipe holds a live module or arrays (runs, but cannot be rebuilt from JSON)."""
@@ -394,6 +416,11 @@ class Recipe:
         for name in ("model", "data", "optim"):
             if "live" in d.get(name, {}):
                 raise ValueError(f"invalid recipe: unknown key 'live' in [{name}]")
+        m, dat = dict(d.get("model", {})), dict(d.get("data", {}))
+        if str(m.get("factory") or "").startswith("live:"):
+            d["model"] = {**m, "live": LIVE_MISSING}
+        if str(dat.get("name") or "").startswith("arrays:"):
+            d["data"] = {**dat, "live": LIVE_MISSING}
         try:
             return cls(model=ModelSpec(**d.pop("model", {})), data=DataSpec(**d.pop("data", {})),
                        optim=OptimSpec(**d.pop("optim", {})), **d)
@@ -431,6 +458,9 @@ def data_arrays(data) -> dict:
     """``(X_train, y_train, X_test, y_test)`` or a dict with those keys -> {key: numpy array}."""
     import numpy as np
 
+    if data is LIVE_MISSING:
+        raise ValueError("the recipe names in-memory arrays that exist only in the process that "
+                         "made it: pass them again (Recipe.paper(dataset=...))")
     if isinstance(data, dict):
         missing = [k for k in ARRAY_KEYS if k not in data]
         if missing:

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import hashlib
+
 from . import __version__, replay, store
 from .analysis import spectrum_summary, structural_ones
 from .linalg import choose_method, small_svd, svd
 from .operator import TrainingJacobian
 from .recipe import Recipe
-from .trajectory import Problem
+from .problem import Problem
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +37,21 @@ class RunOutcome:
     summary: dict
 
 
+def theta_sha256(theta: torch.Tensor) -> str:
+    return hashlib.sha256(theta.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 def provenance(recipe: Recipe, op: TrainingJacobian, argv=None) -> dict:
     import scipy
 
-    return {"tjac": __version__, "torch": torch.__version__, "numpy": np.__version__,
+    module = op.problem.model.module
+    return {"model": {"class": f"{type(module).__module__}.{type(module).__qualname__}",
+                      "theta0_sha256": theta_sha256(op.trajectory.theta0),
+                      "num_params": op.problem.num_params,
+                      "param_layout": [[p.name, list(p.shape), p.offset] for p in op.param_layout]},
+            "data": dict(op.problem.data.sources),
+            "loss": recipe.loss,
+            "tjac": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "scipy": scipy.__version__, "zarr": store.zarr_version(), "python": sys.version.split()[0],
             "platform": platform.platform(), "device": str(op.device), "dtype": str(op.dtype),
             "seeds": {"init": recipe.seed, "split": recipe.data.split_seed, "solver": 0},
@@ -62,6 +75,10 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
     run_id = store.check_run_id(run_id or f"{recipe.hash()}")
     problem = Problem(recipe)  # bad recipes and backends are refused before the store is touched
     replay.resolve(problem, backend)
+    P = problem.num_params if problem.selection is None else int(problem.selection.numel())
+    for flag, k in (("k_top (--k-top)", k_top), ("k_bottom (--k-bottom)", k_bottom)):
+        if k > P:
+            raise ValueError(f"`{flag}` must be at most P = {P}, got {k}")
     with store.Writer(store_path) as w:
         if w.has_run(run_id):
             status = w.run(run_id).attrs.get("status")
@@ -77,6 +94,8 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
             elif not resume:
                 raise store.StoreError(f"run {run_id!r} in {store_path!r} is incomplete; pass "
                                        f"--resume to continue it or --overwrite to restart it")
+        if w.has_run(run_id):
+            _same_data(w.run(run_id), run_id, problem.data.sources)
         t0 = time.perf_counter()
         op = TrainingJacobian(problem, checkpoint=checkpoint, backend=backend)
         check = op.check()
@@ -145,6 +164,24 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
         summary["backend"], summary["block"] = op.backend, op.block_size
         w.finish(run, summary)
         return RunOutcome(run_id=run_id, store=store_path, summary=summary)
+
+
+def _same_data(run, run_id: str, sources: dict) -> None:
+    """Refuse to resume on data that differ from the data the run was started on (SHA-256 of each
+    file, or of the arrays). Runs written before data digests were stored carry none."""
+    stored = run.attrs.get("provenance", {}).get("data")
+    if not stored:
+        return
+    for name, digest in stored.items():
+        now = sources.get(name)
+        if now != digest:
+            what = "is missing" if now is None else "has changed (SHA-256 differs)"
+            raise store.StoreError(f"run {run_id!r}: the data {name!r} it was started on {what}; "
+                                   f"cannot resume on different data")
+    extra = set(sources) - set(stored)
+    if extra:
+        raise store.StoreError(f"run {run_id!r} was started on other data ({', '.join(stored)}), "
+                               f"not {', '.join(sorted(extra))}; cannot resume")
 
 
 def _svd_full(J):
@@ -290,7 +327,7 @@ def _summarize(run, op, full_sigma, check, seconds, tol):
                           "n_certified": int(sum(attrs.get("converged", []))),
                           "max_residual_rel": float(np.hypot(res[:, 0], res[:, 1]).max() /
                                                     max(attrs.get("norm_estimate", 1.0), 1e-300))}
-    out["train"] = op.problem.evaluate(op.thetaT)
+    out["train"] = op.problem.evaluate(op.trajectory.thetaT, op.trajectory.buffers)
     out["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return out
 

@@ -1,8 +1,6 @@
 """Training as a pure function of theta_0, the stored trajectory, and segment replay.
 
-:class:`Problem` binds a model, data, batch order and optimizer: ``loss(theta, t)``,
-``grad(theta, t)``, ``grad_hvp(theta, V, t)`` and ``step(state, t)`` are fixed functions of the step
-index t, so every replay of the same theta_0 sees the same sequence of matrices.
+A :class:`~tjac.problem.Problem` gives ``step(state, t)`` as a fixed function of the step index t.
 
 :class:`Trajectory` runs training once and keeps the optimizer state at checkpoints (policy ``all``:
 every step; ``sqrt``: every ceil(sqrt(T)) steps; an int c: every c steps). ``reversed_states()``
@@ -13,13 +11,11 @@ same computation as the stored ones, so they agree bit for bit (``check()`` veri
 from __future__ import annotations
 
 import logging
-import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-from . import _checks, data, models, optim
+from .problem import Problem, available_bytes, check_fits, checkpoint_interval, memory_estimate  # noqa: F401
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -33,115 +29,22 @@ class TrainingDivergedError(FloatingPointError):
         self.step = step
 
 
-def cuda_determinism() -> None:
-    """Bitwise-reproducible replays on CUDA: deterministic kernels, no TF32 anywhere (TF32 would
-    round float32 matmuls to 10 mantissa bits and blur sigma = 1 +- 1e-6), cuBLAS workspace pinned.
-    CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS initialises: tjac sets it at import."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-class Problem:
-    """A recipe made concrete: model, data on the device, batch order, optimizer, number of steps."""
-
-    def __init__(self, recipe: Recipe, *, model_backend: str = "manual"):
-        self.recipe = recipe
-        self.dtype = _checks.resolve_dtype(recipe.dtype)
-        self.device = _checks.resolve_device(recipe.device)
-        if self.device.type == "cuda":
-            cuda_determinism()
-        self.data = data.load(recipe.data, dtype=self.dtype, device=self.device)
-        self.model = models.build(recipe.model, self.data.n_features, self.data.n_classes,
-                                  backend=model_backend)
-        n = self.data.x_train.shape[0]
-        self.order = data.BatchOrder(n, recipe.batch_size, recipe.data.shuffle,
-                                     recipe.data.shuffle_seed, self.device)
-        self.num_steps = self.order.per_epoch * recipe.epochs
-        self.optimizer = optim.build(recipe.optim, self.num_steps)
-        check_fits(self, checkpoint=None, block=0)  # refuse before allocating theta_0
-        self._fixed = recipe.data.shuffle == "none"
-        if self._fixed:  # slice once: the same tensors every replay
-            self._batches = [self._slice(self.order.indices(b)) for b in range(self.order.per_epoch)]
-
-    @property
-    def stochastic(self) -> bool:
-        return self.model.stochastic or self.recipe.data.shuffle == "unseeded"
-
-    @property
-    def num_params(self) -> int:
-        return self.model.num_params
-
-    @property
-    def layout(self):
-        return self.model.layout
-
-    def _slice(self, idx):
-        return self.data.x_train[idx], self.data.y_train[idx]
-
-    def batch(self, t: int):
-        if self._fixed:
-            return self._batches[t % self.order.per_epoch]
-        return self._slice(self.order.indices(t))
-
-    def init_theta(self) -> torch.Tensor:
-        return self.model.init(self.recipe.seed, dtype=self.dtype, device=self.device)
-
-    def loss(self, theta, t):
-        return self.model.loss(theta, *self.batch(t))
-
-    def grad(self, theta, t):
-        return self.model.grad(theta, *self.batch(t))
-
-    def grad_hvp(self, theta, V, t):
-        return self.model.grad_hvp(theta, *self.batch(t), V)
-
-    def step(self, state, t):
-        return self.optimizer.update(state, self.grad(state[0], t), t)
-
-    def validate_theta0(self, theta0) -> torch.Tensor:
-        if theta0 is None:
-            return self.init_theta()
-        if not isinstance(theta0, torch.Tensor):
-            raise TypeError(f"`theta0` must be a torch.Tensor, got {type(theta0).__name__}")
-        if theta0.shape != (self.num_params,):
-            raise ValueError(f"`theta0` must have shape ({self.num_params},) (see param_layout), "
-                             f"got {tuple(theta0.shape)}")
-        if theta0.dtype != self.dtype:
-            raise TypeError(f"`theta0` must have dtype {self.dtype} (the recipe's), got {theta0.dtype}")
-        return theta0.detach().to(self.device).clone()
-
-    def evaluate(self, theta):
-        with torch.no_grad():
-            out = {}
-            for split in ("train", "test"):
-                x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
-                z = self.model.logits(theta, x) if not self.model.stochastic else \
-                    _eval_logits(self.model, theta, x)
-                out[f"{split}_loss"] = float(models.cross_entropy(z, y))
-                out[f"{split}_acc"] = float((z.argmax(-1) == y).to(torch.float64).mean())
-            return out
-
-
-def _eval_logits(model, theta, x):
-    masks = [None] * (len(model.widths) - 2)
-    return model.logits(theta, x, masks)
-
-
 def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def run_segment(problem: Problem, state, t0: int, t1: int, *, keep: bool, check_finite: bool = True):
-    """Steps t0..t1-1 from ``state`` (= s_t0). Returns s_t1 and, with ``keep``, [s_t0..s_t1-1]."""
+def run_segment(problem: Problem, state, t0: int, t1: int, *, keep: bool, check_finite: bool = True,
+                buffers: dict | None = None):
+    """Steps t0..t1-1 from ``state`` (= s_t0). Returns s_t1 and, with ``keep``, [s_t0..s_t1-1].
+    ``buffers`` (running statistics) are advanced in place alongside, when given."""
     kept = []
+    track = buffers is not None and problem.model.has_running_buffers
     with torch.no_grad():
         for t in range(t0, t1):
             if keep:
                 kept.append(state)
+            if track:
+                problem.model.update_buffers(state[0], problem.at(t)[0], buffers)
             state = problem.step(state, t)
             if check_finite and not _finite(state[0]):
                 raise TrainingDivergedError(t)
@@ -166,57 +69,10 @@ def train(recipe: Recipe | Problem, theta0: torch.Tensor | None = None) -> Train
     problem = recipe if isinstance(recipe, Problem) else Problem(recipe)
     theta0 = problem.validate_theta0(theta0)
     state = problem.optimizer.init(theta0)
-    state, _ = run_segment(problem, state, 0, problem.num_steps, keep=False)
+    buffers = problem.model.initial_buffers()
+    state, _ = run_segment(problem, state, 0, problem.num_steps, keep=False, buffers=buffers)
     return TrainResult(theta0=theta0, thetaT=state[0], num_steps=problem.num_steps,
-                       **problem.evaluate(state[0]))
-
-
-def checkpoint_interval(policy, num_steps: int) -> int:
-    if policy == "all":
-        return 1
-    if policy == "sqrt":
-        return max(1, math.ceil(math.sqrt(num_steps)))
-    if isinstance(policy, int) and not isinstance(policy, bool) and policy > 0:
-        return policy
-    raise ValueError(f"`checkpoint` must be 'all', 'sqrt' or a positive integer, got {policy!r}")
-
-
-def available_bytes(device) -> int:
-    if torch.device(device).type == "cuda":
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover
-        pass
-    return 1 << 62
-
-
-def memory_estimate(prob: Problem, *, checkpoint="all", block: int = 128, basis: int = 0) -> int:
-    """Bytes for: stored states (checkpoints + a segment buffer) + block tangents (state x k, and
-    the model's per-step intermediates ~ 4 x batch x widest layer x k) + a Krylov basis."""
-    P = prob.num_params
-    item = torch.empty((), dtype=prob.dtype).element_size()
-    n_state = len(prob.optimizer.state_names)
-    if checkpoint is None:  # training only: the current state and its gradient
-        stored = 2
-    else:
-        interval = checkpoint_interval(checkpoint, prob.num_steps)
-        stored = -(-prob.num_steps // interval) + (interval if interval > 1 else 0)
-    return item * (P * n_state * stored + P * (n_state + 2) * block + 2 * P * basis)
-
-
-def check_fits(prob: Problem, *, checkpoint="all", block: int = 128, basis: int = 0) -> None:
-    need = memory_estimate(prob, checkpoint=checkpoint, block=block, basis=basis)
-    have = available_bytes(prob.device)
-    if need > 0.9 * have:
-        raise MemoryError(
-            f"this recipe needs about {need / 2**30:.1f} GiB (P={prob.num_params} x "
-            f"{len(prob.optimizer.state_names)} state tensors x (checkpoints + block {block})"
-            f"{f' + basis {basis}' if basis else ''}) but {have / 2**30:.1f} GiB are available on "
-            f"{prob.device}; use checkpoint='sqrt', a smaller block or a smaller model")
+                       **problem.evaluate(state[0], buffers))
 
 
 class Trajectory:
@@ -228,6 +84,7 @@ class Trajectory:
         self.interval = checkpoint_interval(checkpoint, self.num_steps)
         self.policy = checkpoint
         state = problem.optimizer.init(theta0)
+        self.buffers = problem.model.initial_buffers()  # running statistics at theta_T (eval)
         self.checkpoints: dict[int, tuple] = {}
         for t0 in range(0, self.num_steps, self.interval):
             t1 = min(t0 + self.interval, self.num_steps)
@@ -235,7 +92,7 @@ class Trajectory:
                 self.checkpoints[t0] = state
             else:
                 self.checkpoints[t0] = tuple(x.clone() for x in state)
-            state, _ = run_segment(problem, state, t0, t1, keep=False)
+            state, _ = run_segment(problem, state, t0, t1, keep=False, buffers=self.buffers)
         self.final_state = state
 
     @classmethod
@@ -247,6 +104,7 @@ class Trajectory:
         self.interval = problem.num_steps
         self.checkpoints = {0: problem.optimizer.init(theta0)}
         self.final_state = None
+        self.buffers = problem.model.initial_buffers()
         return self
 
     @property
@@ -300,10 +158,16 @@ class NondeterminismError(RuntimeError):
 
 def _cause(problem: Problem) -> str:
     causes = []
-    if problem.model.stochastic:
-        causes.append(f"dropout={problem.recipe.model.dropout}")
     if problem.recipe.data.shuffle == "unseeded":
         causes.append("unseeded batch shuffling (data.shuffle='unseeded')")
+    try:
+        x, _ = problem.at(0)
+        culprit = problem.model.unseeded_randomness(problem.model.theta0(), x)
+    except Exception:  # noqa: BLE001 - diagnosis only
+        culprit = None
+    if culprit:
+        causes.append(f"unseeded randomness in {culprit}: draw random numbers only through "
+                      f"nn.Dropout (tjac seeds it per step)")
     if causes:
         return "; cause: " + " and ".join(causes)
     return "; cause unknown (non-deterministic kernels? set torch.use_deterministic_algorithms)"

@@ -9,6 +9,11 @@ r"""Directions with singular value exactly 1 for structural reasons, found from 
   of past gradients) also d^T J = d^T: last-hidden-width + 1 singular values exactly 1. Adam's
   elementwise rescaling breaks the second identity: there d is an eigenvector (J d = d), not a
   singular vector, and it is reported as such.
+
+Both are derived for the built-in families with cross-entropy and the built-in optimizers (gradient
+clipping keeps them: it rescales gradients that vanish, or are orthogonal to d). For a user's
+module or optimizer nothing is predicted (zero counts). Under ``param_filter`` the directions
+supported inside the selected parameters are kept, restricted to them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..trajectory import Problem
+from ..models import CNN, MLP, Transformer
+from ..problem import Problem
 
 
 @dataclass(frozen=True)
@@ -52,10 +58,11 @@ def structural_ones(problem: Problem) -> StructuralOnes:
     P, dt, dev = problem.num_params, problem.dtype, problem.device
     layout = {p.name: p for p in problem.layout}
     n_layers = len(problem.layout) // 2
-    no_wd = r.optim.weight_decay == 0
+    no_wd = r.optim.weight_decay == 0 and r.optim.name != "custom"
+    module = problem.model.module
     cols = []
     zero = ()
-    if no_wd and problem.model.__class__.__name__ == "MLP":
+    if no_wd and isinstance(module, MLP):
         x = problem.data.x_train[: problem.order.per_epoch * r.batch_size] \
             if r.data.shuffle == "none" else problem.data.x_train
         zero = tuple(int(j) for j in torch.nonzero((x == 0).all(0)).flatten())
@@ -69,7 +76,8 @@ def structural_ones(problem: Problem) -> StructuralOnes:
     zb = torch.stack(cols, 1) if cols else torch.zeros(P, 0, dtype=dt, device=dev)
     shift = []
     head = "head" if "head.weight" in layout else f"layers.{n_layers - 1}"
-    if no_wd and f"{head}.weight" in layout:
+    if (no_wd and isinstance(module, (MLP, CNN, Transformer)) and r.loss == "cross_entropy"
+            and f"{head}.weight" in layout):
         Wl, bl = layout[f"{head}.weight"], layout[f"{head}.bias"]
         n_cls, n_hid = Wl.shape
         d = torch.zeros(P, dtype=dt, device=dev)
@@ -80,6 +88,13 @@ def structural_ones(problem: Problem) -> StructuralOnes:
             d[Wl.offset + h + n_hid * torch.arange(n_cls, device=dev)] = n_cls ** -0.5
             shift.append(d)
     sb = torch.stack(shift, 1) if shift else torch.zeros(P, 0, dtype=dt, device=dev)
+    sel = problem.selection
+    if sel is not None:  # directions inside the selected parameters, restricted to them
+        inside = torch.zeros(P, dtype=torch.bool, device=dev)
+        inside[sel] = True
+        zb, sb = ((B[:, (B[~inside] == 0).all(0)])[sel] for B in (zb, sb))
+        if zb.shape[1] == 0:
+            zero = ()
     return StructuralOnes(zero_features=zero, n_zero_input=zb.shape[1], n_softmax_shift=sb.shape[1],
                           shift_is_singular=r.optim.name == "sgd", zero_input_basis=zb,
                           softmax_shift_basis=sb)

@@ -1,0 +1,140 @@
+"""The user-facing path end to end: CLI flags for a user's model/data/loss/optimizer, bad input
+(one line, exit 2, nothing written), stores written by tjac 0.1.0 still resume, and a resume on
+changed data is refused."""
+import json
+import pathlib
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+import tjac
+from tjac import runner
+from tjac.cli import main
+from tjac.query import open as open_store
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "store-v0.1.0.zarr"
+SMALL = ["--epochs", "1", "--batch-size", "32", "--k-top", "2", "--k-bottom", "0", "-q",
+         "--png", "none"]
+
+
+def _npz(path, n=96, labels=None, nan=False, drop=None, bump=False):
+    rng = np.random.default_rng(0)
+    arrays = {"X_train": rng.standard_normal((n, 64)), "y_train": rng.integers(0, 10, n),
+              "X_test": rng.standard_normal((32, 64)), "y_test": rng.integers(0, 10, 32)}
+    if labels is not None:
+        arrays["y_train"][:len(labels)] = labels
+    if nan:
+        arrays["X_test"][3, 5] = np.nan
+    if bump:
+        arrays["X_train"][0, 0] += 1.0
+    if drop:
+        arrays.pop(drop)
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def _pickle(path):
+    path.write_bytes(pickle.dumps({"X_train": [1, 2]}))
+    return str(path)
+
+
+BAD = [
+    (lambda d: ["--model", "nosuch_module_xyz:f"], "cannot import module 'nosuch_module_xyz'"),
+    (lambda d: ["--model", "usermodels:nope"], "has no attribute 'nope'"),
+    (lambda d: ["--model", "usermodels:not_a_module"], "not a torch.nn.Module"),
+    (lambda d: ["--model", "usermodels:quadratic"], "needs outputs of shape (batch, classes)"),
+    (lambda d: ["--model", "usermodels:wrong_outputs"], "labels must lie in [0, 3)"),
+    (lambda d: ["--model", "usermodels:frozen"], "no trainable parameters"),
+    (lambda d: ["--model", "usermodels:plain_mlp", "--model-kwargs", "{width: 3}"],
+     "--model-kwargs must be a JSON object"),
+    (lambda d: ["--model", "usermodels:plain_mlp", "--width", "3"], "describe the built-in"),
+    (lambda d: ["--param-filter", "conv.*"], "matches no parameter"),
+    (lambda d: ["--dataset", _npz(d / "nan.npz", nan=True)], "X_test"),
+    (lambda d: ["--dataset", _npz(d / "miss.npz", drop="y_test")], "y_test"),
+    (lambda d: ["--dataset", _npz(d / "lab.npz", labels=[12]), "--model", "usermodels:plain_mlp"],
+     "labels must lie in [0, 10)"),
+    (lambda d: ["--dataset", _pickle(d / "data.pkl")], "pickle"),
+    (lambda d: ["--dataset", str(d / "missing.npz")], "missing.npz"),
+    (lambda d: ["--loss", "usermodels:nope"], "has no attribute 'nope'"),
+    (lambda d: ["--optimizer", "usermodels:nope"], "has no attribute 'nope'"),
+]
+
+
+@pytest.mark.parametrize("args, msg", BAD, ids=[m for _, m in BAD])
+def test_bad_user_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, msg):
+    store = tmp_path / "s.zarr"
+    code = main(["run", *args(tmp_path), "--store", str(store), *SMALL])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and msg in err, err
+    assert "Traceback" not in err and not store.exists()
+
+
+def test_user_model_and_data_through_the_cli(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    store = str(tmp_path / "s.zarr")
+    args = ["run", "--model", "usermodels:bn_cnn", "--model-kwargs", '{"channels": 2}',
+            "--dataset", data, "--optimizer", "usermodels:momentum_sign", "--optimizer-kwargs",
+            '{"lr": 0.01}', "--clip-norm", "1.0", "--store", store, *SMALL]
+    assert main(args) == 0, capsys.readouterr().err
+    res = open_store(store)
+    run = res.run(res.runs()[0])
+    r = run.recipe
+    assert r.model.factory == "usermodels:bn_cnn" and r.model.kwargs == {"channels": 2}
+    assert r.optim.name == "custom" and r.optim.clip_norm == 1.0 and r.data.name == data
+    prov = run.provenance
+    assert prov["data"] == tjac.data.digest(r.data) and prov["model"]["class"].endswith("BNConvNet")
+    assert run.top(2).converged.all()
+    assert main(["info", store]) == 0
+    assert "usermodels:bn_cnn" in capsys.readouterr().out
+
+
+def test_store_written_by_0_1_0_resumes_to_the_same_sigma(tmp_path):
+    store = tmp_path / "old.zarr"
+    shutil.copytree(FIXTURE, store)
+    expected = json.loads((FIXTURE.parent / "store-v0.1.0.expected.json").read_text())
+    stored = open_store(str(store)).run(expected["recipe_hash"])
+    assert stored.status != "complete"
+    # adding recipe fields did not change the hash of a recipe written before them
+    assert stored.recipe.hash() == expected["recipe_hash"]
+    r = tjac.Recipe.paper(width=4, epochs=2, n_train=128, batch_size=32)
+    assert r.hash() == expected["recipe_hash"]
+    assert main(["run", "--width", "4", "--epochs", "2", "--n-train", "128", "--batch-size", "32",
+                 "--k-top", "4", "--k-bottom", "4", "--method", "dense", "--backend", "eager",
+                 "--store", str(store), "--resume", "-q", "--png", "none"]) == 0
+    run = open_store(str(store)).run(expected["recipe_hash"])
+    assert run.status == "complete"
+    np.testing.assert_allclose(run.top(4).sigma, expected["top_sigma"], rtol=1e-12)
+    np.testing.assert_allclose(np.sort(run.bottom(4).sigma), np.sort(expected["bottom_sigma"]),
+                               rtol=1e-10)
+
+
+class _Kill(Exception):
+    pass
+
+
+def _killing_bar(**kw):
+    class Bar:
+        def update(self, n):
+            raise _Kill
+
+        def close(self):
+            pass
+    return Bar()
+
+
+def test_resume_on_changed_data_is_refused_naming_the_file(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz", n=128)
+    r = tjac.Recipe.paper(dataset=data, width=4, epochs=1, batch_size=32)
+    store = str(tmp_path / "s.zarr")
+    with pytest.raises(_Kill):
+        runner.run_analysis(r, store, k_top=2, k_bottom=2, method="dense", backend="eager",
+                            progress=_killing_bar, block=64)
+    _npz(tmp_path / "d.npz", n=128, bump=True)  # same shapes, other bytes
+    code = main(["run", "--dataset", data, "--width", "4", "--epochs", "1", "--batch-size", "32",
+                 "--k-top", "2", "--k-bottom", "2", "--method", "dense", "--backend", "eager",
+                 "--store", store, "--resume", "-q", "--png", "none"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "d.npz" in err and "changed" in err and len(err.splitlines()) == 1

@@ -1,0 +1,124 @@
+"""Models: one protocol (:class:`Model`, any ``nn.Module`` through ``functional_call``) for the
+built-in families and for a user's module named by import path or passed live."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import torch
+from torch import nn
+
+from . import losses
+from .base import Model, ModelError, ParamInfo, seed_dropouts
+from .imports import ImportPathError, resolve
+from .layers import SeededDropout, activation, activation_derivs, truncated_normal
+from .losses import cross_entropy, mse
+from .mlp import MLP, MLPModel
+from .zoo import CNN, Transformer
+from ..recipe import LIVE_MISSING
+
+
+@contextlib.contextmanager
+def seeded_construction(seed: int, dtype: torch.dtype):
+    """Build under ``torch.manual_seed(seed)`` in a forked RNG (the caller's RNG state is
+    untouched) with ``dtype`` as the default floating type."""
+    old = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(old)
+
+
+def output_size(data) -> int:
+    if data.n_classes is not None:
+        return int(data.n_classes)
+    return math.prod(data.y_train.shape[1:]) or 1
+
+
+def _builtin(spec, data):
+    n_in, n_out = data.n_features, output_size(data)
+    if spec.family == "mlp":
+        return lambda: MLP(n_in, spec.hidden, n_out, spec.activation, spec.dropout, spec.weight_init)
+    if data.input_shape not in ((64,), (8, 8), (1, 8, 8)):
+        raise ModelError(f"model family {spec.family!r} needs 8x8 images (64 features), got "
+                         f"inputs of shape {tuple(data.input_shape)}")
+    if spec.dropout:
+        raise ModelError(f"dropout is only implemented for the MLP family, not {spec.family!r}")
+    if spec.family == "cnn":
+        if len(spec.hidden) != 1:
+            raise ModelError(f"a CNN takes one channel count in `hidden`, got {spec.hidden}")
+        return lambda: CNN(spec.hidden[0], spec.activation, n_out)
+    if len(set(spec.hidden)) != 1:
+        raise ModelError(f"a transformer takes equal widths in `hidden` (one per block), got "
+                         f"{spec.hidden}")
+    return lambda: Transformer(spec.hidden[0], len(spec.hidden), spec.activation, n_out)
+
+
+def build_module(recipe, data, dtype: torch.dtype) -> nn.Module:
+    """The recipe's module, initialised by its own code under ``recipe.seed``."""
+    spec = recipe.model
+    if spec.family != "module":
+        make = _builtin(spec, data)
+        name = spec.family
+    elif spec.live is LIVE_MISSING:
+        raise ModelError(f"the recipe names the live model {spec.factory[5:]!r}, which exists only "
+                         f"in the process that made it: pass the module or factory again "
+                         f"(Recipe.paper(model=...))")
+    elif spec.live is not None:
+        if isinstance(spec.live, nn.Module):
+            return copy.deepcopy(spec.live)  # theta_0 = its parameters as given
+        make, name = spec.live, spec.factory
+    else:
+        make = resolve(spec.factory, what="model")
+        name = spec.factory
+        if not callable(make):
+            raise ModelError(f"model {name!r} is a {type(make).__name__}, not a factory")
+        kwargs = spec.kwargs
+        make = (lambda f: (lambda: f(**kwargs)))(make)
+    with seeded_construction(recipe.seed, dtype):
+        try:
+            module = make()
+        except (ModelError, ImportPathError):
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's factory failed
+            if spec.family != "module":
+                raise ModelError(str(e)) from None
+            raise ModelError(f"model {name!r} raised {type(e).__name__}: {e}") from None
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"model {name!r} returned a {type(module).__name__}, not a "
+                         f"torch.nn.Module")
+    return module
+
+
+def count_params(recipe, data, dtype: torch.dtype) -> int | None:
+    """Trainable parameters of the recipe's module, counted on the meta device (nothing is
+    allocated); None when the module cannot be built there (then it is sized after building)."""
+    if recipe.model.family == "module" and isinstance(recipe.model.live, nn.Module):
+        return sum(p.numel() for p in recipe.model.live.parameters() if p.requires_grad)
+    try:
+        with torch.device("meta"):
+            module = build_module(recipe, data, dtype)
+    except Exception:  # noqa: BLE001 - some factories cannot run on meta tensors
+        return None
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def build(recipe, data, *, dtype: torch.dtype, device, backend: str = "manual") -> Model:
+    """The :class:`Model` of a recipe (built-in family or user module) over ``data``."""
+    module = build_module(recipe, data, dtype)
+    kw = dict(seed=recipe.seed, dtype=dtype, device=device,
+              allow_downcast=recipe.model.family != "module")
+    if isinstance(module, MLP) and recipe.loss == "cross_entropy":
+        return MLPModel(module, backend=backend, **kw)
+    return Model(module, losses.get(recipe.loss), loss_name=recipe.loss, **kw)
+
+
+__all__ = ["count_params", "CNN", "ImportPathError", "MLP", "MLPModel", "Model", "ModelError", "ParamInfo",
+           "SeededDropout", "Transformer", "activation", "activation_derivs", "build",
+           "build_module", "cross_entropy", "losses", "mse", "output_size", "resolve",
+           "seed_dropouts", "seeded_construction", "truncated_normal"]

@@ -1,0 +1,266 @@
+"""A recipe made concrete: model, data on the device, batch order, loss and optimizer.
+
+:class:`Problem` exposes ``loss(theta, t)``, ``grad(theta, t)``, ``grad_hvp(theta, V, t)`` and
+``step(state, t)`` as fixed functions of the step index t (the batch, the dropout masks and the
+learning rate are all functions of t), so every replay of the same theta_0 sees the same sequence
+of matrices. ``param_filter`` selects the coordinates J acts on (:attr:`Problem.selection`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import os
+
+import torch
+
+from . import _checks, data, models, optim
+from .models import ModelError
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def cuda_determinism() -> None:
+    """Bitwise-reproducible replays on CUDA: deterministic kernels, no TF32 anywhere (TF32 would
+    round float32 matmuls to 10 mantissa bits and blur sigma = 1 +- 1e-6), cuBLAS workspace pinned.
+    CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS initialises: tjac sets it at import."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+class Problem:
+    """A recipe made concrete (see the module docstring).
+
+    ``model_backend="func"`` makes the built-in MLP use torch.func derivatives instead of its
+    hand-derived ones (the oracle in tests)."""
+
+    def __init__(self, recipe: Recipe, *, model_backend: str = "manual"):
+        self.recipe = recipe
+        self.dtype = _checks.resolve_dtype(recipe.dtype)
+        self.device = _checks.resolve_device(recipe.device)
+        if self.device.type == "cuda":
+            cuda_determinism()
+        self.data = data.load(recipe.data, dtype=self.dtype, device=self.device)
+        n = self.data.x_train.shape[0]
+        self.order = data.BatchOrder(n, recipe.batch_size, recipe.data.shuffle,
+                                     recipe.data.shuffle_seed, self.device)
+        self.num_steps = self.order.per_epoch * recipe.epochs
+        _refuse_oversized(recipe, models.count_params(recipe, self.data, self.dtype), self.dtype,
+                          self.device)  # before a single parameter is allocated
+        self.model = models.build(recipe, self.data, dtype=self.dtype, device=self.device,
+                                  backend=model_backend)
+        self.optimizer = optim.build(recipe.optim, self.num_steps)
+        self.optimizer.init(self.model.theta0())  # a user optimizer learns its state layout here
+        check_fits(self, checkpoint=None, block=0)
+        self._fixed = recipe.data.shuffle == "none"
+        if self._fixed:  # slice once: the same tensors every replay
+            self._batches = [self._slice(self.order.indices(b)) for b in range(self.order.per_epoch)]
+        self._check_model()
+        self.selection, self.selected_layout = _select(self.model.layout, recipe.param_filter,
+                                                       self.device)
+
+    # -- checks before any training ---------------------------------------------------------------
+    def _check_model(self) -> None:
+        """Outputs that fit the targets, labels in range, no buffer mutated outside BatchNorm."""
+        x, y = self.batch(0)
+        theta = self.model.theta0()
+        self.model.set_step(0)
+        try:
+            with torch.no_grad():
+                out = self.model.forward(theta, x)
+        except Exception as e:  # noqa: BLE001 - a user's forward failed on the data
+            raise ModelError(f"the model's forward failed on a batch of inputs of shape "
+                             f"{tuple(x.shape)}: {type(e).__name__}: {e}") from None
+        if not isinstance(out, torch.Tensor):
+            raise ModelError(f"the model must return a tensor, got {type(out).__name__}")
+        name = self.recipe.loss
+        if name == "cross_entropy":
+            if out.ndim != 2 or out.shape[0] != x.shape[0]:
+                raise ModelError(f"cross_entropy needs outputs of shape (batch, classes); the model "
+                                 f"gives {tuple(out.shape)} for targets of shape {tuple(y.shape)}")
+            if self.data.n_classes is None:
+                raise ModelError("cross_entropy needs integer class labels; the data has float "
+                                 "targets (use loss='mse')")
+            ymax = int(max(self.data.y_train.max(), self.data.y_test.max()))
+            ymin = int(min(self.data.y_train.min(), self.data.y_test.min()))
+            if ymin < 0 or ymax >= out.shape[1]:
+                raise ModelError(f"labels must lie in [0, {out.shape[1]}) for a model with "
+                                 f"{out.shape[1]} outputs; the data has labels in [{ymin}, {ymax}]")
+        elif name == "mse":
+            if out.shape != y.shape and not (out.numel() == y.numel() and out.shape[0] == y.shape[0]
+                                             and out.shape[1:] in ((1,), ()) and y.ndim <= 1):
+                raise ModelError(f"mse needs outputs shaped like the targets; the model gives "
+                                 f"{tuple(out.shape)} for targets of shape {tuple(y.shape)}")
+            if not y.dtype.is_floating_point:
+                y = y.to(self.dtype)
+        with torch.no_grad():
+            value = self.model.loss_fn(out, y)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise ModelError(f"loss {name!r} must return a scalar (the batch mean), got "
+                             f"{getattr(value, 'shape', type(value).__name__)}")
+        bad = self.model.mutated_buffers(theta, x)
+        if bad:
+            raise ModelError(f"the model's forward changes the buffers {bad} outside BatchNorm's "
+                             f"running statistics; tjac carries buffers as constants of the "
+                             f"replay and cannot follow that")
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def stochastic(self) -> bool:
+        return self.model.stochastic or self.recipe.data.shuffle == "unseeded"
+
+    @property
+    def num_params(self) -> int:
+        return self.model.num_params
+
+    @property
+    def layout(self):
+        return self.model.layout
+
+    # -- the steps --------------------------------------------------------------------------------
+    def _slice(self, idx):
+        return self.data.x_train[idx], self.data.y_train[idx]
+
+    def batch(self, t: int):
+        if self._fixed:
+            return self._batches[t % self.order.per_epoch]
+        return self._slice(self.order.indices(t))
+
+    def init_theta(self) -> torch.Tensor:
+        return self.model.theta0()
+
+    def at(self, t: int):
+        """Step t's batch, with the model's dropout keyed for step t."""
+        if self.model.dropouts:
+            self.model.set_step(t)
+        return self.batch(t)
+
+    def loss(self, theta, t):
+        return self.model.loss(theta, *self.at(t))
+
+    def grad(self, theta, t):
+        return self.model.grad(theta, *self.at(t))
+
+    def grad_hvp(self, theta, V, t):
+        x, y = self.at(t)
+        return self.model.grad_hvp(theta, x, y, V)
+
+    def step(self, state, t):
+        return self.optimizer.update(state, self.grad(state[0], t), t)
+
+    def validate_theta0(self, theta0) -> torch.Tensor:
+        if theta0 is None:
+            return self.init_theta()
+        if not isinstance(theta0, torch.Tensor):
+            raise TypeError(f"`theta0` must be a torch.Tensor, got {type(theta0).__name__}")
+        if theta0.shape != (self.num_params,):
+            raise ValueError(f"`theta0` must have shape ({self.num_params},) (see param_layout), "
+                             f"got {tuple(theta0.shape)}")
+        if theta0.dtype != self.dtype:
+            raise TypeError(f"`theta0` must have dtype {self.dtype} (the recipe's), got {theta0.dtype}")
+        return theta0.detach().to(self.device).clone()
+
+    def evaluate(self, theta, buffers: dict | None = None) -> dict:
+        """Loss (and accuracy, for classification) on the full train and test sets, in eval mode
+        (dropout off; BatchNorm on the running statistics ``buffers`` of the trajectory)."""
+        out = {}
+        for split in ("train", "test"):
+            x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
+            z = self.model.eval_outputs(theta, x, buffers)
+            with torch.no_grad():
+                out[f"{split}_loss"] = float(self.model.loss_fn(z, y))
+            out[f"{split}_acc"] = (float((z.argmax(-1) == y).to(torch.float64).mean())
+                                   if self.data.n_classes is not None and z.ndim == 2 else
+                                   float("nan"))
+        return out
+
+
+def _select(layout, patterns, device):
+    """Indices of theta matched by ``param_filter`` (names or glob patterns), or (None, layout)."""
+    if not patterns:
+        return None, layout
+    chosen, unmatched = [], []
+    for pat in patterns:
+        hit = [p for p in layout if fnmatch.fnmatchcase(p.name, pat)]
+        if not hit:
+            unmatched.append(pat)
+        chosen.extend(hit)
+    if unmatched:
+        raise ValueError(f"param_filter {unmatched} matches no parameter; the parameters are "
+                         f"{', '.join(p.name for p in layout)}")
+    keep = [p for p in layout if p in set(chosen)]  # theta order, no duplicates
+    idx = torch.cat([torch.arange(p.offset, p.offset + p.size) for p in keep]).to(device)
+    sub, off = [], 0
+    for p in keep:
+        sub.append(models.ParamInfo(p.name, p.shape, off))
+        off += p.size
+    return idx, tuple(sub)
+
+
+# -- memory ----------------------------------------------------------------------------------------
+def checkpoint_interval(policy, num_steps: int) -> int:
+    if policy == "all":
+        return 1
+    if policy == "sqrt":
+        return max(1, math.ceil(math.sqrt(num_steps)))
+    if isinstance(policy, int) and not isinstance(policy, bool) and policy > 0:
+        return policy
+    raise ValueError(f"`checkpoint` must be 'all', 'sqrt' or a positive integer, got {policy!r}")
+
+
+def available_bytes(device) -> int:
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover
+        pass
+    return 1 << 62
+
+
+def memory_estimate(prob: Problem, *, checkpoint="all", block: int = 128, basis: int = 0) -> int:
+    """Bytes for: stored states (checkpoints + a segment buffer) + block tangents (state x k, and
+    the model's per-step intermediates ~ 4 x batch x widest layer x k) + a Krylov basis."""
+    P = prob.num_params
+    item = torch.empty((), dtype=prob.dtype).element_size()
+    n_state = len(prob.optimizer.state_names)
+    if checkpoint is None:  # training only: the current state and its gradient
+        stored = 2
+    else:
+        interval = checkpoint_interval(checkpoint, prob.num_steps)
+        stored = -(-prob.num_steps // interval) + (interval if interval > 1 else 0)
+    return item * (P * n_state * stored + P * (n_state + 2) * block + 2 * P * basis)
+
+
+def _refuse_oversized(recipe, P, dtype, device) -> None:
+    """The training-only footprint (theta, gradient and optimizer state), checked from the
+    parameter count before the model is built."""
+    if P is None:
+        return
+    n_state = 3 if recipe.optim.name in ("adam", "adamw") else 2
+    need = torch.empty((), dtype=dtype).element_size() * P * (n_state + 2)
+    have = available_bytes(device)
+    if need > 0.9 * have:
+        raise MemoryError(f"this recipe needs about {need / 2**30:.1f} GiB for P={P} parameters "
+                          f"({n_state + 2} vectors of P: optimizer state, gradient, workspace) but {have / 2**30:.1f} GiB are "
+                          f"available on {device}; use a smaller model")
+
+
+def check_fits(prob: Problem, *, checkpoint="all", block: int = 128, basis: int = 0) -> None:
+    need = memory_estimate(prob, checkpoint=checkpoint, block=block, basis=basis)
+    have = available_bytes(prob.device)
+    if need > 0.9 * have:
+        raise MemoryError(
+            f"this recipe needs about {need / 2**30:.1f} GiB (P={prob.num_params} x "
+            f"{len(prob.optimizer.state_names)} state tensors x (checkpoints + block {block})"
+            f"{f' + basis {basis}' if basis else ''}) but {have / 2**30:.1f} GiB are available on "
+            f"{prob.device}; use checkpoint='sqrt', a smaller block or a smaller model")

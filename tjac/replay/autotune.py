@@ -1,0 +1,89 @@
+"""Pick the replay backend and block width by measuring them on a few steps of the run."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..trajectory import Trajectory
+from .support import BACKENDS, supported
+
+
+def _make(prob, trajectory, name):
+    from . import make
+
+    return make(prob, trajectory, name)
+
+
+def _resolve(prob, name):
+    from . import resolve
+
+    return resolve(prob, name)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autotune(prob, *, blocks=(8, 16, 32, 64, 128), backends=None, steps: int = 10,
+             compile_threshold_s: float = 1.0, trajectory=None) -> dict:
+    """Pick the replay backend and block width with the lowest measured cost per vector-step.
+
+    Each (backend, block) pair runs ``steps`` JVP steps on the recipe's first batches (after one
+    warm-up pass). ``compiled`` is measured only at the best width found for the others, only
+    when a C++ compiler is present, and only when one replay of the best so far is projected above
+    ``compile_threshold_s`` (below that its compile time, 20-70 s here, can't pay off). Returns
+    ``{"backend", "block", "seconds_per_vector_step": {backend: {block: s}}, "skipped": {...}}``;
+    the runner stores it in the run's provenance and reuses it on resume;
+    :meth:`tjac.TrainingJacobian.autotune` applies it to an operator."""
+    skipped: dict = {}
+    if backends is None:
+        backends = []
+        for b in BACKENDS:
+            why = supported(prob, b)
+            if why:
+                skipped[b] = why
+            else:
+                backends.append(b)
+    for b in backends:
+        _resolve(prob, b)  # unknown or unsupported names raise here
+    steps = max(1, min(steps, prob.num_steps))
+    if trajectory is None:  # the JVPs below start from theta_0 and need nothing else
+        trajectory = Trajectory.start_only(prob, prob.init_theta())
+    table: dict = {}
+
+    def measure(name, k):
+        rp = _make(prob, trajectory, name)
+        gen = torch.Generator().manual_seed(0)  # not zeros: `compiled` checks itself against eager
+        V = torch.randn(k, prob.num_params, generator=gen, dtype=torch.float64).to(prob.device,
+                                                                                 prob.dtype)
+        rp.jvp(V, steps=steps)  # warm-up: compiles `compiled`, fills `fused`'s primal cache
+        # (every replay of a run after its first reads that cache: time the steady state)
+        _sync(prob.device)
+        t = time.perf_counter()
+        rp.jvp(V, steps=steps)
+        _sync(prob.device)
+        return (time.perf_counter() - t) / (k * steps)
+
+    for name in [b for b in backends if b != "compiled"]:
+        table[name] = {str(k): measure(name, k) for k in blocks}
+    best = min(((b, k) for b in table for k in table[b]), key=lambda bk: table[bk[0]][bk[1]],
+               default=None)
+    if "compiled" in backends:
+        k = int(best[1]) if best else max(blocks)
+        per_replay = table[best[0]][best[1]] * k * prob.num_steps if best else float("inf")
+        if per_replay < compile_threshold_s:
+            skipped["compiled"] = (f"one replay takes {per_replay:.2f} s < {compile_threshold_s} s: "
+                                   f"compiling would not pay off")
+        else:
+            try:
+                table["compiled"] = {str(k): measure("compiled", k)}
+            except Exception as e:  # noqa: BLE001 - inductor failures are environment problems
+                skipped["compiled"] = f"torch.compile failed: {type(e).__name__}: {e}"[:300]
+            else:
+                if best is None or table["compiled"][str(k)] < table[best[0]][best[1]]:
+                    best = ("compiled", str(k))
+    return {"backend": best[0], "block": int(best[1]), "steps": steps,
+            "seconds_per_vector_step": table, "skipped": skipped}

@@ -1,0 +1,37 @@
+"""The eager replay: the model's ``grad_hvp`` on (k, P) blocks and the optimizer's tangent and
+adjoint maps, step by step. Any model, any optimizer."""
+
+from __future__ import annotations
+
+import torch
+
+from .support import _steps
+
+
+class EagerReplay:
+    name = "eager"
+
+    def __init__(self, problem, trajectory):
+        self.problem, self.trajectory = problem, trajectory
+
+    def jvp(self, V, steps: int | None = None):  # V: (k, P) rows are tangents of theta_0
+        """Tangents of theta after ``steps`` steps (default: all, i.e. J V)."""
+        prob, opt = self.problem, self.problem.optimizer
+        state = opt.init(self.trajectory.theta0)
+        ds = (V.contiguous(),) + tuple(torch.zeros_like(V) for _ in state[1:])
+        with torch.no_grad():
+            for t in range(_steps(prob, steps)):
+                g, hv = prob.grad_hvp(state[0], ds[0], t)
+                state, ds = opt.jvp(state, g, ds, hv, t)
+        return ds[0]
+
+    def vjp(self, W):  # W: (k, P) rows are cotangents of theta_T
+        prob, opt = self.problem, self.problem.optimizer
+        bs = (W.contiguous(),) + tuple(torch.zeros_like(W) for _ in opt.state_names[1:])
+        with torch.no_grad():
+            for t, state in self.trajectory.reversed_states():
+                g = prob.grad(state[0], t) if opt.needs_grad_for_vjp else None
+                bs, bg = opt.vjp(state, g, bs, t)
+                _, hbg = prob.grad_hvp(state[0], bg, t)
+                bs = (bs[0] + hbg,) + bs[1:]
+        return bs[0]
