@@ -156,6 +156,8 @@ def test_float32_operator_agrees_with_float64():
     (lambda: tiny(shuffle="unseeded"), "unseeded batch shuffling"),
     (lambda: tjac.Recipe.paper(model="usermodels:noisy", epochs=1, n_train=128, batch_size=32),
      r"unseeded randomness in jitter \(Jitter\)"),
+    (lambda: tjac.Recipe.paper(model="usermodels:noisy_input", epochs=1, n_train=128, batch_size=32),
+     r"unseeded randomness in the model's own forward \(NoisyInput\)"),
 ])
 def test_check_refuses_nondeterministic_recipes(recipe, cause):
     op = tjac.TrainingJacobian(recipe())

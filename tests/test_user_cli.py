@@ -59,6 +59,9 @@ BAD = [
     (lambda d: ["--dataset", str(d / "missing.npz")], "missing.npz"),
     (lambda d: ["--loss", "usermodels:nope"], "has no attribute 'nope'"),
     (lambda d: ["--optimizer", "usermodels:nope"], "has no attribute 'nope'"),
+    (lambda d: ["--optimizer", "usermodels:inplace_momentum"], "modifies its state or params in place"),
+    (lambda d: ["--loss", "usermodels:one_hot_mse"], "cannot be differentiated twice"),
+    (lambda d: ["--model", "usermodels:plain_mlp", "--dropout", "0.1"], "unrecognized arguments"),
 ]
 
 

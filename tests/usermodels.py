@@ -148,3 +148,38 @@ def momentum_sign(lr=0.05, beta=0.9):
         return -lr * m, (m,)
 
     return init, update
+
+
+class NoisyInput(nn.Module):
+    """Adds unseeded noise in its own forward before calling a child: check() must name the
+    model's own forward, not the child."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.lin(x + 1e-3 * torch.rand_like(x))
+
+
+def noisy_input():
+    return NoisyInput()
+
+
+def inplace_momentum(lr=0.05, beta=0.9):
+    """The same heavy-ball update written in place (torch style): tjac must refuse it."""
+
+    def init(params):
+        return (torch.zeros_like(params),)
+
+    def update(grads, state, params, step):
+        (m,) = state
+        m.mul_(beta).add_(grads)
+        return -lr * m, (m,)
+
+    return init, update
+
+
+def one_hot_mse(outputs, targets):
+    """F.mse_loss has no forward-over-reverse rule: refused before training."""
+    return torch.nn.functional.mse_loss(outputs, torch.nn.functional.one_hot(targets, 10).to(outputs))

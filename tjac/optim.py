@@ -238,9 +238,10 @@ class FuncOptimizer:
         self._single = isinstance(raw, torch.Tensor)
         rest = self._tuple(raw)
         for i, r in enumerate(rest):
-            if not isinstance(r, torch.Tensor) or r.shape != theta.shape or r.dtype != theta.dtype:
+            if not isinstance(r, torch.Tensor) or r.shape != theta.shape or r.dtype != theta.dtype \
+                    or r.device != theta.device:
                 raise ValueError(f"optimizer {self.name!r}: init() must return tensors shaped like "
-                                 f"params ({tuple(theta.shape)}, {theta.dtype}); state {i} is "
+                                 f"params ({tuple(theta.shape)}, {theta.dtype}, {theta.device}); state {i} is "
                                  f"{getattr(r, 'shape', type(r).__name__)}")
         self.state_names = ("theta",) + tuple(f"state{i}" for i in range(len(rest)))
         return (theta,) + rest

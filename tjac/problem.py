@@ -109,6 +109,38 @@ class Problem:
             raise ModelError(f"the model's forward changes the buffers {bad} outside BatchNorm's "
                              f"running statistics; tjac carries buffers as constants of the "
                              f"replay and cannot follow that")
+        self._check_derivatives(theta, x, y)
+
+    def _check_derivatives(self, theta, x, y) -> None:
+        """One HVP and one optimizer step, tangent and adjoint, before any training: what every
+        product needs must run (forward-over-reverse through the model and loss; torch.func through
+        a user's optimizer), and a user's update must not modify tensors in place (the stored
+        trajectory would change under it)."""
+        gen = torch.Generator().manual_seed(0)
+        V = torch.randn(1, theta.numel(), generator=gen, dtype=torch.float64).to(theta)
+        try:
+            g, hv = self.model.grad_hvp(theta, x, y, V)
+        except Exception as e:  # noqa: BLE001 - reported as bad input, with torch's reason
+            raise ModelError(f"the model and loss {self.recipe.loss!r} cannot be differentiated "
+                             f"twice (forward-over-reverse, which every product of J needs): "
+                             f"{type(e).__name__}: {_first_line(e)}") from None
+        opt = self.optimizer
+        state = opt.init(theta.clone())
+        versions = [t._version for t in state]
+        try:
+            opt.update(state, g, 0)
+            if any(t._version != v for t, v in zip(state, versions)):
+                raise ModelError(f"optimizer {self.recipe.optim.factory!r}: update() modifies its "
+                                 f"state or params in place; return new tensors instead")
+            zeros = tuple(torch.zeros_like(V) for _ in state)
+            opt.jvp(state, g, zeros, hv, 0)
+            opt.vjp(state, g, zeros, 0)
+        except ModelError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"optimizer {self.recipe.optim.factory or self.recipe.optim.name!r}: "
+                             f"one step or its tangent/adjoint map failed: {type(e).__name__}: "
+                             f"{_first_line(e)}") from None
 
     # -- properties -------------------------------------------------------------------------------
     @property
@@ -170,15 +202,27 @@ class Problem:
         """Loss (and accuracy, for classification) on the full train and test sets, in eval mode
         (dropout off; BatchNorm on the running statistics ``buffers`` of the trajectory)."""
         out = {}
+        chunk = max(1024, 8 * self.recipe.batch_size)  # bounded memory on large data sets
         for split in ("train", "test"):
             x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
-            z = self.model.eval_outputs(theta, x, buffers)
-            with torch.no_grad():
-                out[f"{split}_loss"] = float(self.model.loss_fn(z, y))
-            out[f"{split}_acc"] = (float((z.argmax(-1) == y).to(torch.float64).mean())
-                                   if self.data.n_classes is not None and z.ndim == 2 else
-                                   float("nan"))
+            loss = hits = 0.0
+            for i in range(0, len(x), chunk):
+                z = self.model.eval_outputs(theta, x[i:i + chunk], buffers)
+                yi = y[i:i + chunk]
+                with torch.no_grad():  # the loss is a batch mean: weight it by the chunk's size
+                    loss += float(self.model.loss_fn(z, yi)) * len(yi)
+                if self.data.n_classes is not None and z.ndim == 2:
+                    hits += float((z.argmax(-1) == yi).to(torch.float64).sum())
+                else:
+                    hits = float("nan")
+            out[f"{split}_loss"] = loss / len(x)
+            out[f"{split}_acc"] = hits / len(x)
         return out
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _select(layout, patterns, device):

@@ -329,21 +329,19 @@ class Recipe:
                               dropout=o.pop("dropout", 0.0),
                               weight_init=o.pop("weight_init", "lecun_normal"))
         else:
-            clash = {"family", "width", "depth", "hidden", "activation", "weight_init"} & set(overrides)
+            clash = {"family", "width", "depth", "hidden", "activation", "weight_init",
+                     "dropout"} & set(overrides)
             if clash:
                 raise TypeError(f"{sorted(clash)} describe the built-in families; a user `model` "
                                 f"takes `model_kwargs` instead")
-            o.pop("dropout", None)
             if isinstance(user, str):
                 model = ModelSpec(family="module", factory=user, kwargs=user_kwargs or {})
             elif callable(user):
                 if user_kwargs:
                     raise TypeError("`model_kwargs` apply to an import path; call a live factory "
                                     "yourself (functools.partial)")
-                name = getattr(user, "__qualname__", None) or type(user).__qualname__
-                if _is_module(user):
-                    name = type(user).__qualname__
-                model = ModelSpec(family="module", factory=f"live:{name}", live=user)
+                name = _live_name(user, o.get("seed", 0), o.get("dtype", "float64"))
+                model = ModelSpec(family="module", factory=name, live=user)
             else:
                 raise TypeError(f"`model` must be an import path, an nn.Module or a factory, got "
                                 f"{type(user).__name__}")
@@ -492,6 +490,37 @@ def arrays_name(data) -> str:
         h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return "arrays:" + h.hexdigest()[:16]
+
+
+def _live_name(obj, seed: int, dtype: str) -> str:
+    """``live:<qualname>@<digest>`` of a live module or factory: the SHA-256 prefix of the class and
+    of theta_0 (the module's state as given, or what the factory builds under ``seed``), so two
+    different live models never share a recipe hash (or a run id)."""
+    import torch
+
+    if _is_module(obj):
+        module, qual = obj, type(obj).__qualname__
+    else:
+        func = getattr(obj, "func", obj)  # functools.partial
+        qual = getattr(func, "__qualname__", None) or type(obj).__qualname__
+        old = torch.get_default_dtype()
+        with torch.random.fork_rng(devices=[]):  # as tjac.models.seeded_construction builds it
+            torch.manual_seed(int(seed))
+            torch.set_default_dtype(torch.float32 if dtype == "float32" else torch.float64)
+            try:
+                module = obj()
+            except Exception as e:  # noqa: BLE001 - the user's factory failed
+                raise ValueError(f"model {qual!r} raised {type(e).__name__}: {e}") from None
+            finally:
+                torch.set_default_dtype(old)
+        if not _is_module(module):
+            raise ValueError(f"model {qual!r} returned a {type(module).__name__}, not a "
+                             f"torch.nn.Module")
+    h = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}".encode())
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return f"live:{qual}@{h.hexdigest()[:12]}"
 
 
 def _is_module(obj) -> bool:

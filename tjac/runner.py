@@ -80,6 +80,8 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
         if k > P:
             raise ValueError(f"`{flag}` must be at most P = {P}, got {k}")
     with store.Writer(store_path) as w:
+        if w.has_run(run_id) and not overwrite:
+            _same_inputs(w.run(run_id), run_id, problem)
         if w.has_run(run_id):
             status = w.run(run_id).attrs.get("status")
             if overwrite:
@@ -94,8 +96,6 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
             elif not resume:
                 raise store.StoreError(f"run {run_id!r} in {store_path!r} is incomplete; pass "
                                        f"--resume to continue it or --overwrite to restart it")
-        if w.has_run(run_id):
-            _same_data(w.run(run_id), run_id, problem.data.sources)
         t0 = time.perf_counter()
         op = TrainingJacobian(problem, checkpoint=checkpoint, backend=backend)
         check = op.check()
@@ -166,9 +166,20 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
         return RunOutcome(run_id=run_id, store=store_path, summary=summary)
 
 
+def _same_inputs(run, run_id: str, problem) -> None:
+    """Refuse to resume (or to report as complete) a run whose theta_0 or data differ from the ones
+    it was started on: SHA-256 of theta_0, of each data file, or of the arrays. Runs written before
+    these digests were stored carry none (their resume still checks theta_T bit for bit)."""
+    prov = run.attrs.get("provenance", {})
+    sha = prov.get("model", {}).get("theta0_sha256")
+    if sha and sha != theta_sha256(problem.init_theta()):
+        raise store.StoreError(f"run {run_id!r} was started from another theta_0 (the model "
+                               f"{prov['model'].get('class')!r} initialises differently now); "
+                               f"cannot resume it")
+    _same_data(run, run_id, problem.data.sources)
+
+
 def _same_data(run, run_id: str, sources: dict) -> None:
-    """Refuse to resume on data that differ from the data the run was started on (SHA-256 of each
-    file, or of the arrays). Runs written before data digests were stored carry none."""
     stored = run.attrs.get("provenance", {}).get("data")
     if not stored:
         return

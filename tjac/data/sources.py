@@ -38,6 +38,13 @@ class Located:
 
 
 def locate(spec) -> Located:
+    try:
+        return _locate(spec)
+    except OSError as e:  # permissions, a vanished file, ...
+        raise DataError(f"dataset {spec.name!r}: {e.strerror or e}") from None
+
+
+def _locate(spec) -> Located:
     name = spec.name
     if name in DATASETS:
         return Located("sklearn", {})

@@ -190,17 +190,33 @@ class Model:
 
     # -- diagnosis --------------------------------------------------------------------------------
     def unseeded_randomness(self, theta, x) -> str | None:
-        """Run the forward twice with the same theta, batch and step key; name the first module (in
-        order of completion, so the innermost) whose output differs, or None if both agree."""
-        records: list[list] = [[], []]
-        run = [0]
+        """Run the forward twice with the same theta, batch and step key, and name the module that
+        draws unseeded random numbers: the first (in order of completion, so the innermost) whose
+        inputs agree between the two runs but whose outputs do not. None if both runs agree."""
         names = {m: n for n, m in self._fmodule.named_modules()}
+        seen: list[dict] = [{}, {}]
+        done: list[list] = [[], []]
+        run = [0]
 
-        def hook(mod, inp, out):
-            if isinstance(out, torch.Tensor):
-                records[run[0]].append((names[mod], mod, out.detach().clone()))
+        def tensors(obj):
+            if isinstance(obj, torch.Tensor):
+                return [obj.detach().clone()]
+            if isinstance(obj, (tuple, list)):
+                return [t for o in obj for t in tensors(o)]
+            return []
 
-        handles = [m.register_forward_hook(hook) for m in self._fmodule.modules()]
+        def pre(mod, inp):
+            seen[run[0]].setdefault(id(mod), []).append(tensors(inp))
+
+        def post(mod, inp, out):
+            done[run[0]].append((mod, len(seen[run[0]][id(mod)]) - 1, tensors(out)))
+
+        def same(a, b):
+            return len(a) == len(b) and all(u.shape == v.shape and torch.equal(u, v)
+                                            for u, v in zip(a, b))
+
+        handles = [h for m in self._fmodule.modules()
+                   for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
         try:
             with torch.no_grad():
                 for r in (0, 1):
@@ -209,9 +225,9 @@ class Model:
         finally:
             for h in handles:
                 h.remove()
-        for (name, mod, a), (_, _, b) in zip(*records):
-            if a.shape != b.shape or not torch.equal(a, b):
-                return _describe(name, mod, self._fmodule)
+        for (mod, call, out_a), (_, _, out_b) in zip(*done):
+            if same(seen[0][id(mod)][call], seen[1][id(mod)][call]) and not same(out_a, out_b):
+                return _describe(names[mod], mod, self._fmodule)
         return None
 
     def mutated_buffers(self, theta, x) -> list[str]:

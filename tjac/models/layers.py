@@ -91,12 +91,20 @@ class LayerNorm(nn.Module):
 _M32 = 0xFFFFFFFF
 
 
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h * c) mod 2^32 for h, c < 2^32 in int64 without overflow: c is split into 16-bit halves,
+    so every intermediate stays below 2^49."""
+    lo = h * (c & 0xFFFF)
+    hi = ((h * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
 def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (lowbias32) in int64 arithmetic: every product stays below 2^63."""
+    """A 32-bit integer hash (lowbias32) in int64 arithmetic."""
     h = h ^ (h >> 16)
-    h = (h * 0x7FEB352D) & _M32
+    h = _mul32(h, 0x7FEB352D)
     h = h ^ (h >> 15)
-    h = (h * 0x846CA68B) & _M32
+    h = _mul32(h, 0x846CA68B)
     return h ^ (h >> 16)
 
 
@@ -111,7 +119,7 @@ def uniform_from_key(key: int, shape, *, dtype, device) -> torch.Tensor:
     same numbers on every device, inside or outside ``torch.func`` transforms."""
     n = math.prod(shape)
     idx = torch.arange(n, dtype=torch.int64, device=device)
-    h = _mix32(_mix32(idx ^ key) ^ ((key * 0x9E3779B1) & _M32))
+    h = _mix32(_mix32(idx ^ key) ^ ((key * 0x9E3779B1) & _M32))  # Python ints: exact
     return (h.to(torch.float64) / 4294967296.0).to(dtype).view(*shape)
 
 
