@@ -1,0 +1,413 @@
+"""A user's own nn.Module through tjac's generic path (torch.func functional_call), side by side.
+
+Target 1 (``mlp``): the paper's MLP (64-64-10, tanh-approximate GELU, digits, SGD momentum) written
+as a plain ``nn.Module`` (:func:`paper_mlp`, passed live) against the built-in MLP, from the same
+theta_0 (layouts match by name: layers.0.weight, ...). Per-vector seconds of a block JVP and VJP for
+builtin eager (hand-derived derivatives), builtin fused, user eager and user compiled; ratios
+user-eager / builtin-eager (target <= 1.5x) and user-compiled / builtin-eager (target <= 1.0x).
+Fewer epochs than the paper's 25 (costs per step, hence in units of R, do not depend on T).
+
+Target 2 (``cnn``): a CNN with BatchNorm (:func:`bn_cnn`, ~1.06e5 parameters) on MNIST-shaped
+synthetic arrays (2,048 train / 512 test, 1x28x28, class templates plus noise, fixed numpy seed),
+batch 128, 2 epochs (32 steps). R; per-vector JVP/VJP cost per backend at the solver's block
+(k + 8 = 24); certified top-16 (``tjac.svd(op, 16, which="top", tol=1e-6)``) under a wall-clock
+cap: when the cap is hit, the measured rate and a projection are recorded instead.
+
+Accuracy before timing: every backend's products against the reference's to ~1e-12 relative and
+the adjoint identity <J v, w> = <v, J^T w> on the timed blocks.
+
+    python benchmarks/bench_user.py [--quick] [--targets mlp,cnn] [--solve-minutes 30] [--out PATH]
+"""
+import argparse
+import math
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _env  # noqa: E402
+
+import tjac  # noqa: E402
+from tjac.bench import plain_run_seconds  # noqa: E402
+
+
+# -- the user's models ----------------------------------------------------------------------------
+class PaperMLP(nn.Module):
+    """64 -> 64 -> 10, tanh-approximate GELU, linear output: the paper's net as users write it."""
+
+    def __init__(self, n_in=64, width=64, n_out=10):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(n_in, width), nn.Linear(width, n_out)])
+
+    def forward(self, x):
+        return self.layers[1](F.gelu(self.layers[0](x.reshape(x.shape[0], -1)), approximate="tanh"))
+
+
+def paper_mlp(**kw):
+    return PaperMLP(**kw)
+
+
+class BNConvNet(nn.Module):
+    """conv 1->16 3x3, BN, ReLU, 2x2 max pool; conv 16->32 3x3, BN, ReLU, 2x2 max pool;
+    linear 1568 -> 64, tanh; linear 64 -> 10."""
+
+    def __init__(self, c1=16, c2=32, hidden=64, n_out=10):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, c1, 3, padding=1), nn.BatchNorm2d(c1)
+        self.conv2, self.bn2 = nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2)
+        self.fc1, self.fc2 = nn.Linear(c2 * 7 * 7, hidden), nn.Linear(hidden, n_out)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        h = F.max_pool2d(F.relu(self.bn2(self.conv2(h))), 2)
+        return self.fc2(torch.tanh(self.fc1(h.flatten(1))))
+
+
+def bn_cnn(**kw):
+    torch.manual_seed(0)  # theta_0 is whatever the module holds: make it reproducible
+    return BNConvNet(**kw)
+
+
+def mnist_like(n_train=2048, n_test=512, seed=0):
+    """Class-dependent patterns on 28x28: a smooth random template per class (scaled into [0, 1])
+    times a random contrast, plus pixel noise; labels balanced at random. Training separates them."""
+    rng = np.random.default_rng(seed)
+    raw = rng.normal(size=(10, 1, 7, 7))
+    templates = np.kron(raw, np.ones((1, 1, 4, 4)))  # 7x7 blocks -> 28x28
+    templates = (templates - templates.min()) / (templates.max() - templates.min())
+
+    def draw(n):
+        y = rng.integers(0, 10, n)
+        contrast = rng.uniform(0.5, 1.0, (n, 1, 1, 1))
+        X = np.clip(contrast * templates[y] + 0.3 * rng.normal(size=(n, 1, 28, 28)), 0, 1)
+        return X.astype(np.float32), y.astype(np.int64)
+
+    Xtr, ytr = draw(n_train)
+    Xte, yte = draw(n_test)
+    return Xtr, ytr, Xte, yte
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def _best(fn, repeats):
+    ts, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts), out
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _adjoint(JV, W, V, JtW):
+    """max over columns of |<J v, w> - <v, J^T w>| / (||J v|| ||w||)."""
+    lhs, rhs = (JV * W).sum(0), (V * JtW).sum(0)
+    return float(((lhs - rhs).abs() / (JV.norm(dim=0) * W.norm(dim=0))).max())
+
+
+def _write(path, payload):
+    """JSON with the environment inside it (``_env.write`` would also rewrite the shared
+    results/environment.json, which this benchmark leaves alone)."""
+    import json
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(payload, environment=_env.environment()), f, indent=2, sort_keys=True)
+
+
+def _rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def mlp_target(*, epochs, block, repeats, backends, log):
+    rb = tjac.Recipe.paper(epochs=epochs)
+    ru = tjac.Recipe.paper(model=paper_mlp, epochs=epochs)
+    op_b = tjac.TrainingJacobian(rb, backend="eager", block_size=block)
+    op_u = tjac.TrainingJacobian(ru, theta0=op_b.theta0, backend="eager", block_size=block)
+    lb = [(p.name, tuple(p.shape)) for p in op_b.param_layout]
+    lu = [(p.name, tuple(p.shape)) for p in op_u.param_layout]
+    if lb != lu:
+        raise RuntimeError(f"layouts differ: builtin {lb} vs user {lu}")
+    P = op_b.shape[0]
+    thetaT_err = _rel(op_u.thetaT, op_b.thetaT)
+    plain_run_seconds(op_b.problem), plain_run_seconds(op_u.problem)  # warm-up
+    R_b = min(plain_run_seconds(op_b.problem) for _ in range(repeats))
+    R_u = min(plain_run_seconds(op_u.problem) for _ in range(repeats))
+    log(f"P={P} T={op_b.num_steps} R builtin {R_b:.3f}s, R user module {R_u:.3f}s; "
+        f"theta_T user vs builtin {thetaT_err:.1e}")
+    gen = torch.Generator().manual_seed(0)
+    V = torch.randn(P, block, generator=gen, dtype=torch.float64)
+    W = torch.randn(P, block, generator=gen, dtype=torch.float64)
+    # one operator per case: switching an operator's backend rebuilds its replay, which drops the
+    # fused primal cache and re-runs the compiled backend's eager check inside the timed products
+    op_bf = tjac.TrainingJacobian(rb, theta0=op_b.theta0, backend="fused", block_size=block)
+    cases = [("builtin_eager", op_b, "eager"), ("builtin_fused", op_bf, "fused"),
+             ("user_eager", op_u, "eager")]
+    if "compiled" in backends:
+        if tjac.replay.compiler_available():
+            op_uc = tjac.TrainingJacobian(ru, theta0=op_b.theta0, backend="eager", block_size=block)
+            cases.append(("user_compiled", op_uc, "compiled"))
+        else:
+            log("no C++ compiler: user_compiled not measured")
+    out = {"recipe": rb.to_dict(), "user_model": "bench_user:paper_mlp (live)", "P": P,
+           "T": op_b.num_steps, "block": block, "repeats": repeats, "R_builtin_seconds": R_b,
+           "R_user_seconds": R_u, "thetaT_rel_error_user_vs_builtin": thetaT_err, "cases": {}}
+    ref = None
+    for name, op, backend in cases:  # accuracy first (also compiles `compiled`, fills caches)
+        op.backend = backend
+        t = time.perf_counter()
+        JV, JtW = op.matmat(V), op.rmatmat(W)
+        first = time.perf_counter() - t
+        if ref is None:
+            ref = (JV, JtW)
+        row = {"first_jvp_vjp_seconds": first, "jvp_rel_error_vs_builtin_eager": _rel(JV, ref[0]),
+               "vjp_rel_error_vs_builtin_eager": _rel(JtW, ref[1]),
+               "adjoint_rel_error": _adjoint(JV, W, V, JtW)}
+        if backend == "compiled":
+            row["fallback"] = dict(op._replay.fallback)
+        out["cases"][name] = row
+        log(f"[{name}] agreement with builtin eager: JVP {row['jvp_rel_error_vs_builtin_eager']:.1e}"
+            f", VJP {row['vjp_rel_error_vs_builtin_eager']:.1e}; adjoint "
+            f"{row['adjoint_rel_error']:.1e}; first products {first:.1f}s")
+        if max(row["jvp_rel_error_vs_builtin_eager"], row["vjp_rel_error_vs_builtin_eager"]) > 1e-10:
+            raise RuntimeError(f"{name} disagrees with the builtin eager products: {row}")
+    # timing: the cases interleaved, round by round, so host load hits them alike
+    times = {name: {"jvp": [], "vjp": []} for name, _, _ in cases}
+    for _ in range(repeats):
+        for name, op, backend in cases:
+            times[name]["jvp"].append(_best(lambda: op.matmat(V), 1)[0])
+            times[name]["vjp"].append(_best(lambda: op.rmatmat(W), 1)[0])
+    for name, _, _ in cases:
+        row = out["cases"][name]
+        tj, tv = min(times[name]["jvp"]), min(times[name]["vjp"])
+        row.update(jvp_seconds_per_vector=tj / block, vjp_seconds_per_vector=tv / block,
+                   jvp_per_vector_R=tj / block / R_b, vjp_per_vector_R=tv / block / R_b,
+                   jvp_all_seconds=times[name]["jvp"], vjp_all_seconds=times[name]["vjp"])
+        log(f"[{name}] block {block}: JVP {tj / block * 1e3:.1f} ms/vector ({tj / block / R_b:.3f} R),"
+            f" VJP {tv / block * 1e3:.1f} ms/vector ({tv / block / R_b:.3f} R)")
+    base = out["cases"]["builtin_eager"]
+    ratios = {}
+    for name in out["cases"]:
+        if name.startswith("user_"):
+            c = out["cases"][name]
+            ratios[f"{name}/builtin_eager"] = {
+                "jvp": c["jvp_seconds_per_vector"] / base["jvp_seconds_per_vector"],
+                "vjp": c["vjp_seconds_per_vector"] / base["vjp_seconds_per_vector"]}
+    f = out["cases"]["builtin_fused"]
+    ratios["builtin_fused/builtin_eager"] = {
+        "jvp": f["jvp_seconds_per_vector"] / base["jvp_seconds_per_vector"],
+        "vjp": f["vjp_seconds_per_vector"] / base["vjp_seconds_per_vector"]}
+    out["ratios"] = ratios
+    out["targets"] = {"user_eager/builtin_eager <= 1.5": ratios["user_eager/builtin_eager"],
+                      "user_compiled/builtin_eager <= 1.0": ratios.get("user_compiled/builtin_eager")}
+    for k, v in ratios.items():
+        log(f"ratio {k}: JVP {v['jvp']:.2f}x, VJP {v['vjp']:.2f}x")
+    out["peak_rss_mib_after"] = _rss_mib()
+    return out
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def cnn_target(*, n_train, n_test, epochs, k, tol, block, backends, solve_minutes, autotune_steps,
+               log):
+    t_all = time.perf_counter()
+    data = mnist_like(n_train, n_test)
+    r = tjac.Recipe.paper(model=bn_cnn, dataset=data, batch_size=128, epochs=epochs)
+    t = time.perf_counter()
+    op = tjac.TrainingJacobian(r, backend="eager", block_size=block)
+    traj = time.perf_counter() - t
+    prob = op.problem
+    P = op.shape[0]
+    R = min(plain_run_seconds(prob) for _ in range(2))
+    acc = {}
+    try:
+        res = tjac.train(prob)
+        acc = {key: float(getattr(res, key)) for key in
+               ("train_loss", "test_loss", "train_acc", "test_acc") if hasattr(res, key)}
+    except Exception as e:  # noqa: BLE001 (reported, not fatal: the operator is what we measure)
+        acc = {"error": f"{type(e).__name__}: {e}"}
+    log(f"P={P} T={op.num_steps} R={R:.2f}s trajectory pass {traj:.1f}s ({traj / R:.2f} R); "
+        f"training {acc}")
+    out = {"recipe": r.to_dict(), "user_model": "bench_user:bn_cnn (live)",
+           "data": f"mnist_like({n_train}, {n_test}, seed=0): 1x28x28 float32 in [0, 1]",
+           "P": P, "T": op.num_steps, "R_seconds": R, "trajectory_seconds": traj,
+           "training": acc, "block": block, "backends": {}}
+    # Accuracy first, on one vector at full length (a full eager block of 24 costs minutes here):
+    # eager's adjoint identity, then compiled against eager. Costs per vector at the solver's
+    # block come from autotune's partial replays (JVP, `steps` steps) and from the solve itself.
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(P, 1, generator=gen, dtype=torch.float64)
+    w = torch.randn(P, 1, generator=gen, dtype=torch.float64)
+    names = ["eager"] + (["compiled"] if "compiled" in backends and
+                         tjac.replay.compiler_available() else [])
+    ref = None
+    for name in names:
+        op.backend = name
+        t = time.perf_counter()
+        JV = op.matmat(v)
+        first_j = time.perf_counter() - t
+        t = time.perf_counter()
+        JtW = op.rmatmat(w)
+        first_v = time.perf_counter() - t
+        row = {}
+        if name == "compiled":  # compile (width 1) + the built-in eager check; then time again
+            row.update(first_jvp_seconds_incl_compile_and_eager_check=first_j,
+                       first_vjp_seconds_incl_compile_and_eager_check=first_v,
+                       fallback=dict(op._replay.fallback))
+            first_j, JV = _best(lambda: op.matmat(v), 1)
+            first_v, JtW = _best(lambda: op.rmatmat(w), 1)
+        if ref is None:
+            ref = (JV, JtW)
+        row.update(adjoint_rel_error=_adjoint(JV, w, v, JtW), jvp_rel_error_vs_eager=_rel(JV, ref[0]),
+                   vjp_rel_error_vs_eager=_rel(JtW, ref[1]), block1_jvp_seconds=first_j,
+                   block1_vjp_seconds=first_v, block1_jvp_R=first_j / R, block1_vjp_R=first_v / R)
+        out["backends"][name] = row
+        log(f"[{name}] one vector: JVP {first_j:.1f}s ({first_j / R:.2f} R), VJP {first_v:.1f}s "
+            f"({first_v / R:.2f} R); adjoint {row['adjoint_rel_error']:.1e}, vs eager "
+            f"{row['jvp_rel_error_vs_eager']:.1e} / {row['vjp_rel_error_vs_eager']:.1e}")
+        if row["adjoint_rel_error"] > 1e-10 or max(row["jvp_rel_error_vs_eager"],
+                                                   row["vjp_rel_error_vs_eager"]) > 1e-10:
+            raise RuntimeError(f"[{name}] inaccurate products: {row}")
+    t = time.perf_counter()
+    tuned = op.autotune(blocks=(block,), backends=names, steps=autotune_steps,
+                        compile_threshold_s=0.0)
+    sps = tuned.get("seconds_per_vector_step", {})
+    out["autotune"] = {"pick": {"backend": tuned["backend"], "block": tuned["block"]},
+                       "steps": autotune_steps, "seconds": time.perf_counter() - t,
+                       "seconds_per_vector_step": sps, "skipped": tuned.get("skipped")}
+    for name in names:
+        s_ = (sps.get(name) or {}).get(str(block))
+        if s_ is not None:
+            out["backends"][name].update(jvp_seconds_per_vector_from_autotune=s_ * op.num_steps,
+                                         jvp_per_vector_R_from_autotune=s_ * op.num_steps / R)
+            log(f"[{name}] block {block} (autotune, {autotune_steps} steps): JVP "
+                f"{s_ * op.num_steps:.2f}s/vector ({s_ * op.num_steps / R:.2f} R)")
+    log(f"autotune picked {tuned['backend']} / block {tuned['block']} "
+        f"({out['autotune']['seconds']:.0f}s)")
+    fastest = tuned["backend"]
+    per_vs = (sps.get(fastest) or {}).get(str(block), 0.0) * op.num_steps
+    per_pass = 2 * block * per_vs  # J^T and J on a block, assuming VJP ~ JVP
+    op.backend, op.block_size = fastest, block
+    out["solve_backend"] = fastest
+    tm0, tr0 = op.time_matvec, op.time_rmatvec
+    log(f"solve: top-{k}, tol {tol}, randomized (block {block}) on {fastest}: one pass "
+        f"(J^T then J on {block} vectors) ~{per_pass:.0f}s measured; cap {solve_minutes} min")
+    history, t0 = [], time.perf_counter()
+    r0, p0 = op.num_replays, op.num_matvecs + op.num_rmatvecs
+    mv0, rv0 = op.num_matvecs, op.num_rmatvecs
+    cap = solve_minutes * 60
+
+    def on_pass(h):
+        h = dict(h, elapsed_s=time.perf_counter() - t0, replays=op.num_replays - r0,
+                 products=op.num_matvecs + op.num_rmatvecs - p0)
+        history.append(h)
+        log(f"  pass {h['iteration']}: basis {h['basis']}, sigma_max {h['sigma_max']:.4g}, max "
+            f"residual {h['max_residual']:.1e}, {h['n_converged']}/{k} converged, "
+            f"{h['elapsed_s']:.0f}s, {h['replays']} replays")
+        if h["n_converged"] < k and h["elapsed_s"] + per_pass > cap:
+            raise _OutOfTime
+    solve = {"k": k, "tol": tol, "method": "randomized", "block": block, "cap_minutes": solve_minutes}
+    try:
+        s = tjac.svd(op, k, which="top", tol=tol, method="randomized", block=block, callback=on_pass)
+        cert = s.certificate / float(s.S[0])
+        solve.update(status="certified" if bool(s.converged.all()) else "not converged",
+                     wall_seconds=s.wall_time, sigma=[float(x) for x in s.S],
+                     max_residual_rel=float(s.residuals.max() / s.S[0]),
+                     max_certificate_rel=float(cert.max()), converged=int(s.converged.sum()),
+                     products=s.num_matvecs + s.num_rmatvecs)
+        log(f"certified top-{k} in {s.wall_time:.0f}s; sigma {[round(x, 4) for x in solve['sigma']]};"
+            f" max residual {solve['max_residual_rel']:.1e}")
+    except _OutOfTime:
+        el = time.perf_counter() - t0
+        rate = el / max(1, len(history))
+        # log-linear extrapolation of the max residual over the last passes
+        rs = [h["max_residual"] for h in history if h["max_residual"] > 0]
+        proj = None
+        if len(rs) >= 2 and rs[-1] < rs[0]:
+            n = min(4, len(rs))
+            slope = (math.log(rs[-1]) - math.log(rs[-n])) / (n - 1)
+            if slope < 0:
+                more = math.ceil((math.log(tol) - math.log(rs[-1])) / slope)
+                proj = el + more * rate + 2 * per_pass / 2  # + the fresh-residual products (k each)
+        solve.update(status="stopped at the wall-clock cap", wall_seconds=el, passes=len(history),
+                     seconds_per_pass=rate, projected_total_seconds=proj,
+                     last_sigma_max=history[-1]["sigma_max"] if history else None,
+                     last_max_residual=rs[-1] if rs else None)
+        log(f"stopped after {el:.0f}s ({len(history)} passes, {rate:.0f}s each); projected "
+            f"{'n/a' if proj is None else f'{proj / 60:.0f} min'} to certify")
+    except tjac.linalg.ConvergenceError as e:  # partial result carried by the error
+        s = e.result
+        solve.update(status="ConvergenceError", message=str(e), sigma=[float(x) for x in s.S],
+                     converged=int(s.converged.sum()))
+    solve.update(replays=op.num_replays - r0, products_counted=op.num_matvecs + op.num_rmatvecs - p0,
+                 history=history, jvp_seconds=op.time_matvec - tm0, vjp_seconds=op.time_rmatvec - tr0)
+    # per-vector costs at the solver's block on the solve's backend (first VJP includes its compile)
+    nj, nv = op.num_matvecs - mv0, op.num_rmatvecs - rv0
+    if nj and nv:
+        row = out["backends"][fastest]
+        row.update(solve_jvp_seconds_per_vector=solve["jvp_seconds"] / nj,
+                   solve_vjp_seconds_per_vector=solve["vjp_seconds"] / nv,
+                   solve_jvp_per_vector_R=solve["jvp_seconds"] / nj / R,
+                   solve_vjp_per_vector_R=solve["vjp_seconds"] / nv / R)
+        log(f"[{fastest}] in the solve (block {block}): JVP {solve['jvp_seconds'] / nj:.2f}s/vector "
+            f"({solve['jvp_seconds'] / nj / R:.2f} R), VJP {solve['vjp_seconds'] / nv:.2f}s/vector "
+            f"({solve['vjp_seconds'] / nv / R:.2f} R)")
+    out["solve"] = solve
+    out["peak_rss_mib_after"] = _rss_mib()
+    out["total_seconds"] = time.perf_counter() - t_all
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true",
+                    help="1-epoch MLP, a tiny CNN problem (256 examples, 1 epoch), eager only")
+    ap.add_argument("--targets", default="mlp,cnn")
+    ap.add_argument("--backends", default="eager,compiled", help="user-module backends")
+    ap.add_argument("--solve-minutes", type=float, default=30.0,
+                    help="wall-clock cap on the top-16 solve (then: rate and projection)")
+    ap.add_argument("--autotune-steps", type=int, default=2,
+                    help="steps per candidate in the CNN's op.autotune (which picks the solve's backend)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    out = a.out or os.path.join(os.path.dirname(__file__), "results",
+                                "user-quick.json" if a.quick else "user-models.json")
+    backends = ("eager",) if a.quick else tuple(a.backends.split(","))
+    targets = a.targets.split(",")
+    t0 = time.perf_counter()
+
+    def log(s):
+        print(f"[{time.perf_counter() - t0:7.1f}s] {s}", flush=True)
+
+    res = {"torch_threads": torch.get_num_threads(), "results": {},
+           "note": "ratios side by side in one process; R = one plain training run (tjac's trainer)"}
+    if "mlp" in targets:
+        log("target 1: the paper's MLP as a user nn.Module vs the built-in MLP")
+        res["results"]["mlp"] = mlp_target(epochs=1 if a.quick else 5, block=32,
+                                           repeats=1 if a.quick else 3, backends=backends, log=log)
+        _write(out, res)
+    if "cnn" in targets:
+        log("target 2: CNN + BatchNorm on MNIST-shaped arrays, top-16")
+        kw = dict(n_train=256, n_test=64, epochs=1, k=4, block=12) if a.quick else \
+            dict(n_train=2048, n_test=512, epochs=2, k=16, block=24)
+        res["results"]["cnn"] = cnn_target(tol=1e-6, backends=backends, solve_minutes=a.solve_minutes,
+                                           autotune_steps=a.autotune_steps, log=log, **kw)
+    res["peak_rss_mib"] = _rss_mib()
+    res["wall_seconds"] = time.perf_counter() - t0
+    _write(out, res)
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
