@@ -171,7 +171,7 @@ class TrainingJacobian:
     def rmatvec(self, w) -> torch.Tensor:
         return self.rmatmat(_col(w)).reshape(-1)
 
-    def autotune(self, *, blocks=(8, 16, 32, 64, 128), backends=None, steps: int = 10,
+    def autotune(self, *, blocks=(1, 4, 8, 16, 32, 64, 128), backends=None, steps: int = 10,
                  compile_threshold_s: float = 1.0) -> dict:
         """Time each replay backend and block width on ``steps`` steps of this run
         (:func:`tjac.replay.autotune`), switch to the fastest pair (``backend``, ``block_size``) and

@@ -27,7 +27,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def autotune(prob, *, blocks=(8, 16, 32, 64, 128), backends=None, steps: int = 10,
+def autotune(prob, *, blocks=(1, 4, 8, 16, 32, 64, 128), backends=None, steps: int = 10,
              compile_threshold_s: float = 1.0, trajectory=None) -> dict:
     """Pick the replay backend and block width with the lowest measured cost per vector-step.
 
