@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 
@@ -33,6 +34,22 @@ def resolve_dtype(name):
         return name
     one_of("dtype", name, tuple(table))
     return table[name]
+
+
+@contextlib.contextmanager
+def seeded_construction(seed: int, dtype):
+    """Build a module under ``torch.manual_seed(seed)`` in a forked RNG (the caller's RNG state is
+    untouched) with ``dtype`` (a torch dtype or its name) as the default floating type."""
+    import torch
+
+    old = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        torch.set_default_dtype(resolve_dtype(dtype))
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(old)
 
 
 def resolve_device(name: str):

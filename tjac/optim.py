@@ -173,9 +173,6 @@ class Clipped:
     def __init__(self, inner, clip_norm: float):
         self.inner, self.c = inner, float(clip_norm)
         self.lr = inner.lr
-        for name in ("b1", "b2", "mu"):
-            if hasattr(inner, name):
-                setattr(self, name, getattr(inner, name))
 
     @property
     def state_names(self):
@@ -217,7 +214,7 @@ class FuncOptimizer:
     needs_grad_for_vjp = True
     elementwise = False
 
-    def __init__(self, transform, name: str, total_steps: int):
+    def __init__(self, transform, name: str):
         init = getattr(transform, "init", None)
         update = getattr(transform, "update", None)
         if init is None and isinstance(transform, (tuple, list)) and len(transform) == 2:
@@ -226,7 +223,7 @@ class FuncOptimizer:
             raise ValueError(f"optimizer {name!r} must provide init(params) and "
                              f"update(grads, state, params, step) (an object with those two "
                              f"functions, or a pair)")
-        self._init, self._update, self.name, self.total = init, update, name, total_steps
+        self._init, self._update, self.name = init, update, name
         self.state_names = None  # known after init()
 
     @staticmethod
@@ -283,7 +280,7 @@ def build(spec: OptimSpec, total_steps: int):
             transform = factory(**spec.kwargs) if callable(factory) else factory
         except Exception as e:  # noqa: BLE001 - the user's factory failed
             raise ValueError(f"optimizer {spec.factory!r} raised {type(e).__name__}: {e}") from None
-        opt = FuncOptimizer(transform, spec.factory, total_steps)
+        opt = FuncOptimizer(transform, spec.factory)
     elif spec.name == "sgd":
         opt = SGD(spec, total_steps)
     elif spec.name in ("adam", "adamw"):

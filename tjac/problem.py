@@ -68,12 +68,10 @@ class Problem:
     # -- checks before any training ---------------------------------------------------------------
     def _check_model(self) -> None:
         """Outputs that fit the targets, labels in range, no buffer mutated outside BatchNorm."""
-        x, y = self.batch(0)
+        x, y = self.at(0)
         theta = self.model.theta0()
-        self.model.set_step(0)
         try:
-            with torch.no_grad():
-                out = self.model.forward(theta, x)
+            out, changed = self.model.probe(theta, x)
         except Exception as e:  # noqa: BLE001 - a user's forward failed on the data
             raise ModelError(f"the model's forward failed on a batch of inputs of shape "
                              f"{tuple(x.shape)}: {type(e).__name__}: {e}") from None
@@ -104,9 +102,8 @@ class Problem:
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ModelError(f"loss {name!r} must return a scalar (the batch mean), got "
                              f"{getattr(value, 'shape', type(value).__name__)}")
-        bad = self.model.mutated_buffers(theta, x)
-        if bad:
-            raise ModelError(f"the model's forward changes the buffers {bad} outside BatchNorm's "
+        if changed:
+            raise ModelError(f"the model's forward changes the buffers {changed} outside BatchNorm's "
                              f"running statistics; tjac carries buffers as constants of the "
                              f"replay and cannot follow that")
         self._check_derivatives(theta, x, y)

@@ -496,23 +496,16 @@ def _live_name(obj, seed: int, dtype: str) -> str:
     """``live:<qualname>@<digest>`` of a live module or factory: the SHA-256 prefix of the class and
     of theta_0 (the module's state as given, or what the factory builds under ``seed``), so two
     different live models never share a recipe hash (or a run id)."""
-    import torch
-
     if _is_module(obj):
         module, qual = obj, type(obj).__qualname__
     else:
         func = getattr(obj, "func", obj)  # functools.partial
         qual = getattr(func, "__qualname__", None) or type(obj).__qualname__
-        old = torch.get_default_dtype()
-        with torch.random.fork_rng(devices=[]):  # as tjac.models.seeded_construction builds it
-            torch.manual_seed(int(seed))
-            torch.set_default_dtype(torch.float32 if dtype == "float32" else torch.float64)
+        with _checks.seeded_construction(seed, dtype):  # as tjac builds it for a run
             try:
                 module = obj()
             except Exception as e:  # noqa: BLE001 - the user's factory failed
                 raise ValueError(f"model {qual!r} raised {type(e).__name__}: {e}") from None
-            finally:
-                torch.set_default_dtype(old)
         if not _is_module(module):
             raise ValueError(f"model {qual!r} returned a {type(module).__name__}, not a "
                              f"torch.nn.Module")

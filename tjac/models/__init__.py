@@ -3,7 +3,6 @@ built-in families and for a user's module named by import path or passed live.""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from . import losses
+from .._checks import seeded_construction
 from .base import Model, ModelError, ParamInfo, seed_dropouts
 from .imports import ImportPathError, resolve
 from .layers import SeededDropout, activation, activation_derivs, truncated_normal
@@ -18,20 +18,6 @@ from .losses import cross_entropy, mse
 from .mlp import MLP, MLPModel
 from .zoo import CNN, Transformer
 from ..recipe import LIVE_MISSING
-
-
-@contextlib.contextmanager
-def seeded_construction(seed: int, dtype: torch.dtype):
-    """Build under ``torch.manual_seed(seed)`` in a forked RNG (the caller's RNG state is
-    untouched) with ``dtype`` as the default floating type."""
-    old = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        torch.set_default_dtype(dtype)
-        try:
-            yield
-        finally:
-            torch.set_default_dtype(old)
 
 
 def output_size(data) -> int:
@@ -115,7 +101,7 @@ def build(recipe, data, *, dtype: torch.dtype, device, backend: str = "manual") 
               allow_downcast=recipe.model.family != "module")
     if isinstance(module, MLP) and recipe.loss == "cross_entropy":
         return MLPModel(module, backend=backend, **kw)
-    return Model(module, losses.get(recipe.loss), loss_name=recipe.loss, **kw)
+    return Model(module, losses.get(recipe.loss), **kw)
 
 
 __all__ = ["count_params", "CNN", "ImportPathError", "MLP", "MLPModel", "Model", "ModelError", "ParamInfo",

@@ -83,11 +83,10 @@ class Model:
     """
 
     def __init__(self, module: nn.Module, loss=cross_entropy, *, seed: int = 0,
-                 dtype=torch.float64, device="cpu", loss_name: str = "cross_entropy",
-                 allow_downcast: bool = False):
+                 dtype=torch.float64, device="cpu", allow_downcast: bool = False):
         if not isinstance(module, nn.Module):
             raise ModelError(f"expected a torch.nn.Module, got {type(module).__name__}")
-        self.loss_fn, self.loss_name, self.seed = loss, loss_name, int(seed)
+        self.loss_fn, self.seed = loss, int(seed)
         self.dtype, self.device = dtype, torch.device(device)
         self.dropouts = seed_dropouts(module)
         for name, p in module.named_parameters():
@@ -107,7 +106,7 @@ class Model:
             off += p.numel()
         self.layout = tuple(layout)
         with torch.no_grad():
-            self._theta0 = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
+            self._theta0 = torch.cat([p.detach().reshape(-1) for _, p in named])  # a copy
         # the copy that derivatives go through: BatchNorm uses batch statistics and neither reads
         # nor writes running statistics there (in-place updates cannot run inside torch.func)
         self._fmodule = copy.deepcopy(module)
@@ -152,9 +151,6 @@ class Model:
     def forward(self, theta, x):
         """Model outputs for a batch, parameters from theta (train mode)."""
         return functional_call(self._fmodule, self.params(theta), (x,))
-
-    def logits(self, theta, x):
-        return self.forward(theta, x)
 
     def loss(self, theta, x, y):
         return self.loss_fn(self.forward(theta, x), y)
@@ -230,10 +226,12 @@ class Model:
                 return _describe(names[mod], mod, self._fmodule)
         return None
 
-    def mutated_buffers(self, theta, x) -> list[str]:
-        """Buffers that a train-mode forward changes outside BatchNorm's running statistics."""
+    def probe(self, theta, x):
+        """One train-mode forward without gradients: (outputs, the buffers it changed). BatchNorm's
+        running statistics are not among this copy's buffers, so any change is one tjac cannot
+        follow."""
         before = {n: b.clone() for n, b in self._fmodule.named_buffers()}
         with torch.no_grad():
-            self.forward(theta, x)
-        return [n for n, b in self._fmodule.named_buffers()
-                if n in before and not torch.equal(before[n], b)]
+            out = self.forward(theta, x)
+        return out, [n for n, b in self._fmodule.named_buffers()
+                     if n in before and not torch.equal(before[n], b)]

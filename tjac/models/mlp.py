@@ -50,7 +50,7 @@ class MLPModel(Model):
     def __init__(self, module: MLP, *, backend: str = "manual", **kw):
         if backend not in ("manual", "func"):
             raise ValueError(f"unknown MLP backend {backend!r}; expected 'manual' or 'func'")
-        super().__init__(module, cross_entropy, loss_name="cross_entropy", **kw)
+        super().__init__(module, cross_entropy, **kw)
         self.backend = backend
         self.widths, self.act = module.widths, module.act
 
