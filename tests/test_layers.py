@@ -1,4 +1,4 @@
-"""Imports point down the pipeline only (DESIGN.md): linalg never sees torch.nn, data or zarr."""
+"""Imports point down the pipeline only (README, Layout): linalg never sees torch.nn, data or zarr."""
 import ast
 import pathlib
 

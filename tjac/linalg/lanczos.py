@@ -9,7 +9,7 @@ so A V = U B exactly (B block upper triangular; block bidiagonal up to round-off
 Ritz triplet (s, u = U x, v = V y) of B has A v - s u = 0 and ||A^T u - s v|| = ||S x_last||, the
 classical Lanczos residual estimate. The final certificate always comes from fresh products.
 
-Thick restart (a memory fallback: SPECTRUM-NOTES.md shows restarts lose the bottom): keep the
+Thick restart (a memory fallback: restarts discard the tail directions the bottom needs): keep the
 wanted Ritz vectors; the coupling of the pending block to them reappears in B automatically,
 because every new A V block is orthogonalized against *all* of U. Converged wanted triplets stay in
 the basis across restarts (locked), so later blocks are orthogonal to them.
