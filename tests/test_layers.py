@@ -5,7 +5,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "tjac"
 SAME: dict = {}
 ORDER = ["_checks", "recipe", "data", "models", "optim", "problem", "trajectory", "replay", "operator", "linalg",
-         "analysis", "bench", "store", "_env", "query", "plotting", "runner", "scale", "cli", "__main__"]
+         "analysis", "bench", "store", "checkpoint", "_env", "query", "plotting", "runner", "scale", "cli", "__main__"]
 
 
 def _imports(path):

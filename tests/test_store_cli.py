@@ -202,7 +202,7 @@ def test_lanczos_checkpoint_killed_inside_a_save_is_refused_not_mixed(tmp_path):
     """A SIGKILL can land between the arrays of one Lanczos save. The saved state must then be
     refused (the solve starts again) rather than loaded as a mix of two saves, or crash on an
     array that an overwrite had deleted (seen once in CI: `tjac: error: B` on resume)."""
-    from tjac import runner
+    from tjac.checkpoint import LanczosCheckpoint
     from tjac.linalg import svd
 
     op = tjac.TrainingJacobian(tiny(), backend="eager")
@@ -210,18 +210,19 @@ def test_lanczos_checkpoint_killed_inside_a_save_is_refused_not_mixed(tmp_path):
         run = w.create_run("r", recipe_json=op.recipe.to_json(), recipe_hash=op.recipe.hash(),
                            provenance={}, theta0=op.theta0.numpy(), thetaT=op.thetaT.numpy())
         g = w.state_group(run, "top")
+        ckpt = LanczosCheckpoint(w, g, op)
         svd(op, 3, which="top", method="lanczos", tol=1e-10, block=2, raise_on_failure=False,
-            on_step=lambda st: runner._save_gkl_state(w, g, st, op.shape[0]))
-        good = runner._load_gkl_state(g, op)
+            checkpoint=ckpt)
+        good = ckpt.load()
         assert good is not None and good["step"] == g.attrs["step"]
         save = g.attrs["save"]
         for name, stamp in (("B", -1), ("pending", save + 1), ("U", -1)):  # mid-rewrite, one ahead
             g[name].attrs["save"] = stamp
-            assert runner._load_gkl_state(g, op) is None, name
+            assert ckpt.load() is None, name
             g[name].attrs["save"] = save
-        assert runner._load_gkl_state(g, op) is not None
+        assert ckpt.load() is not None
         del g["B"]  # an overwrite deletes before it creates
-        assert runner._load_gkl_state(g, op) is None
+        assert ckpt.load() is None
 
 
 @pytest.mark.parametrize("script", ["quickstart.py", "query_store.py"])

@@ -22,6 +22,7 @@ import hashlib
 
 from . import __version__, replay, store
 from .analysis import spectrum_summary, structural_ones
+from .checkpoint import LanczosCheckpoint
 from .linalg import choose_method, small_svd, svd
 from .operator import TrainingJacobian
 from .recipe import Recipe
@@ -221,98 +222,24 @@ def _dense_resumable(w, run, op, *, block: int = 128, progress=None) -> torch.Te
 
 
 def _krylov_resumable(w, run, op, which, k, tol, method, progress, block):
-    P = op.shape[0]
     name = which
-    g = w.state_group(run, name)
-    state = _load_gkl_state(g, op) if method == "lanczos" else None
-    if state is None:  # a fresh solve writes into a clean group (no rows or counters of a dead one)
+    ckpt = None
+    if method == "lanczos":
+        ckpt = LanczosCheckpoint(w, w.state_group(run, name), op)
+        if ckpt.load() is None:  # a fresh solve writes into a clean group (no rows of a dead one)
+            w.drop_state(run, name)
+            ckpt = LanczosCheckpoint(w, w.state_group(run, name), op)
+    else:
         w.drop_state(run, name)
-        g = w.state_group(run, name)
     bar = progress(desc=f"{which}-{k} {method}", unit="step") if progress else None
-
-    def on_step(st):
-        _save_gkl_state(w, g, st, P)
-        if bar:
-            bar.update(1)
-
-    r = svd(op, k, which=which, method=method, tol=tol, resume_state=state, block=block,
-            on_step=on_step if method == "lanczos" else None, raise_on_failure=False,
-            callback=None)
+    if bar and ckpt is not None:
+        ckpt.on_save = lambda: bar.update(1)
+    r = svd(op, k, which=which, method=method, tol=tol, block=block, checkpoint=ckpt,
+            raise_on_failure=False, callback=None)
     if bar:
         bar.close()
     return dict(S=r.S, U=r.U, V=r.V, res=r.residuals, method=r.method, smax=r.norm_estimate,
                 conv=r.converged)
-
-
-_DIRTY = -1  # an array's "save" stamp while it is being rewritten
-
-
-def _save_gkl_state(w, g, st, P):
-    """Rows first, counters last; the whole basis is rewritten only after a thick restart.
-
-    Each save has a number (one step can be saved twice, around a thick restart). Each array is
-    marked dirty before its data is written and stamped with the save's number after, and the
-    group's counters come last: a kill anywhere inside a save leaves some array whose stamp differs
-    from the group's, and :func:`_load_gkl_state` then refuses the state (the solve restarts, from
-    the same seed, to the same result) instead of mixing two saves' data."""
-    save = int(g.attrs.get("save", 0)) + 1
-    U, V = st["U"], st["V"]
-    nu, nv = U.shape[1], V.shape[1]
-    have_u = 0 if st["restarted"] else int(g.attrs.get("n_u", 0))
-    have_v = 0 if st["restarted"] else int(g.attrs.get("n_v", 0))
-    b = st["pending"].shape[1] if st["pending"] is not None else 0
-
-    def put(name, shape, dtype, dims, write, chunks=None):
-        a = w.state_array(g, name, shape, dtype, dims, chunks=chunks)
-        w.set_attrs(a, save=_DIRTY)
-        write(a)
-        w.set_attrs(a, save=save)
-
-    def rows(M, have, n):
-        def write(a):
-            if n > have:
-                a[have:n] = _to_np(M[:, have:n].T)
-        return write
-
-    def whole(x):
-        def write(a):
-            a[:] = x
-        return write
-
-    put("U", (P, P), "float64", ("basis_u", "param"), rows(U, have_u, nu), chunks=(1, P))
-    put("V", (P, P), "float64", ("basis_v", "param"), rows(V, have_v, nv), chunks=(1, P))
-    put("pending", (max(b, 1), P), "float64", ("pending", "param"),
-        whole(_to_np(st["pending"].T)) if b else (lambda a: None))
-    put("B", tuple(st["B"].shape), "float64", ("b_row", "b_col"), whole(_to_np(st["B"])))
-    if st["S_last"] is not None:
-        put("S_last", tuple(st["S_last"].shape), "float64", ("s_row", "s_col"),
-            whole(_to_np(st["S_last"])))
-    gs = st["gen_state"].numpy()
-    put("gen_state", gs.shape, "uint8", ("byte",), whole(gs))
-    w.set_attrs(g, n_u=nu, n_v=nv, n_pending=b, step=st["step"], save=save,
-                next_check=st["next_check"],
-                history=st["history"], b_shape=list(st["B"].shape),
-                has_s_last=st["S_last"] is not None)
-
-
-def _load_gkl_state(g, op):
-    if "step" not in g.attrs:
-        return None
-    a = dict(g.attrs)
-    names = ["U", "V", "pending", "B", "gen_state"] + (["S_last"] if a.get("has_s_last") else [])
-    if any(n not in g or g[n].attrs.get("save") != a.get("save") for n in names):
-        return None  # the run died inside a save: start the solve again rather than mix steps
-    dt, dev = op.dtype, op.device
-
-    def t(x):
-        return torch.from_numpy(np.asarray(x)).to(dev, dt)
-
-    B = t(g["B"][:])
-    return {"U": t(g["U"][: a["n_u"]]).T.contiguous(), "V": t(g["V"][: a["n_v"]]).T.contiguous(),
-            "B": B, "pending": t(g["pending"][: a["n_pending"]]).T.contiguous() if a["n_pending"] else None,
-            "S_last": t(g["S_last"][:]) if a.get("has_s_last") else None, "step": a["step"],
-            "next_check": a["next_check"], "history": a["history"],
-            "gen_state": torch.from_numpy(np.asarray(g["gen_state"][:]).copy())}
 
 
 def _summarize(run, op, full_sigma, check, seconds, tol):

@@ -52,7 +52,7 @@ def _validate(op, k, which, method, tol, maxiter, block):
 def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float = 1e-8,
         maxiter: int | None = None, block: int | None = None, max_basis: int | None = None,
         v0: torch.Tensor | None = None, rng: int = 0, callback=None,
-        raise_on_failure: bool = True, resume_state=None, on_step=None) -> SVDResult:
+        raise_on_failure: bool = True, checkpoint=None) -> SVDResult:
     r"""k singular triplets of ``op`` at the ``top`` (largest) or ``bottom`` (smallest) end.
 
     A triplet is converged when both ||J v - s u|| and ||J^T u - s v||, recomputed from fresh
@@ -75,8 +75,10 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float = 1e
     v0 : (P, block) start block; default: N(0, 1) from ``rng``.
     rng : seed of the start block (explicit, so solves are reproducible).
     callback : called with a dict after every step.
-    resume_state, on_step : Lanczos only: ``on_step(state)`` receives the recurrence state after
-        every step; ``resume_state`` (with ``state["gen_state"]`` the generator state) continues it.
+    checkpoint : Lanczos only: an object with ``load() -> dict | None`` and ``save(state)``. The
+        solve starts from ``load()`` when it returns a state and hands ``save`` the whole
+        recurrence (plus ``gen_state``, the generator's state) after every step, so a killed solve
+        continues exactly (see :class:`tjac.checkpoint.LanczosCheckpoint` for the store's).
 
     Raises
     ------
@@ -88,8 +90,11 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float = 1e
     P = op.shape[0]
     if method == "auto":
         method = choose_method(P, k, which)
+    if checkpoint is not None and method != "lanczos":
+        raise ValueError(f"`checkpoint` applies to method='lanczos' only, not {method!r}")
     cop = Counted(op)
     gen = torch.Generator().manual_seed(int(rng))
+    resume_state = checkpoint.load() if checkpoint is not None else None
     if resume_state is not None and "gen_state" in resume_state:
         gen.set_state(resume_state["gen_state"])
     if method == "dense":
@@ -110,7 +115,8 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float = 1e
         S, U, V, est, conv_est, history, smax = gkl(
             cop, k, which, tol=tol, maxiter=steps, block=b, max_basis=max(max_basis, k + 2 * b),
             v0=v0, gen=gen, callback=callback, state=resume_state,
-            on_step=None if on_step is None else (lambda st: on_step({**st, "gen_state": gen.get_state()})))
+            on_step=None if checkpoint is None else (
+                lambda st: checkpoint.save({**st, "gen_state": gen.get_state()})))
         res = fresh_residuals(cop, S, U, V)
     converged = res.max(dim=1).values <= tol * smax
     result = SVDResult(S=S, U=U, V=V, residuals=res, converged=converged,
