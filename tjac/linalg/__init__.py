@@ -3,11 +3,11 @@
 Never imports torch.nn, the data, the models or zarr.
 """
 
-from ._base import (ConvergenceError, DenseOperator, SVDResult, fresh_residuals, orthonormalize,
+from ._base import (BOUND_ONLY, ConvergenceError, bound_only, DenseOperator, SVDResult, fresh_residuals, orthonormalize,
                     small_svd)
 from .decomp import choose_method, svd
 from .dense import dense_svd, materialize
 from .regions import Regions, alignment, region_counts
 
-__all__ = ["ConvergenceError", "DenseOperator", "Regions", "SVDResult", "choose_method",
+__all__ = ["BOUND_ONLY", "ConvergenceError", "bound_only", "DenseOperator", "Regions", "SVDResult", "choose_method",
            "dense_svd", "fresh_residuals", "materialize", "orthonormalize", "region_counts", "svd", "alignment", "small_svd"]

@@ -76,8 +76,24 @@ class SVDResult:
         return self.residuals.norm(dim=1)
 
     @property
+    def bound_only(self) -> torch.Tensor:
+        """Triplets whose certificate is >= 0.1 s: s is an upper bound on sigma, not a measurement
+        (typical of the near-null cluster at the bottom, certified only relative to ||J||)."""
+        return bound_only(self.S, self.certificate)
+
+    @property
     def all_converged(self) -> bool:
         return bool(self.converged.all())
+
+
+BOUND_ONLY = 0.1  # r >= BOUND_ONLY * s: the value is an upper bound, not a measurement
+
+
+def bound_only(S, certificate) -> torch.Tensor:
+    """True where a triplet's certificate r (|s - sigma_true| <= r) is at least a tenth of s itself:
+    sigma_true lies in [max(0, s - r), s + r], so s bounds it from above but does not measure it."""
+    S, r = torch.as_tensor(S), torch.as_tensor(certificate)
+    return r >= BOUND_ONLY * S.abs()
 
 
 class ConvergenceError(RuntimeError):
