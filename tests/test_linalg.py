@@ -141,3 +141,154 @@ def test_agrees_with_scipy_svds(small_net, solver):
     theirs = np.sort(svds(op.to_scipy(), k=5, solver=solver, random_state=0, return_singular_vectors=False,
                           maxiter=2000))[::-1]
     np.testing.assert_allclose(ours, theirs, rtol=1e-6 if solver == "lobpcg" else 1e-10)
+
+
+# -- the contract: exactly k certified triplets, or ConvergenceError ---------------------------------
+def _with_spectrum(s, seed):
+    g = torch.Generator().manual_seed(seed)
+    P = s.numel()
+    Q1, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    Q2, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    return Q1 @ torch.diag(s) @ Q2.T
+
+
+@pytest.mark.parametrize("method", ["lanczos", "randomized"])
+@pytest.mark.parametrize("bulk", ["identity", "four_large"])
+def test_invariant_subspace_does_not_shorten_the_result(method, bulk):
+    """Four large sigma and the rest exactly 1 (or the identity): the Krylov space closes after two
+    steps of block 4. The solve must go on with fresh directions and return all k = 10."""
+    P = 300
+    s = torch.ones(P, dtype=torch.float64)
+    if bulk == "four_large":
+        s[:4] = torch.tensor([50.0, 20.0, 10.0, 5.0], dtype=torch.float64)
+    r = svd(DenseOperator(_with_spectrum(s, 0)), 10, which="top", method=method, block=4)
+    assert r.S.shape == (10,) and r.U.shape == (P, 10) and r.all_converged
+    torch.testing.assert_close(r.S, s[:10], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_property_exactly_k_over_random_k_block_and_multiplicities(case):
+    """Random k, block width and multiplicities (some larger than the block): never a short result,
+    and every returned value within its certificate of the true one."""
+    g = np.random.default_rng(case)
+    P = int(g.integers(40, 120))
+    b = int(g.integers(1, 7))
+    values, mults = g.uniform(0.01, 20.0, size=int(g.integers(2, 8))), []
+    for _ in values:
+        mults.append(int(g.integers(1, 3 * b + 2)))
+    s = np.concatenate([np.full(m, v) for v, m in zip(values, mults)])
+    s = np.concatenate([s, g.uniform(0.001, 0.5, size=max(P - len(s), 0))])[:P]
+    s = torch.from_numpy(np.sort(s)[::-1].copy())
+    A = _with_spectrum(s, case)
+    k = int(g.integers(1, min(P, 3 * b + 8)))
+    for which, method in (("top", "lanczos"), ("top", "randomized"), ("bottom", "lanczos")):
+        kw = dict(block=b)
+        r = svd(DenseOperator(A), k, which=which, method=method, tol=1e-10, **kw)
+        ref = s[:k] if which == "top" else s.flip(0)[:k]
+        assert r.S.shape == (k,) and r.all_converged, (which, method, P, b, k)
+        assert float((r.S - ref).abs().max()) <= float(r.certificate.max()) + 1e-12 * float(s[0]), \
+            (which, method, P, b, k, r.S, ref)
+
+
+def test_short_result_is_never_reported_as_success(synth):
+    """A solve stopped early (maxiter) with fewer Ritz values than k: ConvergenceError names it, and
+    the partial result says it is not converged."""
+    A = synth[0]
+    with pytest.raises(ConvergenceError, match=r"only 4 found") as e:
+        svd(DenseOperator(A), 10, which="top", method="lanczos", block=2, maxiter=2)
+    assert e.value.result.S.shape == (4,) and not e.value.result.all_converged
+    r = svd(DenseOperator(A), 10, which="top", method="lanczos", block=2, maxiter=2,
+            raise_on_failure=False)
+    assert r.k == 10 and r.S.shape == (4,) and not r.all_converged
+
+
+# -- tolerances that know the dtype ---------------------------------------------------------------
+def test_default_tol_follows_the_dtype():
+    from tjac.linalg import default_tol
+
+    assert default_tol(torch.float64) == 1e-8
+    assert default_tol(torch.float32) == pytest.approx(100 * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "randomized"])
+def test_float32_operator_certifies_at_its_default_tol(method):
+    A = j_shaped(200, seed=3)[0].float()
+    r = svd(DenseOperator(A), 5, which="top", method=method)
+    assert r.all_converged and r.tol == pytest.approx(1.19e-5, rel=0.01)
+    assert r.floor is not None and r.floor < r.tol
+
+
+def test_tol_below_the_round_off_floor_raises_at_once():
+    from tjac.linalg import ToleranceError
+
+    op = DenseOperator(j_shaped(200, seed=3)[0].float())
+    with pytest.raises(ToleranceError, match=r"below what this float32 operator can certify.*"
+                                             r"use tol >= .* or a float64 recipe"):
+        svd(op, 5, which="top", method="lanczos", tol=1e-8)
+    assert op.num_matvecs + op.num_rmatvecs <= 5  # the probe only: two replays, 3 + 2 columns
+
+
+class _Noisy(DenseOperator):
+    """Products with a round-off-like error of relative size `noise` (a fixed perturbation of A for
+    J v and another one for J^T u): the Lanczos recurrence cannot see it, fresh residuals can."""
+
+    def __init__(self, A, noise):
+        super().__init__(A)
+        g = torch.Generator().manual_seed(7)
+        E1 = torch.randn(A.shape, generator=g, dtype=A.dtype)
+        E2 = torch.randn(A.shape, generator=g, dtype=A.dtype)
+        scale = noise * float(torch.linalg.matrix_norm(A, 2)) / A.shape[0] ** 0.5
+        self.Af, self.Ab = A + scale * E1, A + scale * E2
+
+    def matmat(self, X):
+        self.num_matvecs += X.shape[1]
+        return self.Af @ X
+
+    def rmatmat(self, Y):
+        self.num_rmatvecs += Y.shape[1]
+        return self.Ab.T @ Y
+
+
+def test_floor_probe_sees_an_inconsistent_operator_and_refuses_a_tol_below_it():
+    """An operator whose J^T is off by 1e-7 relative: tol = 1e-9 is refused with the floor named
+    (instead of iterating for nothing); tol = 1e-5 certifies."""
+    from tjac.linalg import ToleranceError, roundoff_floor
+
+    op = _Noisy(j_shaped(150, seed=4)[0], 1e-7)
+    assert roundoff_floor(op)["floor"] > 1e-8
+    with pytest.raises(ToleranceError, match="round-off floor"):
+        svd(op, 4, which="top", method="lanczos", tol=1e-9)
+    assert svd(op, 4, which="top", method="lanczos", tol=1e-5).all_converged
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(method="dense", block=4), "`block` does not apply to method='dense'"),
+    (dict(method="dense", v0=torch.zeros(400, 2, dtype=torch.float64)), "`v0` does not apply"),
+    (dict(method="dense", maxiter=3), "`maxiter` does not apply to method='dense'"),
+    (dict(method="randomized", max_basis=64), "`max_basis` does not apply to method='randomized'"),
+    (dict(method="randomized", checkpoint=object()), "`checkpoint` does not apply"),
+    (dict(which="bottom", block=4), r"chosen by method='auto' for the bottom of P = 400"),
+])
+def test_arguments_a_method_does_not_use_are_refused(synth, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        svd(DenseOperator(synth[0]), 3, **kw)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "randomized"])
+def test_float32_training_jacobian_certifies_at_the_default_tol(method):
+    """A float32 training run: the default tol follows the dtype and certifies; float64's 1e-8 is
+    refused at once with the floor (the old default never certified and said nothing)."""
+    from tjac.linalg import ToleranceError
+
+    op = tjac.TrainingJacobian(tjac.Recipe.paper(width=8, epochs=2, n_train=256, dtype="float32"))
+    r = svd(op, 4, which="top", method=method)
+    assert r.all_converged and r.S.dtype == torch.float32 and r.tol > 1e-6
+    with pytest.raises(ToleranceError, match="float32 operator"):
+        svd(op, 4, which="top", method=method, tol=1e-8)
+
+
+@pytest.mark.slow
+def test_paper_float32_top20_certifies_at_1e_5():
+    op = tjac.TrainingJacobian(tjac.Recipe.paper(dtype="float32"))
+    r = svd(op, 20, which="top", tol=1e-5)
+    assert r.all_converged and r.S.shape == (20,)

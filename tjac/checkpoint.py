@@ -4,7 +4,8 @@ The whole recurrence of :func:`tjac.linalg.svd` (method ``lanczos``) is saved af
 the bases ``U`` and ``V`` (rows = basis vectors, one chunk per row, so a step appends rows), the
 pending block, the projected matrix ``B``, the residual coupling ``S_last`` and the generator
 state. Attributes: ``n_u``, ``n_v``, ``n_pending``, ``step``, ``next_check``, ``history``,
-``b_shape``, ``has_s_last`` and ``save`` (the number of the last complete save).
+``b_shape``, ``has_s_last``, ``confirm`` (the search for missed copies of a multiple value
+under way, or null) and ``save`` (the number of the last complete save).
 
 Rows first, counters last; the whole basis is rewritten only after a thick restart. Each save
 has a number (one step can be saved twice, around a thick restart). Each array is marked dirty
@@ -74,7 +75,7 @@ class LanczosCheckpoint:
         w.set_attrs(g, n_u=nu, n_v=nv, n_pending=b, step=st["step"], save=save,
                     next_check=st["next_check"],
                     history=st["history"], b_shape=list(st["B"].shape),
-                    has_s_last=st["S_last"] is not None)
+                    has_s_last=st["S_last"] is not None, confirm=st.get("confirm"))
         if self.on_save is not None:
             self.on_save()
 
@@ -99,4 +100,5 @@ class LanczosCheckpoint:
                 "pending": t(g["pending"][: a["n_pending"]]).T.contiguous() if a["n_pending"] else None,
                 "S_last": t(g["S_last"][:]) if a.get("has_s_last") else None, "step": a["step"],
                 "next_check": a["next_check"], "history": a["history"],
+                "confirm": a.get("confirm"),
                 "gen_state": torch.from_numpy(np.asarray(g["gen_state"][:]).copy())}

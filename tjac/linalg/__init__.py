@@ -5,9 +5,9 @@ Never imports torch.nn, the data, the models or zarr.
 
 from ._base import (BOUND_ONLY, ConvergenceError, bound_only, DenseOperator, SVDResult, fresh_residuals, orthonormalize,
                     small_svd)
-from .decomp import choose_method, svd
+from .decomp import ToleranceError, choose_method, default_tol, roundoff_floor, svd
 from .dense import dense_svd, materialize
 from .regions import Regions, alignment, region_counts
 
-__all__ = ["BOUND_ONLY", "ConvergenceError", "bound_only", "DenseOperator", "Regions", "SVDResult", "choose_method",
+__all__ = ["ToleranceError", "default_tol", "roundoff_floor", "BOUND_ONLY", "ConvergenceError", "bound_only", "DenseOperator", "Regions", "SVDResult", "choose_method",
            "dense_svd", "fresh_residuals", "materialize", "orthonormalize", "region_counts", "svd", "alignment", "small_svd"]

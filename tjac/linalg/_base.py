@@ -51,6 +51,22 @@ class Counted:
 
 
 @dataclass(frozen=True)
+class KrylovResult:
+    """What an iterative solver hands back to :func:`tjac.linalg.svd`: the wanted Ritz triplets
+    (``S``, ``U``, ``V``; possibly fewer than asked when it stopped early), their ``residuals``
+    (k, 2) — fresh products when ``fresh``, else the recurrence's estimates —, the per-check
+    ``history`` and ``smax``, the largest Ritz value (an estimate of ||J||)."""
+
+    S: torch.Tensor
+    U: torch.Tensor
+    V: torch.Tensor
+    residuals: torch.Tensor
+    fresh: bool
+    history: tuple
+    smax: float
+
+
+@dataclass(frozen=True)
 class SVDResult:
     """k singular triplets J v_i = s_i u_i, ordered as requested (``top``: descending; ``bottom``:
     ascending). ``residuals[i] = (||J v_i - s_i u_i||, ||J^T u_i - s_i v_i||)`` from fresh products;
@@ -69,6 +85,8 @@ class SVDResult:
     tol: float
     norm_estimate: float
     history: tuple = field(default=())
+    k: int | None = None           # triplets requested (a short result has fewer rows)
+    floor: float | None = None     # estimated round-off floor of the residuals, relative to s_max
 
     @property
     def certificate(self) -> torch.Tensor:
@@ -83,7 +101,9 @@ class SVDResult:
 
     @property
     def all_converged(self) -> bool:
-        return bool(self.converged.all())
+        """Every requested triplet is present and certified."""
+        short = self.k is not None and int(self.S.shape[0]) < self.k
+        return not short and bool(self.converged.all())
 
 
 BOUND_ONLY = 0.1  # r >= BOUND_ONLY * s: the value is an upper bound, not a measurement

@@ -21,19 +21,27 @@ import logging
 
 import torch
 
-from ._base import orthonormalize, small_svd
+from ._base import KrylovResult, orthonormalize, small_svd
 
 log = logging.getLogger(__name__)
 
+# After the wanted triplets first certify with a block narrower than k, fresh directions are added
+# and the solve goes on for this many steps; it ends when the wanted values have not changed.
+CONFIRM_STEPS = 3
+
 
 def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_basis: int,
-        v0=None, gen=None, callback=None, state=None, on_step=None):
-    """Run block GKL until the k wanted Ritz triplets' residual estimates are <= tol * s_max.
+        v0=None, gen=None, callback=None, state=None, on_step=None, verify=None) -> KrylovResult:
+    """Run block GKL until k wanted Ritz triplets are certified to tol * s_max.
 
-    Returns (S, U, V, est_residuals, converged_estimate, history, s_max). ``maxiter`` counts block
-    steps. ``on_step(state)`` receives the full recurrence state after every step (a dict of
-    tensors and ints, plus ``restarted`` when the basis prefix changed); passing it back as
-    ``state`` continues exactly where it was (the generator ``gen`` must be restored by the caller).
+    ``maxiter`` counts block steps. Convergence needs at least k Ritz values: a Krylov space that
+    closes early (an invariant subspace, or a multiple value seen through a narrow block) continues
+    with fresh random directions orthogonal to the basis (see :func:`orthonormalize`). When the
+    recurrence's residual estimates say converged, ``verify(S, U, V, s_max)`` (fresh residuals, (k, 2))
+    decides; if the fresh residuals disagree the recurrence goes on. ``on_step(state)`` receives
+    the full recurrence state after every step (a dict of tensors and ints, plus ``restarted``
+    when the basis prefix changed); passing it back as ``state`` continues exactly where it was
+    (the generator ``gen`` must be restored by the caller).
     """
     P = op.shape[0]
     dt, dev = op.dtype, op.device
@@ -49,11 +57,14 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
     res = None
     next_check = 0
     step0 = 0
+    confirm = None  # {"step", "values"} while looking for missed copies after a certification
     if state is not None:
         Ub, Vb, B, pending, S_last = (state[n] for n in ("U", "V", "B", "pending", "S_last"))
         step0, next_check = int(state["step"]) + 1, int(state["next_check"])
         history = list(state.get("history", []))
+        confirm = state.get("confirm")
     sig = None
+    final_fresh = None
     restarted = False
     for step in range(step0, maxiter):
         W = op.matmat(pending)
@@ -79,7 +90,7 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
         last = pending is None or step == maxiter - 1 or n + pending.shape[1] > max_basis
         if not last and n < next_check:  # Ritz extraction is O(n^3): do it on a geometric grid
             if on_step is not None:
-                on_step(_state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted))
+                on_step(_state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted, confirm))
                 restarted = False
             continue
         next_check = n + max(bp, n // 10)
@@ -91,16 +102,37 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
             res = torch.zeros_like(sig)
         want = _wanted(sig, k, which)
         conv = res[want] <= tol * smax
+        fresh, done = None, False
+        if n >= k and bool(conv.all()):
+            values = [float(x) for x in sig[want]]
+            same = confirm is not None and max(
+                abs(a - c) for a, c in zip(values, confirm["values"])) <= 4 * tol * smax
+            ripe = same and step >= confirm["step"] + CONFIRM_STEPS
+            if confirm is None or not same or ripe:
+                if verify is not None:
+                    fresh = verify(sig[want], Ub @ X[:, want], Vb @ Yt.T[:, want], smax)
+                    conv = fresh.max(dim=1).values <= tol * smax
+                if bool(conv.all()):
+                    if ripe or b >= k or pending is None or P - n - pending.shape[1] <= 0:
+                        done = True
+                    else:  # certified: now look for copies a narrow block could not see
+                        pending, S_last = _inject(pending, S_last, Vb, b, P - n, gen)
+                        confirm = {"step": step, "values": values}
         history.append({"step": step, "basis": n, "sigma_max": smax,
                         "max_residual": float(res[want].max() / smax),
-                        "n_converged": int(conv.sum())})
+                        "n_converged": int(conv.sum()) if n >= k else 0})
+        if fresh is not None:
+            history[-1]["max_fresh_residual"] = float(fresh.max() / smax)
+        if confirm is not None:
+            history[-1]["confirming_since"] = confirm["step"]
         if callback is not None:
             callback(history[-1])
-        log.debug("GKL step %d: basis %d, %d/%d converged", step, n, int(conv.sum()), k)
-        if bool(conv.all()) or pending is None:
+        log.debug("GKL step %d: basis %d, %d/%d converged", step, n, history[-1]["n_converged"], k)
+        if done or pending is None:
+            final_fresh = fresh if done else None
             break
         if on_step is not None and not n + pending.shape[1] > max_basis:
-            on_step(_state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted))
+            on_step(_state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted, confirm))
             restarted = False
         if n + pending.shape[1] > max_basis:  # thick restart: keep the wanted Ritz vectors (+ extra)
             keep = _wanted(sig, min(n - 1, k + b), which)
@@ -111,7 +143,7 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
             log.debug("thick restart at basis %d, keeping %d", n, len(keep))
             restarted = True
             if on_step is not None:
-                on_step(_state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted))
+                on_step(_state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted, confirm))
                 restarted = False
     if sig is None:  # resumed past the last Ritz extraction: extract now
         X, sig, Yt = small_svd(B)
@@ -120,17 +152,35 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
             else torch.zeros_like(sig)
     want = _wanted(sig, k, which)
     U, V = Ub @ X[:, want], Vb @ Yt.T[:, want]
-    return sig[want], U, V, res[want], res[want] <= tol * smax, tuple(history), smax
+    if final_fresh is not None:
+        return KrylovResult(S=sig[want], U=U, V=V, residuals=final_fresh, fresh=True,
+                            history=tuple(history), smax=smax)
+    return KrylovResult(S=sig[want], U=U, V=V, residuals=res[want], fresh=False,
+                        history=tuple(history), smax=smax)
 
 
 def _wanted(sig, k, which):
     n = sig.shape[0]
-    k = min(k, n)
+    k = min(k, n)  # fewer than k only when the caller stopped early (maxiter): reported short
     if which == "top":
         return torch.arange(k, device=sig.device)
     return torch.arange(n - 1, n - 1 - k, -1, device=sig.device)
 
 
-def _state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted):
+def _state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted, confirm):
     return {"U": Ub, "V": Vb, "B": B, "pending": pending, "S_last": S_last, "step": step,
-            "next_check": next_check, "history": list(history), "restarted": restarted}
+            "next_check": next_check, "history": list(history), "restarted": restarted,
+            "confirm": confirm}
+
+
+def _inject(pending, S_last, Vb, b, room, gen):
+    """Widen the pending block by up to b random directions orthogonal to the whole V basis and to
+    the pending block: the recurrence then explores the complement of what it has found, where
+    the copies of a multiple value beyond the block width live. A^T U has no component along
+    them yet, so their rows of S_last are zero."""
+    P = Vb.shape[0]
+    width = min(b, room - pending.shape[1])
+    F = torch.randn(P, width, generator=gen, dtype=torch.float64).to(Vb.device, Vb.dtype)
+    F, _, _ = orthonormalize(F, torch.cat([Vb, pending], 1), gen=gen)
+    S_new = None if S_last is None else torch.cat([S_last, S_last.new_zeros((width, S_last.shape[1]))])
+    return torch.cat([pending, F], 1), S_new

@@ -6,7 +6,10 @@ block (rather than only the last, as plain power iteration does) makes the conve
 gap-independent. Rayleigh-Ritz on the accumulated basis: Z = [Z_0 ...] = A^T Q = V S W^T gives
 u = Q w, v = V; and A v = (A Z) W S^{-1} with A Z = [Y_0 ...] already computed, so both residuals
 ||A v - s u|| and ||A^T u - s v|| come from fresh products at no extra cost. Stops when the top k
-certify or after ``maxiter`` passes.
+certify or after ``maxiter`` passes. Certification needs at least k Ritz values: a Krylov space that
+closes early (an invariant subspace) continues with random directions orthogonal to the basis. A block
+of width l finds at most l copies of a multiple singular value, so with l < k the certified values
+are confirmed against fresh random directions before the solve ends.
 """
 
 from __future__ import annotations
@@ -15,13 +18,17 @@ import logging
 
 import torch
 
-from ._base import orthonormalize
+from ._base import KrylovResult, orthonormalize
 
 log = logging.getLogger(__name__)
 
+# With a block narrower than k, certified values are confirmed: random directions orthogonal to
+# the basis join the next pass, and the solve ends when the values survive this many more passes.
+CONFIRM_PASSES = 2
+
 
 def randomized(op, k: int, *, tol: float, maxiter: int, block: int, v0=None, gen=None,
-               callback=None):
+               callback=None) -> KrylovResult:
     P = op.shape[0]
     dt, dev = op.dtype, op.device
     l = min(P, block)
@@ -30,6 +37,7 @@ def randomized(op, k: int, *, tol: float, maxiter: int, block: int, v0=None, gen
     Qn, _, _ = orthonormalize(op.matmat(Omega), gen=gen)
     Qs, Zs, AZs = [], [], []
     history = []
+    confirm = None
     for it in range(maxiter):
         Zn = op.rmatmat(Qn)
         AZn = op.matmat(Zn)
@@ -44,14 +52,29 @@ def randomized(op, k: int, *, tol: float, maxiter: int, block: int, v0=None, gen
         r2 = (Z @ W - V[:, :kk] * sig[:kk]).norm(dim=0)
         smax = float(sig[0])
         conv = torch.maximum(r1, r2) <= tol * smax
+        n_conv = int(conv.sum()) if kk == k else 0
         history.append({"iteration": it, "basis": Q.shape[1], "sigma_max": smax,
                         "max_residual": float(torch.maximum(r1, r2).max() / smax),
-                        "n_converged": int(conv.sum())})
+                        "n_converged": n_conv})
         if callback is not None:
             callback(history[-1])
-        log.debug("randomized pass %d: basis %d, %d/%d converged", it, Q.shape[1], int(conv.sum()), k)
-        if bool(conv.all()) or Q.shape[1] + l > P:
+        log.debug("randomized pass %d: basis %d, %d/%d converged", it, Q.shape[1], n_conv, k)
+        room = P - Q.shape[1]
+        inject = False
+        if kk == k and bool(conv.all()):
+            values = [float(x) for x in sig[:kk]]
+            same = confirm is not None and max(
+                abs(a - c) for a, c in zip(values, confirm["values"])) <= 4 * tol * smax
+            if l >= k or room <= l or (same and it >= confirm["iteration"] + CONFIRM_PASSES):
+                break
+            if not same:  # a block narrower than k: look for copies of a multiple value it missed
+                confirm, inject = {"iteration": it, "values": values}, True
+        if room == 0:
             break
-        Qn, _, _ = orthonormalize(AZn, Q, gen=gen)
+        Y = AZn
+        if inject:
+            Y = torch.cat([AZn, torch.randn(P, l, generator=gen, dtype=torch.float64).to(dev, dt)], 1)
+        Qn, _, _ = orthonormalize(Y[:, :room], Q, gen=gen)
     res = torch.stack([r1, r2], 1)
-    return sig[:kk], U, V[:, :kk], res, conv, tuple(history), smax
+    return KrylovResult(S=sig[:kk], U=U, V=V[:, :kk], residuals=res, fresh=True,
+                        history=tuple(history), smax=smax)
