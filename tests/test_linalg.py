@@ -111,7 +111,33 @@ def test_auto_picks_dense_for_bottom_of_small_and_randomized_for_top():
 
     assert choose_method(4810, 32, "bottom") == "dense"
     assert choose_method(4810, 32, "top") == "randomized"
-    assert choose_method(100_000, 32, "bottom") == "lanczos"
+    # the bottom: dense whenever it fits (P products in wide blocks, less memory than Lanczos)
+    assert choose_method(9610, 32, "bottom", available_bytes=24 * 2**30) == "dense"
+    from tjac.linalg import plan_solve
+
+    assert not plan_solve(9610, 32, "bottom", available_bytes=5 * 2**30).fits
+
+
+def test_plan_states_products_memory_and_time_and_refuses_what_cannot_fit(synth, monkeypatch):
+    from tjac import _checks
+    from tjac.linalg import plan_solve
+
+    p = plan_solve(9610, 32, "bottom", available_bytes=24 * 2**30, seconds_per_product=0.01)
+    assert p.method == "dense" and p.fits and p.estimate.products == 9610
+    assert p.estimate.seconds == pytest.approx(96.1)
+    assert [a.method for a in p.alternatives] == ["lanczos"]
+    assert p.alternatives[0].products > p.estimate.products  # measured: 1.23 P for the bottom
+    assert "dense, ~9,610 products" in p.describe() and "GiB" in p.describe()
+    big = plan_solve(100_000, 32, "bottom", available_bytes=24 * 2**30)
+    assert not big.fits and big.reason == "nothing fits in memory"
+    # svd refuses up front, with the estimate, before any product
+    monkeypatch.setattr(_checks, "available_bytes", lambda device: 1_000_000)
+    op = DenseOperator(synth[0])
+    with pytest.raises(MemoryError, match=r"bottom-6: dense, ~400 products, .* GiB available"):
+        svd(op, 6, which="bottom")
+    assert op.num_matvecs == 0
+    r = svd(op, 3, which="top", method="randomized", tol=1e-6)  # 3 * 400 * 66 values fit in 1 MB?
+    assert r.plan["method"] == "randomized" and r.plan["fits"]
 
 
 @pytest.fixture(scope="module")

@@ -256,16 +256,9 @@ def checkpoint_interval(policy, num_steps: int) -> int:
 
 
 def available_bytes(device) -> int:
-    if torch.device(device).type == "cuda":
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover
-        pass
-    return 1 << 62
+    """Free memory on ``device`` (:func:`tjac._checks.available_bytes`; unbounded when unknown)."""
+    have = _checks.available_bytes(device)
+    return (1 << 62) if have is None else have
 
 
 def memory_estimate(prob: Problem, *, checkpoint="all", block: int = 128, basis: int = 0) -> int:

@@ -4,12 +4,12 @@ check, and :class:`Dataset`."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .._checks import available_bytes
 from ..recipe import ARRAY_KEYS
 from . import sources
 from ._common import DataError, Raw
@@ -189,27 +189,6 @@ def check_fits(name: str, arrays: dict, *, regression: bool, dtype: torch.dtype,
                         f"train + {len(x_te)} test examples of shape {tuple(x_tr.shape[1:])}), "
                         f"more than half of the {_size(have)} available; "
                         f"use a smaller `n_train`, float32 or a device with more memory")
-
-
-def available_bytes(device) -> int | None:
-    """Memory free for new data on ``device``: MemAvailable (Linux /proc/meminfo) for the CPU,
-    ``torch.cuda.mem_get_info`` for CUDA; None when unknown (then nothing is refused)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def _size(n: float) -> str:

@@ -87,6 +87,7 @@ class SVDResult:
     history: tuple = field(default=())
     k: int | None = None           # triplets requested (a short result has fewer rows)
     floor: float | None = None     # estimated round-off floor of the residuals, relative to s_max
+    plan: dict | None = None       # the up-front plan (tjac.linalg.plan.SolvePlan.as_dict())
 
     @property
     def certificate(self) -> torch.Tensor:

@@ -11,22 +11,22 @@ from .. import _checks
 from ._base import ConvergenceError, Counted, SVDResult, Timer, fresh_residuals
 from .dense import dense_svd
 from .lanczos import gkl
+from .plan import plan_solve
 from .randomized import randomized
 
 log = logging.getLogger(__name__)
 
 METHODS = ("auto", "lanczos", "randomized", "dense")
 WHICH = ("top", "bottom")
-DENSE_LIMIT = 6000  # P up to which method='auto' may form J (P^2 float64 = 288 MB)
 
 
-def choose_method(P: int, k: int, which: str, dense_limit: int = DENSE_LIMIT) -> str:
-    """``auto``: dense for the bottom of small operators (measured cheapest: see BENCHMARKS.md) or
-    when k is a large share of P; randomized block Krylov for the top (measured fastest on the
-    paper's operator: 0.34x ARPACK's wall time for top-16); long-basis Lanczos for the bottom."""
-    if P <= dense_limit and (which == "bottom" or 4 * k >= P):
-        return "dense"
-    return "randomized" if which == "top" else "lanczos"
+def choose_method(P: int, k: int, which: str, *, available_bytes: int | None = None,
+                  itemsize: int = 8) -> str:
+    """``auto``'s pick (:func:`tjac.linalg.plan.plan_solve`): randomized block Krylov for the top
+    (measured fastest on the paper's operator: 0.34x ARPACK's wall time for top-16), dense when k
+    is a large share of P, and for the bottom the cheapest certified path that fits in
+    ``available_bytes`` (None: unknown, no limit): dense, else long-basis Lanczos."""
+    return plan_solve(P, k, which, available_bytes=available_bytes, itemsize=itemsize).method
 
 
 def default_tol(dtype) -> float:
@@ -155,8 +155,14 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
     timer = Timer()
     P = op.shape[0]
     chosen_by_auto = method == "auto"
-    if chosen_by_auto:
-        method = choose_method(P, k, which)
+    itemsize = torch.empty((), dtype=op.dtype).element_size()
+    plan = plan_solve(P, k, which, method=method, itemsize=itemsize, block=block,
+                      available_bytes=_checks.available_bytes(op.device))
+    method = plan.method
+    if not plan.fits:
+        raise MemoryError(f"svd: {plan.describe()}: needs more than the "
+                          f"{plan.available_bytes / 2**30:.1f} GiB available on {op.device}")
+    log.info("svd plan: %s", plan.describe())
     _inapplicable(method, chosen_by_auto, P, which,
                   dict(maxiter=maxiter, block=block, v0=v0, max_basis=max_basis,
                        checkpoint=checkpoint, callback=callback))
@@ -217,7 +223,8 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
     result = SVDResult(S=S, U=U, V=V, residuals=res, converged=converged,
                        num_matvecs=cop.num_matvecs, num_rmatvecs=cop.num_rmatvecs,
                        wall_time=timer(), method=method, which=which, tol=tol,
-                       norm_estimate=smax, history=history, k=k, floor=probed.get("floor"))
+                       norm_estimate=smax, history=history, k=k, floor=probed.get("floor"),
+                       plan=plan.as_dict())
     n_found = int(S.shape[0])
     log.info("svd(%s, k=%d, %s): %d/%d certified, %d+%d products, %.2fs", which, k, method,
              int(converged.sum()), k, result.num_matvecs, result.num_rmatvecs, result.wall_time)

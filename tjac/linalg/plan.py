@@ -1,0 +1,137 @@
+"""The up-front plan of a solve: expected products, memory and time of each path, and the pick.
+
+Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve plans"):
+
+* ``dense``: P forward products in wide blocks. Memory: J (P^2) plus LAPACK gesdd's copy, U, V^T
+  and workspace (measured peak 6.2 P^2 values above J at P = 3000): ``DENSE_FACTOR`` P^2 values.
+* ``lanczos``, bottom: the basis must nearly exhaust the non-bulk values: measured 1.23 P products
+  (block 16, k = 32, P = 9,610). Memory: both bases (2 P n), one more while a block is appended,
+  and the full SVD of the n x n projected matrix at the end (like the dense path's): at n ~ P,
+  ``LANCZOS_BOTTOM_FACTOR`` P^2 values.
+* ``lanczos``, top: a basis of ``max_basis`` vectors per side, restarted; products about two
+  bases' worth.
+* ``randomized``, top: l = k + 8 columns per pass, about ``RANDOMIZED_PASSES`` passes of 2 l
+  products (measured 4-8 on the paper's spectra); memory three P x (passes l) blocks.
+
+The bottom of a training Jacobian is a near-null cluster: product-only methods need about as many
+products as the dense path and (without spilling the basis) more memory, so ``auto`` takes the dense
+path for the bottom whenever it fits, and Lanczos only when it alone fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DENSE_FACTOR = 8            # values of P^2 at the dense path's peak (J, its copy, U, V^T, work)
+LANCZOS_BOTTOM_PRODUCTS = 1.25
+LANCZOS_BOTTOM_FACTOR = 10  # values of P^2 at long-basis Lanczos' peak
+RANDOMIZED_PASSES = 6
+HEADROOM = 0.9              # share of the available memory a plan may use
+
+
+@dataclass(frozen=True)
+class Estimate:
+    method: str
+    products: int
+    bytes: int
+    seconds: float | None
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "products": self.products, "bytes": self.bytes,
+                "seconds": self.seconds}
+
+
+@dataclass(frozen=True)
+class SolvePlan:
+    """What a solve is expected to cost before it starts, and why its method was picked."""
+
+    which: str
+    k: int
+    P: int
+    method: str
+    estimate: Estimate
+    available_bytes: int | None
+    fits: bool
+    reason: str
+    alternatives: tuple = field(default=())
+
+    def as_dict(self) -> dict:
+        return {"which": self.which, "k": self.k, "P": self.P, "method": self.method,
+                **{f"expected_{n}": v for n, v in self.estimate.as_dict().items() if n != "method"},
+                "available_bytes": self.available_bytes, "fits": self.fits,
+                "reason": self.reason, "alternatives": [a.as_dict() for a in self.alternatives]}
+
+    def describe(self) -> str:
+        e = self.estimate
+        t = f", ~{_duration(e.seconds)}" if e.seconds is not None else ""
+        return (f"{self.which}-{self.k}: {self.method}, ~{e.products:,} products, "
+                f"~{_gib(e.bytes)} GiB{t} ({self.reason})")
+
+
+def _gib(b: int) -> str:
+    return f"{b / 2**30:.2f}" if b < 2**30 else f"{b / 2**30:.1f}"
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, block: int | None = None,
+             max_basis: int | None = None, seconds_per_product: float | None = None) -> Estimate:
+    """Expected products and peak solver memory (bytes) of one method (see the module doc)."""
+    if method == "dense":
+        products, values = P, DENSE_FACTOR * P * P
+    elif method == "randomized":
+        l = min(P, block or (k + 8))
+        passes = RANDOMIZED_PASSES * -(-k // min(l, k))
+        products = min(P, l * (2 * passes + 1))
+        values = 3 * P * min(P, l * passes)
+    elif which == "bottom":
+        products = min(int(LANCZOS_BOTTOM_PRODUCTS * P) + 4 * k, 2 * P)
+        values = LANCZOS_BOTTOM_FACTOR * P * P
+    else:
+        b = block or min(16, P)
+        n = min(P, max_basis or max(8 * k + 8 * b, 256))
+        products = min(2 * P, 4 * n)
+        values = 3 * P * n + 7 * n * n
+    seconds = None if seconds_per_product is None else products * seconds_per_product
+    return Estimate(method=method, products=int(products), bytes=int(values * itemsize),
+                    seconds=seconds)
+
+
+def plan_solve(P: int, k: int, which: str, *, method: str = "auto", itemsize: int = 8,
+               block: int | None = None, seconds_per_product: float | None = None,
+               available_bytes: int | None = None, reserved_bytes: int = 0) -> SolvePlan:
+    """The plan of one solve. ``auto`` picks randomized for the top (dense when 4k >= P), and for
+    the bottom the cheapest path that fits in ``available_bytes`` minus ``reserved_bytes`` (the
+    trajectory and the replay's own memory): dense, else Lanczos. A named method is planned as
+    asked; ``fits`` says whether it is expected to fit."""
+    budget = None if available_bytes is None else int(HEADROOM * available_bytes) - reserved_bytes
+    kw = dict(itemsize=itemsize, block=block, seconds_per_product=seconds_per_product)
+
+    def fits(e):
+        return budget is None or e.bytes <= budget
+
+    if method != "auto":
+        e = estimate(method, P, k, which, **kw)
+        return SolvePlan(which, k, P, method, e, available_bytes, fits(e), "as asked")
+    if which == "top" and 4 * k < P:
+        e = estimate("randomized", P, k, which, **kw)
+        return SolvePlan(which, k, P, "randomized", e, available_bytes, fits(e),
+                         "top: randomized block Krylov (measured fastest)")
+    cands = [estimate("dense", P, k, which, **kw)]
+    if which == "bottom" and 4 * k < P:
+        cands.append(estimate("lanczos", P, k, which, **kw))
+    ok = [e for e in cands if fits(e)]
+    if ok:
+        pick = min(ok, key=lambda e: (e.products, e.bytes))
+        why = ("the cheapest certified path that fits in memory" if len(cands) > 1
+               else "k is a large share of P")
+    else:
+        pick, why = min(cands, key=lambda e: e.bytes), "nothing fits in memory"
+    return SolvePlan(which, k, P, pick.method, pick, available_bytes, fits(pick), why,
+                     alternatives=tuple(e for e in cands if e is not pick))
