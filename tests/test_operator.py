@@ -211,3 +211,15 @@ def test_bad_block_shape():
     op = tjac.TrainingJacobian(tiny())
     with pytest.raises(ValueError, match=r"must have shape \(310, k\)"):
         op.matmat(torch.zeros(5, 1, dtype=torch.float64))
+
+
+def test_to_scipy_refuses_a_silent_downcast():
+    """float64 vectors into a float32 operator's scipy view are refused, like the torch path,
+    instead of being cast down without a word."""
+    import numpy as np
+
+    op = tjac.TrainingJacobian(tjac.Recipe.paper(width=4, epochs=1, n_train=64, dtype="float32"))
+    A = op.to_scipy()
+    assert A.matvec(np.ones(op.shape[0], dtype=np.float32)).dtype == np.float32
+    with pytest.raises(TypeError, match="refusing to downcast silently"):
+        A.matvec(np.ones(op.shape[0]))

@@ -140,7 +140,9 @@ class TrainingJacobian:
         if torch.finfo(X.dtype).bits > torch.finfo(self.dtype).bits:
             raise TypeError(f"`{name}` has dtype {X.dtype} but the operator is {self.dtype}; "
                             f"refusing to downcast silently")
-        return X.to(device=self.device, dtype=self.dtype)
+        # products are not differentiable (every replay runs under no_grad): a block that requires
+        # grad is detached, so every backend takes it alike (``fused`` raised on one in-place copy)
+        return X.detach().to(device=self.device, dtype=self.dtype)
 
     # -- products -------------------------------------------------------------------------------
     def matmat(self, V) -> torch.Tensor:
@@ -221,8 +223,8 @@ class TrainingJacobian:
         np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
 
         def apply(fn):
-            def f(X):
-                X = np.ascontiguousarray(np.asarray(X).reshape(self.shape[0], -1), dtype=np_dtype)
+            def f(X):  # a wider float than the operator's is refused by matmat, not cast down
+                X = np.ascontiguousarray(np.asarray(X).reshape(self.shape[0], -1))
                 return fn(torch.from_numpy(X)).cpu().numpy()
             return f
 

@@ -24,12 +24,14 @@ class DenseOperator:
         self.num_rmatvecs = 0
 
     def matmat(self, X):
+        out = self.A @ X  # counted once done: a refused block is no product
         self.num_matvecs += X.shape[1]
-        return self.A @ X
+        return out
 
     def rmatmat(self, Y):
+        out = self.A.T @ Y
         self.num_rmatvecs += Y.shape[1]
-        return self.A.T @ Y
+        return out
 
 
 class Counted:

@@ -155,13 +155,22 @@ class Model:
     def loss(self, theta, x, y):
         return self.loss_fn(self.forward(theta, x), y)
 
+    def _loss_of(self, x, y):
+        return lambda params: self.loss_fn(functional_call(self._fmodule, params, (x,)), y)
+
+    def _flat(self, tensors: dict, lead: tuple = ()) -> torch.Tensor:
+        return torch.cat([tensors[p.name].reshape(*lead, -1) for p in self.layout], -1)
+
     def grad(self, theta, x, y):
-        return func_grad(self.loss)(theta, x, y)
+        # derivatives are taken with respect to the parameter tensors, not the flat theta: the
+        # backward of slicing theta would fill a zero P-vector per tensor (measured: 25% of an HVP)
+        return self._flat(func_grad(self._loss_of(x, y))(self.params(theta)))
 
     def grad_hvp(self, theta, x, y, V):
-        g_fn = func_grad(lambda th: self.loss(th, x, y))
-        g, hv = vmap(lambda v: jvp(g_fn, (theta,), (v,)), randomness="same")(V)
-        return g[0], hv
+        g_fn = func_grad(self._loss_of(x, y))
+        g, hv = vmap(lambda v: jvp(g_fn, (self.params(theta),), (v,)),
+                     randomness="same")(self.params(V))
+        return self._flat({n: t[0] for n, t in g.items()}), self._flat(hv, (V.shape[0],))
 
     # -- state carried alongside training ---------------------------------------------------------
     def initial_buffers(self) -> dict:
