@@ -1,4 +1,5 @@
 import json
+import pathlib
 
 import pytest
 
@@ -40,8 +41,35 @@ def test_json_round_trip_and_stable_hash():
     assert back == r and back.hash() == r.hash()
     assert json.loads(text)["model"]["hidden"] == [32, 32]
     assert tjac.Recipe.paper().hash() != tjac.Recipe.paper(seed=1).hash()
-    # the hash is of canonical JSON: the paper's is pinned so an accidental change to it is seen
     assert tjac.Recipe.paper().hash() == tjac.Recipe.from_json(tjac.Recipe.paper().to_json()).hash()
+
+
+def test_recipe_hashes_are_pinned():
+    """Run ids are recipe hashes: a change to the canonical JSON or to the hash orphans every stored
+    run. Pinned literals, not the code compared with itself: the paper recipe's canonical JSON and
+    hash, and the tiny recipe's JSON and hash exactly as tjac 0.1.0 wrote them into
+    tests/fixtures/store-v0.1.0.zarr (its run is named by that hash)."""
+    import hashlib
+
+    paper = tjac.Recipe.paper()
+    canonical = ('{"batch_size":64,"data":{"n_train":null,"name":"digits","shuffle":"none",'
+                 '"shuffle_seed":0,"split_seed":0,"test_size":197,"variant":"clean","variant_seed":0},'
+                 '"device":"cpu","dtype":"float64","epochs":25,"model":{"activation":"gelu_tanh",'
+                 '"dropout":0.0,"family":"mlp","hidden":[64],"weight_init":"lecun_normal"},'
+                 '"optim":{"beta1":0.9,"beta2":0.999,"eps":1e-08,"eps_root":1e-08,"lr":0.1,'
+                 '"momentum":0.9,"name":"sgd","nesterov":false,"schedule":"cosine","warmup_steps":0,'
+                 '"weight_decay":0.0},"schema":1,"seed":0}')
+    assert paper.to_json() == canonical
+    without_device = json.dumps({k: v for k, v in json.loads(canonical).items() if k != "device"},
+                                sort_keys=True, separators=(",", ":"))
+    assert hashlib.sha256(without_device.encode()).hexdigest()[:16] == "cd1c588f7c99f566"
+    assert paper.hash() == "cd1c588f7c99f566"
+    assert paper.replace(device="cuda").hash() == "cd1c588f7c99f566"  # device excluded
+    tiny = tjac.Recipe.paper(width=4, epochs=2, n_train=128, batch_size=32)
+    assert tiny.hash() == "55cea24595dcd654"
+    fixture = pathlib.Path(__file__).parent / "fixtures" / "store-v0.1.0.zarr" / "runs"
+    written = json.loads((fixture / "55cea24595dcd654" / "zarr.json").read_text())["attributes"]
+    assert written["recipe_hash"] == "55cea24595dcd654" and written["recipe"] == tiny.to_json()
 
 
 @pytest.mark.parametrize("kw, msg", [

@@ -7,12 +7,15 @@ state. Attributes: ``n_u``, ``n_v``, ``n_pending``, ``step``, ``next_check``, ``
 ``b_shape``, ``has_s_last``, ``confirm`` (the search for missed copies of a multiple value
 under way, or null) and ``save`` (the number of the last complete save).
 
-Rows first, counters last; the whole basis is rewritten only after a thick restart. Each save
-has a number (one step can be saved twice, around a thick restart). Each array is marked dirty
-before its data is written and stamped with the save's number after, and the group's counters
-come last: a kill anywhere inside a save leaves some array whose stamp differs from the group's,
-and :meth:`LanczosCheckpoint.load` then refuses the state (the solve restarts, from the same seed,
-to the same result) instead of mixing two saves' data.
+Rows first, counters last (:mod:`tjac.store`'s commit protocol); the whole basis is rewritten
+only after a thick restart. Each save has a number (one step can be saved twice, around a thick
+restart). Each array is marked dirty before its data is written and stamped with the save's number
+after; then the group's descriptive attributes (``n_u`` ... ``confirm``) in one write; then its
+counters ``step`` and ``save`` in a last one: a kill anywhere inside a save leaves some array whose
+stamp differs from the group's ``save``, and :meth:`LanczosCheckpoint.load` then refuses the state
+(the solve restarts, from the same seed, to the same result) instead of mixing two saves' data.
+(Writing the attributes key by key, as zarr's ``attrs.update`` does, let a kill leave a new
+``save`` with the previous save's ``history`` and ``next_check``: a resume that was not exact.)
 """
 
 from __future__ import annotations
@@ -72,10 +75,12 @@ class LanczosCheckpoint:
                 whole(_to_np(st["S_last"])))
         gs = st["gen_state"].numpy()
         put("gen_state", gs.shape, "uint8", ("byte",), whole(gs))
-        w.set_attrs(g, n_u=nu, n_v=nv, n_pending=b, step=st["step"], save=save,
-                    next_check=st["next_check"],
+        # the store's commit protocol: the descriptive attributes in one write, then the counters
+        # (``step`` and the save's number, which the arrays' stamps must match) in a last one
+        w.set_attrs(g, n_u=nu, n_v=nv, n_pending=b, next_check=st["next_check"],
                     history=st["history"], b_shape=list(st["B"].shape),
                     has_s_last=st["S_last"] is not None, confirm=st.get("confirm"))
+        w.set_attrs(g, step=st["step"], save=save)
         if self.on_save is not None:
             self.on_save()
 

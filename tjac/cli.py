@@ -13,6 +13,7 @@ import math
 import os
 import sys
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 BACKENDS = ("auto", "eager", "fused", "compiled")  # tjac.replay's, kept literal: no torch at parse time
 
@@ -262,7 +263,23 @@ def cmd_run(a):
     return 0
 
 
+def _certified(w: dict) -> str:
+    """``certified 30/32`` + what the others are: upper bounds only (r >= 0.1 sigma), unconverged."""
+    k = w["k"]
+    text = f"certified {w['n_certified']}/{k}"
+    extra = []
+    if w.get("n_bound_only"):
+        extra.append(f"{w['n_bound_only']} upper bound{'s' if w['n_bound_only'] > 1 else ''} only "
+                     f"(r >= 0.1 sigma)")
+    unconv = w.get("n_unconverged", k - w["n_certified"] - w.get("n_bound_only", 0))
+    if unconv:
+        extra.append(f"{unconv} unconverged")
+    return ", ".join([text] + extra)
+
+
 def _summary_table(out, png):
+    from .linalg.regions import format_count
+
     s = out.summary
     sp = s["spectrum"]
     lines = [f"run {out.run_id} in {out.store}: P = {s['P']}, T = {s['T']} steps, "
@@ -272,18 +289,37 @@ def _summary_table(out, png):
         if which in s:
             w = s[which]
             lines.append(f"  {which:6s} k={w['k']:<4d} {w['method']:9s} sigma {w['sigma_first']:.6g} .. "
-                         f"{w['sigma_last']:.6g}   certified {w['n_certified']}/{w['k']}   "
+                         f"{w['sigma_last']:.6g}   {_certified(w)}   "
                          f"max residual {w['max_residual_rel']:.1e} * sigma_max")
-    lines.append(f"  regions over {sp['n_sigma']} of {sp['P']} sigma"
-                 + ("" if sp["complete"] else " (partial: top and bottom only)") + ":")
-    lines.append(f"    {'eps':>8s} {'chaotic':>8s} {'bulk':>8s} {'stable':>8s}")
+    partial = "" if sp["complete"] else (f" (partial: top and bottom only; the other "
+                                         f"{sp['P'] - sp['n_sigma']} are unknown)")
+    cert = sp.get("certificate_max")
+    lines.append(f"  regions over {sp['n_sigma']} of {sp['P']} sigma{partial}"
+                 + (f", each certified to r <= {cert:.1e}" if cert is not None else "") + ":")
+    lines.append(f"    {'eps':>8s} {'chaotic':>12s} {'bulk':>12s} {'stable':>12s} {'ambiguous':>10s}")
     for r in sp["regions"]:
-        lines.append(f"    {r['eps']:8.0e} {r['chaotic']:8d} {r['bulk']:8d} {r['stable']:8d}")
+        lines.append(f"    {r['eps']:8.0e} " + " ".join(f"{format_count(r, n):>12s}" for n in
+                                                        ("chaotic", "bulk", "stable"))
+                     + f" {r.get('ambiguous', 0):10d}")
     st = sp.get("structural", {})
-    lines.append(f"  sigma = 1 to 1e-12: {sp['numerically_one']} found; structural prediction "
+    if "numerically_one_min" in sp:
+        one = {"one": sp["numerically_one"], "one_min": sp["numerically_one_min"],
+               "one_max": sp["numerically_one_max"]}
+        found = format_count(one, "one", sep=" ")
+        found = (f"{found} found" if found != "unknown"
+                 else f"unknown ({sp['numerically_one_min']} among the {sp['n_sigma']} known)")
+        if sp.get("numerically_one_ambiguous"):
+            found += f", {sp['numerically_one_ambiguous']} ambiguous"
+    else:  # a summary written before the certificates were counted
+        found = f"{sp['numerically_one']} found"
+    lines.append(f"  sigma = 1 to 1e-12: {found}; structural prediction "
                  f"{st.get('n_exact_singular')} ({st.get('n_zero_input')} zero-input weights on "
                  f"features {st.get('zero_features')}, {st.get('n_softmax_shift')} softmax-shift "
                  f"directions{'' if st.get('shift_is_singular') else ': eigenvectors only under Adam'})")
+    if sp.get("n_bound_only"):
+        lines.append(f"  {sp['n_bound_only']} sigma are upper bounds only (r >= 0.1 sigma; sigma_min "
+                     f"{sp['sigma_min']:.2g}"
+                     f"{' is one' if sp.get('sigma_min_bound_only') else ''})")
     lines.append(f"  adjoint check {s['adjoint_rel_error']:.1e}" + (f"; figure {png}" if png else ""))
     return "\n".join(lines)
 
@@ -312,6 +348,16 @@ def cmd_info(a):
         rec = run.recipe
         print(f"  {rid}  {r['status']:9s} P={r['P']:<8d} {rec.describe()} {rec.optim.name} "
               f"{rec.epochs} epochs seed {rec.seed} {rec.dtype}")
+        solves = []
+        for which, sv in r.get("solves", {}).items():
+            text = f"{which} {sv['certified']}/{sv['k']} certified"
+            if sv["bound_only"]:
+                text += f", {sv['bound_only']} upper bound{'s' if sv['bound_only'] > 1 else ''} only"
+            if sv["unconverged"]:
+                text += f", {sv['unconverged']} unconverged"
+            solves.append(text)
+        if solves:
+            print(f"      {'; '.join(solves)}")
     return 0
 
 
@@ -321,21 +367,32 @@ def cmd_query(a):
     run = _pick_run(open_store(a.store), a.run)
     if a.regions is not None:
         out = run.regions(a.regions)
-        print(json.dumps(out) if a.json else
-              f"eps={out['eps']:g}: chaotic {out['chaotic']}, bulk {out['bulk']}, stable "
-              f"{out['stable']} (over {out['n']} of {run.P} sigma"
-              f"{'' if out['complete'] else ', partial'})")
+        if a.json:
+            print(json.dumps(out))
+            return 0
+        from .linalg.regions import format_count
+
+        counts = ", ".join(f"{n} {format_count(out, n, sep=' ')}" for n in ("chaotic", "bulk", "stable"))
+        known = (f"all {out['P']} sigma" if out["complete"] else
+                 f"{out['n']} of {out['P']} sigma known: top and bottom only")
+        amb = f"; {out['ambiguous']} within their certificate of a boundary" if out["ambiguous"] else ""
+        print(f"eps={out['eps']:g}: {counts} ({known}{amb})")
         return 0
     which, k = ("top", a.top) if a.top else ("bottom", a.bottom)
     t = run.top(k) if which == "top" else run.bottom(k)
     if a.json:
         print(json.dumps({"which": which, "sigma": t.sigma.tolist(),
-                          "residuals": t.residuals.tolist(), "converged": t.converged.tolist(),
-                          "method": t.method}))
+                          "residuals": t.residuals.tolist(), "certificate": t.certificate.tolist(),
+                          "converged": t.converged.tolist(), "bound_only": t.bound_only.tolist(),
+                          "certified": t.certified.tolist(), "method": t.method}))
         return 0
     print(f"{'i':>4s} {'sigma':>22s} {'||Jv-su||':>10s} {'||J^Tu-sv||':>11s} certified")
-    for i, (s, r, c) in enumerate(zip(t.sigma, t.residuals, t.converged)):
-        print(f"{i:4d} {s:22.15g} {r[0]:10.1e} {r[1]:11.1e} {'yes' if c else 'no'}")
+    for i, (s, r, c, b) in enumerate(zip(t.sigma, t.residuals, t.converged, t.bound_only)):
+        print(f"{i:4d} {s:22.15g} {r[0]:10.1e} {r[1]:11.1e} "
+              f"{'no' if not c else 'bound' if b else 'yes'}")
+    if (t.converged & t.bound_only).any():
+        print("bound: r = hypot(residuals) >= 0.1 sigma: sigma is an upper bound on the singular "
+              "value, not a measurement")
     return 0
 
 
@@ -436,6 +493,15 @@ def cmd_scale(a):
     return 0
 
 
+def _computation_errors() -> tuple:
+    """Failures of the computation itself (exit 1): a failed adjoint identity, replays that
+    disagree, training that diverged."""
+    from .runner import ComputationError
+    from .trajectory import NondeterminismError, TrainingDivergedError
+
+    return (ComputationError, NondeterminismError, TrainingDivergedError)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
@@ -451,6 +517,9 @@ def main(argv=None) -> int:
     try:
         return {"run": cmd_run, "info": cmd_info, "query": cmd_query, "plot": cmd_plot,
                 "verify": cmd_verify, "bench": cmd_bench, "scale": cmd_scale}[a.cmd](a)
+    except _computation_errors() as e:  # before ValueError: a failed check is not bad input
+        print(f"tjac: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except (BadInput, StoreError, ValueError, TypeError, KeyError, IndexError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"tjac: error: {msg}", file=sys.stderr)

@@ -11,26 +11,26 @@ def spectrum_figure(run, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    try:
-        S, idx, note = run.sigma("all"), None, "all P singular values (dense)"
-    except KeyError:
-        parts, idx = [], []
-        for which in ("top", "bottom"):
-            try:
-                s = run.sigma(which)
-            except KeyError:
-                continue
-            parts.append(s)
-            idx.append(np.arange(len(s)) if which == "top" else run.P - 1 - np.arange(len(s)))
-        if not parts:
-            raise KeyError(f"run {run.id!r} has nothing to plot yet")
-        S, idx, note = np.concatenate(parts), np.concatenate(idx), "certified top and bottom only"
-    order = np.argsort(-S)
-    S = S[order]
-    idx = np.arange(len(S)) if idx is None else np.asarray(idx)[order]
+    from .query import _bound_only
+
+    sp = run.spectrum()  # the known sigma, descending, each with its certificate
+    if not len(sp.sigma):
+        raise KeyError(f"run {run.id!r} has nothing to plot yet")
+    S = sp.sigma
+    if sp.complete:
+        idx, note = np.arange(len(S)), "all P singular values (dense)"
+    else:  # the top's indices from 0, the bottom's down from P - 1
+        kt = len(run.sigma("top")) if _has(run, "top") else 0
+        idx = np.concatenate([np.arange(min(kt, len(S))),
+                              run.P - len(S) + np.arange(kt, len(S))])
+        note = "certified top and bottom only"
+    bound = _bound_only(S, sp.certificate)  # sigma only bounds sigma_true from above
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
-    ax.semilogy(idx, S, ".", ms=2)
+    ax.semilogy(idx[~bound], S[~bound], ".", ms=2)
+    if bound.any():
+        ax.semilogy(idx[bound], S[bound], "v", ms=3, c="C1", label="upper bound only (r >= 0.1 sigma)")
+        ax.legend()
     ax.axhline(1.0, ls="--", c="k", lw=0.8)
     ax.set(xlabel="index i", ylabel=r"$\sigma_i$", title=f"singular values of J ({note})")
     ax = axes[1]
@@ -52,3 +52,11 @@ def spectrum_figure(run, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _has(run, which) -> bool:
+    try:
+        run.sigma(which)
+    except KeyError:
+        return False
+    return True

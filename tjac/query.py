@@ -1,6 +1,9 @@
 """Read-only queries over a results store: ``tjac.open(path).run(id).top(10)``.
 
-Vectors are read lazily (one (1, P) chunk per triplet); nothing is written.
+Vectors are read lazily (one (1, P) chunk per triplet); nothing is written. Only committed groups
+are read (:func:`tjac.store.committed`). Each triplet carries its certificate r = hypot(residuals)
+and whether it is an upper bound only (r >= 0.1 sigma, :func:`tjac.linalg.bound_only`), computed on
+read, so stores of any version answer the same way.
 """
 
 from __future__ import annotations
@@ -15,12 +18,42 @@ from .linalg.regions import EPSILONS, region_counts
 from .recipe import Recipe
 
 
+def _bound_only(sigma: np.ndarray, certificate: np.ndarray) -> np.ndarray:
+    """:func:`tjac.linalg.bound_only` (the one rule) on numpy arrays."""
+    import torch
+
+    from .linalg import bound_only
+
+    return bound_only(torch.from_numpy(np.asarray(sigma, np.float64)),
+                      torch.from_numpy(np.asarray(certificate, np.float64))).numpy()
+
+
 @dataclass(frozen=True)
 class Triplets:
     sigma: np.ndarray
     residuals: np.ndarray       # (k, 2): ||J v - s u||, ||J^T u - s v||
-    converged: np.ndarray
+    converged: np.ndarray       # the solver's criterion: both residuals <= tol * sigma_max
     method: str
+    certificate: np.ndarray     # r = hypot(residuals): |sigma - sigma_true| <= r
+    bound_only: np.ndarray      # r >= 0.1 sigma (tjac.linalg.bound_only): sigma only bounds sigma_true
+
+    @property
+    def certified(self) -> np.ndarray:
+        """Converged and measured: sigma_true = sigma to within r < 0.1 sigma."""
+        return self.converged & ~self.bound_only
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """The known singular values of a run (descending) and the certificate r of each."""
+    sigma: np.ndarray
+    certificate: np.ndarray
+    P: int
+    source: str                 # how the certificates were obtained (see Run.spectrum)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.sigma) == self.P
 
 
 class Run:
@@ -86,8 +119,13 @@ class Run:
     def _triplets(self, which, k):
         k = self._k(which, k)
         sig, res, _, _, a = self._solve(which)
-        return Triplets(np.asarray(sig[:k]), np.asarray(res[:k]),
-                        np.asarray(a.get("converged", [False] * k)[:k]), a.get("method", "?"))
+        sigma, residuals = np.asarray(sig[:k]), np.asarray(res[:k])
+        certificate = np.hypot(residuals[:, 0], residuals[:, 1])
+        converged = np.zeros(k, dtype=bool)
+        conv = a.get("converged") or []
+        converged[:min(k, len(conv))] = np.asarray(conv[:k], dtype=bool)
+        return Triplets(sigma, residuals, converged, a.get("method", "?"), certificate,
+                        _bound_only(sigma, certificate))
 
     def vectors(self, which, idx):
         """(u, v) rows for triplet index or slice ``idx`` (reads only those chunks)."""
@@ -105,22 +143,88 @@ class Run:
     def residuals(self, which="top") -> np.ndarray:
         return self._triplets(which, None).residuals
 
+    def spectrum(self) -> Spectrum:
+        """The known singular values, descending, each with its certificate r:
+
+        * the dense path's full spectrum: r = hypot of the residual pair stored for every triplet
+          (``source="residuals"``; residuals of the formed J, as the dense path's solves carry).
+          A store written before those were kept has them for its top/bottom triplets only; every
+          other value gets the stated round-off bound of a backward-stable SVD,
+          r = P * eps * sigma_max (``source="round-off bound ..."``).
+        * otherwise the committed top and bottom triplets (indices [0, k_top) and [P - k_bottom, P),
+          counted once where they overlap), each with its own certificate; the rest are unknown.
+        """
+        P = self.P
+        ends = {}
+        for which in ("top", "bottom"):
+            try:
+                t = self._triplets(which, None)
+            except KeyError:
+                continue
+            ends[which] = (t.sigma, t.certificate)
+        S = store.full_spectrum(self._g)
+        if S is not None:
+            S = np.asarray(S, dtype=np.float64)
+            res = store.spectrum_residual(self._g)
+            if res is not None:
+                return Spectrum(S, np.hypot(res[:, 0], res[:, 1]), P, "residuals")
+            # a conservative p(P) = P in the backward-error bound p(P) eps ||J|| of LAPACK's SVD
+            r = np.full(P, P * np.finfo(np.float64).eps * (float(S[0]) if P else 0.0))
+            if "top" in ends:
+                r[:len(ends["top"][1])] = ends["top"][1]
+            if "bottom" in ends:
+                kb = len(ends["bottom"][1])
+                r[P - kb:] = ends["bottom"][1][::-1]
+            return Spectrum(S, r, P, "round-off bound P * eps * sigma_max (residuals for the "
+                                     "stored top and bottom triplets)")
+        sig, cert = [np.zeros(0)], [np.zeros(0)]
+        kt = 0
+        if "top" in ends:
+            sig.append(ends["top"][0])
+            cert.append(ends["top"][1])
+            kt = len(ends["top"][0])
+        if "bottom" in ends:
+            keep = max(0, min(len(ends["bottom"][0]), P - kt))  # global index P-1-j >= k_top
+            sig.append(ends["bottom"][0][:keep][::-1])
+            cert.append(ends["bottom"][1][:keep][::-1])
+        return Spectrum(np.concatenate(sig), np.concatenate(cert), P, "top and bottom triplets")
+
     def regions(self, eps=1e-3) -> dict:
-        """Chaotic / bulk / stable counts at ``eps``: from the full spectrum when stored (complete),
-        else over the committed top and bottom values only (``complete`` is False)."""
+        """Chaotic / bulk / stable at ``eps`` over :meth:`spectrum`, each value certified to its r:
+        a count at face value (``None`` unless all P values are known), its bounds
+        (``<region>_min``/``_max``), how many values are ``ambiguous`` (within r of a boundary) and
+        how many ``unknown`` (see :class:`tjac.linalg.Regions`)."""
         import torch
 
-        try:
-            S = self.sigma("all")
-        except KeyError:
-            parts = []
-            for w in ("top", "bottom"):
-                try:
-                    parts.append(self.sigma(w))
-                except KeyError:
-                    pass
-            S = np.unique(np.concatenate(parts)) if parts else np.zeros(0)
-        return region_counts(torch.from_numpy(np.asarray(S, dtype=np.float64)), eps, P=self.P).as_dict()
+        sp = self.spectrum()
+        return region_counts(torch.from_numpy(sp.sigma), eps, P=self.P,
+                             certificate=torch.from_numpy(sp.certificate)).as_dict()
+
+    def spectrum_summary(self, structural=None, epsilons=EPSILONS) -> dict:
+        """:func:`tjac.analysis.spectrum_summary` of :meth:`spectrum` (what ``tjac run`` stores)."""
+        import torch
+
+        from .analysis.summary import spectrum_summary
+
+        sp = self.spectrum()
+        out = spectrum_summary(torch.from_numpy(sp.sigma), P=self.P,
+                               certificate=torch.from_numpy(sp.certificate), structural=structural,
+                               epsilons=epsilons)
+        out["certificate_source"] = sp.source
+        return out
+
+    def solve_summary(self, which) -> dict:
+        """k, method, the first and last sigma, how many triplets are certified, upper bounds only
+        (converged, r >= 0.1 sigma) or unconverged, and the largest certificate r / sigma_max."""
+        t = self._triplets(which, None)
+        a = self._solve(which)[4]
+        return {"k": int(len(t.sigma)), "method": t.method,
+                "sigma_first": float(t.sigma[0]), "sigma_last": float(t.sigma[-1]),
+                "n_certified": int(t.certified.sum()),
+                "n_bound_only": int((t.converged & t.bound_only).sum()),
+                "n_unconverged": int((~t.converged).sum()),
+                "max_residual_rel": float(t.certificate.max() if t.certificate.size else 0.0) /
+                max(float(a.get("norm_estimate") or 1.0), 1e-300)}
 
     def alignment(self, which="top") -> np.ndarray:
         """|u_i . v_i| for the committed triplets."""
@@ -159,11 +263,23 @@ class Results:
         return Run(store.run_group(self._root, run_id), run_id)
 
     def info(self) -> dict:
+        """Store, runs and, per committed solve, how many triplets are certified, upper bounds only
+        or unconverged."""
+        runs = {}
+        for rid in self.runs():
+            run = self.run(rid)
+            solves = {}
+            for which in ("top", "bottom"):
+                try:
+                    s = run.solve_summary(which)
+                except KeyError:
+                    continue
+                solves[which] = {"k": s["k"], "certified": s["n_certified"],
+                                 "bound_only": s["n_bound_only"], "unconverged": s["n_unconverged"]}
+            runs[rid] = {"status": run.status, "P": run.P,
+                         "recipe_hash": run.attrs.get("recipe_hash"), "solves": solves}
         return {"path": self.path, "schema": self._root.attrs.get("tjac_schema"),
-                "tjac_version": self._root.attrs.get("tjac_version"),
-                "runs": {r: {"status": self.run(r).status, "P": self.run(r).P,
-                             "recipe_hash": self.run(r).attrs.get("recipe_hash")}
-                         for r in self.runs()}}
+                "tjac_version": self._root.attrs.get("tjac_version"), "runs": runs}
 
 
 def open(path) -> Results:  # noqa: A001 (mirrors zarr.open / xarray.open_*)

@@ -20,10 +20,10 @@ import torch
 
 import hashlib
 
-from . import __version__, replay, store
-from .analysis import spectrum_summary, structural_ones
+from . import __version__, query, replay, store
+from .analysis import structural_ones
 from .checkpoint import LanczosCheckpoint
-from .linalg import choose_method, small_svd, svd
+from .linalg import plan_solve, small_svd, svd
 from .operator import TrainingJacobian
 from .recipe import Recipe
 from .problem import Problem
@@ -64,6 +64,10 @@ def _to_np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+class ComputationError(RuntimeError):
+    """The computation failed one of its own checks (e.g. the adjoint identity): not bad input."""
+
+
 def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: int = 32,
                  tol: float = 1e-8, method: str = "auto", run_id: str | None = None,
                  resume: bool = False, overwrite: bool = False, checkpoint="all", argv=None,
@@ -72,7 +76,9 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
 
     ``backend`` (see :mod:`tjac.replay`): ``auto`` measures the candidates with
     :meth:`TrainingJacobian.autotune` once per run; a name pins it (its block width is still tuned). The
-    choice lives in the run's provenance and a resume reuses it (same arithmetic, same chunks)."""
+    choice lives in the run's provenance and a resume reuses it (same arithmetic, same chunks).
+    A resume must repeat the run's solve settings (``k_top``, ``k_bottom``, ``tol``, ``method``,
+    ``block``): other settings are refused (:class:`tjac.store.StoreError`), never mixed in."""
     run_id = store.check_run_id(run_id or f"{recipe.hash()}")
     problem = Problem(recipe)  # bad recipes and backends are refused before the store is touched
     replay.resolve(problem, backend)
@@ -80,9 +86,13 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
     for flag, k in (("k_top (--k-top)", k_top), ("k_bottom (--k-bottom)", k_bottom)):
         if k > P:
             raise ValueError(f"`{flag}` must be at most P = {P}, got {k}")
+    plans = _plans(problem, P, k_top, k_bottom, method, checkpoint)  # refused here if too big
+    request = {"k_top": int(k_top), "k_bottom": int(k_bottom), "tol": float(tol), "method": method,
+               "block": None if block is None else int(block)}
     with store.Writer(store_path) as w:
         if w.has_run(run_id) and not overwrite:
             _same_inputs(w.run(run_id), run_id, problem)
+            _same_request(w.run(run_id), run_id, store_path, request)
         if w.has_run(run_id):
             status = w.run(run_id).attrs.get("status")
             if overwrite:
@@ -99,7 +109,10 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
                                        f"--resume to continue it or --overwrite to restart it")
         t0 = time.perf_counter()
         op = TrainingJacobian(problem, checkpoint=checkpoint, backend=backend)
-        check = op.check()
+        try:
+            check = op.check()
+        except ValueError as e:  # the adjoint identity failed: the computation is wrong, not the input
+            raise ComputationError(str(e)) from None
         P = op.shape[0]
         if w.has_run(run_id):
             run = w.run(run_id)
@@ -110,18 +123,19 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
             if not np.array_equal(stored, _to_np(op.thetaT)):
                 raise store.StoreError(f"run {run_id!r}: this machine's training does not reproduce "
                                        f"the stored thetaT bit for bit; cannot resume")
-        else:
+        else:  # (replaces the debris of a creation that was killed before its status was written)
             tuned = op.autotune(backends=None if backend == "auto" else [backend])
             prov = provenance(recipe, op, argv)
             prov["autotune"] = tuned
+            prov["plans"] = {which: p.as_dict() for which, p in plans.items()}
             run = w.create_run(run_id, recipe_json=recipe.to_json(), recipe_hash=recipe.hash(),
-                               provenance=prov, theta0=_to_np(op.theta0), thetaT=_to_np(op.thetaT))
-        np_dtype = str(_to_np(op.theta0).dtype)
-        methods = {which: (method if method != "auto" else choose_method(P, k, which))
-                   for which, k in (("top", k_top), ("bottom", k_bottom)) if k}
+                               provenance=prov, theta0=_to_np(op.theta0), thetaT=_to_np(op.thetaT),
+                               request=request)
+        np_dtype = _to_np(op.theta0).dtype
+        methods = {which: p.method for which, p in plans.items()}
         if "dense" in methods.values():  # J is formed anyway: both ends come from it for free
             methods = {which: "dense" for which in methods}
-        full_sigma = None
+        ks = {"top": k_top, "bottom": k_bottom}
         prior = dict(run.attrs.get("products", {"matvecs": 0, "rmatvecs": 0}))
         prior_replays = int(run.attrs.get("replays", 0))
 
@@ -130,41 +144,90 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
                     "rmatvecs": prior["rmatvecs"] + op.num_rmatvecs}
 
         def commit(which, r):  # each solve is committed as soon as it is certified
-            g = w.solve_group(run, which, P, np_dtype, int(r["S"].shape[0]))
-            w.commit_triplets(g, 0, _to_np(r["S"]).astype(np.float64),
-                              _to_np(r["res"]).astype(np.float64), _to_np(r["U"].T), _to_np(r["V"].T))
-            w.set_attrs(g, method=r["method"], tol=tol, norm_estimate=r["smax"],
-                        converged=[bool(c) for c in r["conv"]], which=which)
+            # the run's product count is descriptive: written before the solve's counter
             w.set_attrs(run, products=products(), replays=prior_replays + op.num_replays)
+            w.commit_solve(run, which, sigma=_to_np(r["S"]).astype(np.float64),
+                           residual=_to_np(r["res"]).astype(np.float64),
+                           U=_to_np(r["U"].T).astype(np_dtype), V=_to_np(r["V"].T).astype(np_dtype),
+                           method=r["method"], tol=tol, norm_estimate=r["smax"],
+                           converged=[bool(c) for c in r["conv"]])
             w.drop_state(run, which)
 
         if "dense" in methods.values():
-            J = _dense_resumable(w, run, op, block=block or 128, progress=progress)
-            U, S, V = (t for t in _svd_full(J))
-            full_sigma = S
-            for which in methods:
-                k = k_top if which == "top" else k_bottom
-                idx = torch.arange(k) if which == "top" else torch.arange(P - 1, P - 1 - k, -1)
-                s, u, v = S[idx], U[:, idx], V[:, idx]
-                res = torch.stack([(J @ v - u * s).norm(dim=0), (J.T @ u - v * s).norm(dim=0)], 1)
-                commit(which, dict(S=s, U=u, V=v, res=res, method="dense", smax=float(S[0]),
-                                   conv=res.max(1).values <= tol * float(S[0])))
-            w.write_spectrum(run, _to_np(full_sigma))
+            todo = [which for which in methods if not w.solve_committed(run, which, ks[which])]
+            if todo or not w.spectrum_committed(run):
+                J = _dense_resumable(w, run, op, block=block or 128, progress=progress)
+                U, S, V = _svd_full(J)
+                res = _residuals(J, U, S, V)
+                if not w.spectrum_committed(run):
+                    w.commit_spectrum(run, _to_np(S).astype(np.float64),
+                                      _to_np(res).astype(np.float64))
+                for which in todo:
+                    k = ks[which]
+                    idx = torch.arange(k) if which == "top" else torch.arange(P - 1, P - 1 - k, -1)
+                    commit(which, dict(S=S[idx], U=U[:, idx], V=V[:, idx], res=res[idx],
+                                       method="dense", smax=float(S[0]),
+                                       conv=res[idx].max(1).values <= tol * float(S[0])))
             w.drop_state(run, "dense")
-        for which, k in (("top", k_top), ("bottom", k_bottom)):
+        for which, k in ks.items():
             if not k or methods[which] == "dense":
                 continue
-            g = run["solves"][which] if "solves" in run and which in run["solves"] else None
-            if g is not None and g.attrs.get("n_committed") == k:
-                continue  # already committed by an earlier process
+            if w.solve_committed(run, which, k):  # committed by an earlier process
+                w.drop_state(run, which)
+                continue
             commit(which, _krylov_resumable(w, run, op, which, k, tol, methods[which], progress, block))
-        summary = _summarize(run, op, full_sigma, check, time.perf_counter() - t0, tol)
+        summary = _summarize(run, run_id, op, check, time.perf_counter() - t0, tol)
         summary["products"] = products()
         summary["products_total"] = sum(summary["products"].values())
         summary["replays"] = prior_replays + op.num_replays  # passes over training (solves only)
         summary["backend"], summary["block"] = op.backend, op.block_size
         w.finish(run, summary)
         return RunOutcome(run_id=run_id, store=store_path, summary=summary)
+
+
+def _same_request(run, run_id: str, store_path: str, request: dict) -> None:
+    """Refuse to continue (or report as complete) a run with other solve settings than it was
+    started with: its stored triplets would be mixed with, or mistaken for, the ones asked for.
+    Runs written before the settings were stored are checked against their committed solves' k."""
+    stored = run.attrs.get("request")
+    if stored is None:
+        stored = {}
+        for which in ("top", "bottom"):
+            got = store.solve_arrays(run, which)
+            if got is not None:
+                stored[f"k_{which}"] = got[4].get("k")
+    diff = [name for name in request if name in stored and stored[name] != request[name]]
+    if diff:
+        flag = {"k_top": "--k-top", "k_bottom": "--k-bottom", "tol": "--tol", "method": "--method",
+                "block": "--block"}
+        was = ", ".join(f"{flag[n]} {stored[n]}" for n in diff)
+        now = ", ".join(f"{flag[n]} {request[n]}" for n in diff)
+        raise store.StoreError(f"run {run_id!r} in {store_path!r} was started with {was}, not "
+                               f"{now}; repeat its settings to resume it, pass --overwrite to "
+                               f"recompute it, or choose another --run-id")
+
+
+def _plans(problem, P: int, k_top: int, k_bottom: int, method: str, checkpoint) -> dict:
+    """The plan of each solve (:func:`tjac.linalg.plan_solve`) against the memory left once the
+    trajectory and a replay block are held; logged (shown with ``-v``), kept in the provenance,
+    and a solve that cannot fit is refused before anything is trained or written."""
+    from . import _checks
+    from .problem import memory_estimate
+
+    item = torch.empty((), dtype=problem.dtype).element_size()
+    reserved = memory_estimate(problem, checkpoint=checkpoint, block=128)
+    have = _checks.available_bytes(problem.device)
+    plans = {which: plan_solve(P, k, which, method=method, itemsize=item, available_bytes=have,
+                               reserved_bytes=reserved)
+             for which, k in (("top", k_top), ("bottom", k_bottom)) if k}
+    for which, p in plans.items():
+        log.info("plan %s", p.describe())
+        if not p.fits:
+            raise MemoryError(f"{p.describe()}: needs more than the {have / 2**30:.1f} GiB "
+                              f"available on {problem.device} (less {reserved / 2**30:.1f} GiB "
+                              f"for the trajectory); use fewer parameters, "
+                              f"--k-bottom 0 or a machine with more memory")
+    return plans
 
 
 def _same_inputs(run, run_id: str, problem) -> None:
@@ -201,10 +264,26 @@ def _svd_full(J):
     return U, S, Vt.T
 
 
+def _residuals(J, U, S, V, block: int = 512) -> torch.Tensor:
+    """(||J v_i - s_i u_i||, ||J^T u_i - s_i v_i||) of every triplet of a full SVD of the formed J
+    (two P^3 products, in column blocks): each sigma of the dense path's full spectrum is certified
+    to its own hypot(residuals), as the solvers' triplets are."""
+    out = []
+    for i in range(0, S.shape[0], block):
+        sl = slice(i, i + block)
+        out.append(torch.stack([(J @ V[:, sl] - U[:, sl] * S[sl]).norm(dim=0),
+                                (J.T @ U[:, sl] - V[:, sl] * S[sl]).norm(dim=0)], 1))
+    return torch.cat(out) if out else S.new_zeros((0, 2))
+
+
 def _dense_resumable(w, run, op, *, block: int = 128, progress=None) -> torch.Tensor:
-    """J column block by column block; rows of the state array are columns of J (= J e_i)."""
+    """J column block by column block; rows of the state array are columns of J (= J e_i), the
+    group's ``n_committed`` (columns done) written after each block's rows."""
     P = op.shape[0]
     g = w.state_group(run, "dense")
+    if "JT" not in g or tuple(g["JT"].shape) != (P, P):  # no columns yet: no stale counter either
+        w.drop_state(run, "dense")
+        g = w.state_group(run, "dense")
     arr = w.state_array(g, "JT", (P, P), "float64", ("column", "param"), chunks=(block, P))
     done = int(g.attrs.get("n_committed", 0))
     bar = progress(total=P, initial=done, desc="dense J columns") if progress else None
@@ -242,29 +321,15 @@ def _krylov_resumable(w, run, op, which, k, tol, method, progress, block):
                 conv=r.converged)
 
 
-def _summarize(run, op, full_sigma, check, seconds, tol):
-    P = op.shape[0]
-    structural = structural_ones(op.problem)
-    parts = []
+def _summarize(run, run_id, op, check, seconds, tol):
+    """The run's summary, from what the store holds (the same reading as ``tjac.open``'s)."""
+    view = query.Run(run, run_id)
+    out = {"P": op.shape[0], "T": op.num_steps, "seconds": seconds, "tol": tol,
+           "adjoint_rel_error": check.adjoint_rel_error,
+           "spectrum": view.spectrum_summary(structural=structural_ones(op.problem))}
     for which in ("top", "bottom"):
-        got = store.solve_arrays(run, which)
-        if got is not None:
-            parts.append(np.asarray(got[0][:]))
-    S = full_sigma if full_sigma is not None else torch.from_numpy(
-        np.unique(np.concatenate(parts)) if parts else np.zeros(0))
-    summ = spectrum_summary(S, P=P, structural=structural)
-    out = {"P": P, "T": op.num_steps, "seconds": seconds, "tol": tol,
-           "adjoint_rel_error": check.adjoint_rel_error, "spectrum": summ}
-    for which in ("top", "bottom"):
-        got = store.solve_arrays(run, which)
-        if got is not None:
-            sig, res, _, _, attrs = got
-            sig, res = np.asarray(sig[:]), np.asarray(res[:])
-            out[which] = {"k": int(len(sig)), "method": attrs.get("method"),
-                          "sigma_first": float(sig[0]), "sigma_last": float(sig[-1]),
-                          "n_certified": int(sum(attrs.get("converged", []))),
-                          "max_residual_rel": float(np.hypot(res[:, 0], res[:, 1]).max() /
-                                                    max(attrs.get("norm_estimate", 1.0), 1e-300))}
+        if store.solve_arrays(run, which) is not None:
+            out[which] = view.solve_summary(which)
     out["train"] = op.problem.evaluate(op.trajectory.thetaT, op.trajectory.buffers)
     out["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return out

@@ -3,17 +3,29 @@
 Layout (``dimension_names`` everywhere, so ``xarray.open_datatree(path, engine="zarr")`` reads it)::
 
     results.zarr/                  attrs: tjac_schema, tjac_version
-      runs/<run_id>/               attrs: recipe (JSON), recipe_hash, provenance, status, summary
+      runs/<run_id>/               attrs: recipe (JSON), recipe_hash, provenance, request, summary;
+                                   status (the run's counter: "running", then "complete")
         theta0, thetaT             (param,)
         solves/<top|bottom>/       sigma (triplet,), residual (triplet, side), u, v (triplet, param)
-                                   attrs: n_committed, method, tol, converged, products, ...
-        spectrum/sigma             (index,) all P singular values when the dense path ran
+                                   attrs: k, method, tol, norm_estimate, converged, which;
+                                   n_committed (= k, the counter)
+        spectrum/                  sigma (index,), residual (index, side): all P singular values and
+                                   the residual pair of each, when the dense path ran; n_committed
         state/<name>/              solver checkpoints (J columns, Krylov basis), deleted when done
 
-Writes are ordered data first, counter (``n_committed`` attr) last, so a crash at any point leaves
-a store whose committed part is exact; a resumed run ignores anything past the counter. One writer:
-``<store>/.tjac-lock`` holds its pid; a live pid refuses a second writer, a dead one (a killed run)
-is taken over. Nothing read from a store is unpickled or eval'd: attributes are JSON.
+**One commit protocol** for every group (:meth:`Writer.commit_group`): an earlier group of that
+name is retired first (its counter removed, then the group deleted); then its arrays are created
+and written; then their descriptive attributes; then one counter attribute, alone, last
+(``status`` for a run, ``n_committed`` for a solve, the spectrum and the dense checkpoint, ``step``
+for a Lanczos checkpoint, whose arrays also carry save stamps: :mod:`tjac.checkpoint`). A kill at any
+write leaves a store whose committed part is exact (each attribute step is one write of the
+group's metadata, :meth:`Writer.set_attrs`): readers and resumes see a group only once its
+counter is there (:func:`committed`), and the next write of a group clears the debris of a killed
+one. A store is created with its attributes in one write; an empty directory is an unstarted store.
+A finished run writes its summary, then ``status = "complete"``.
+
+One writer: ``<store>/.tjac-lock`` holds its pid; a live pid refuses a second writer, a dead one
+(a killed run) is taken over. Nothing read from a store is unpickled or eval'd: attributes are JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import numpy as np
 import zarr
 
 SCHEMA = 1
+COUNTERS = ("status", "n_committed", "step")  # the attributes that commit a group (written last)
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 LOCK = ".tjac-lock"
 
@@ -76,10 +89,23 @@ def open_read(path: str):
     return _open_existing(os.fspath(path), "r")
 
 
+def committed(g) -> bool:
+    """Whether a group's counter is written (:meth:`Writer.commit_group`): a run with a ``status``,
+    a solve or spectrum whose ``n_committed`` reaches its length."""
+    a = g.attrs
+    if "status" in a:
+        return a["status"] is not None
+    n = a.get("n_committed")
+    return bool(n) and n == a.get("k", n)
+
+
 def list_runs(root) -> list[str]:
+    """The committed runs (a run group without its ``status`` is the debris of a killed creation)."""
     if "runs" not in root:
         return []
-    return sorted(root["runs"].group_keys())
+    runs = root["runs"]
+    return sorted(r for r in runs.group_keys() if "status" in runs[r].attrs
+                  and runs[r].attrs["status"] is not None)
 
 
 def run_group(root, run_id: str):
@@ -90,17 +116,38 @@ def run_group(root, run_id: str):
 
 
 def solve_arrays(run, which: str):
-    """(sigma, residual, u, v, attrs) of a committed solve, arrays lazy; None if absent."""
+    """(sigma, residual, u, v, attrs) of a committed solve, arrays lazy; None if absent or
+    uncommitted."""
     if "solves" not in run or which not in run["solves"]:
         return None
     g = run["solves"][which]
+    if not committed(g) or any(n not in g for n in ("sigma", "residual", "u", "v")):
+        return None
     return g["sigma"], g["residual"], g["u"], g["v"], dict(g.attrs)
 
 
+def _spectrum(run):
+    if "spectrum" not in run or "sigma" not in run["spectrum"]:
+        return None
+    g = run["spectrum"]
+    n = g.attrs.get("n_committed")
+    # stores written before the spectrum had a counter: committed once the run is complete
+    if n != g["sigma"].shape[0] and not (n is None and run.attrs.get("status") == "complete"):
+        return None
+    return g
+
+
 def full_spectrum(run):
-    if "spectrum" in run and "sigma" in run["spectrum"]:
-        return run["spectrum"]["sigma"][:]
-    return None
+    """All P singular values (descending) when the dense path committed them, else None."""
+    g = _spectrum(run)
+    return None if g is None else g["sigma"][:]
+
+
+def spectrum_residual(run):
+    """(P, 2) residual pairs of the full spectrum's triplets; None when absent (stores written
+    before they were kept, or no full spectrum)."""
+    g = _spectrum(run)
+    return None if g is None or "residual" not in g else g["residual"][:]
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -109,7 +156,8 @@ class Writer:
 
     def __init__(self, path: str, *, create: bool = True):
         self.path = os.fspath(path)
-        if os.path.exists(self.path):
+        unstarted = os.path.isdir(self.path) and not os.listdir(self.path)  # killed at creation
+        if os.path.exists(self.path) and not unstarted:
             self.root = _open_existing(self.path, "r+")
         else:
             if not create:
@@ -118,9 +166,11 @@ class Writer:
             if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
                 raise StoreError(f"cannot create store {self.path!r}: {parent!r} is not a writable "
                                  f"directory")
-            self.root = zarr.open_group(self.path, mode="w-", zarr_format=3)
             from . import __version__
-            self.root.attrs.update({"tjac_schema": SCHEMA, "tjac_version": __version__})
+            # the root with its attributes in one write: a kill leaves no foreign-looking store
+            self.root = zarr.open_group(self.path, mode="w-", zarr_format=3,
+                                        attributes={"tjac_schema": SCHEMA,
+                                                    "tjac_version": __version__})
         self._lock()
 
     def _lock(self):
@@ -155,6 +205,34 @@ class Writer:
     def __exit__(self, *exc):
         self.close()
 
+    # the commit protocol
+    def commit_group(self, parent, name: str, *, arrays: dict, attrs: dict, counter: tuple):
+        """Write group ``parent/name`` by the store's one protocol (module doc): retire an earlier
+        group of that name, create and write ``arrays`` (name -> (data, dimension names, chunks or
+        None)), write the descriptive ``attrs``, then the ``counter`` (name, value) alone, last."""
+        self.retire(parent, name)
+        g = parent.create_group(name, overwrite=True)
+        for aname, (x, dims, chunks) in arrays.items():
+            x = np.asarray(x)
+            a = g.create_array(aname, shape=x.shape, dtype=x.dtype, dimension_names=dims,
+                               chunks=chunks or tuple(max(n, 1) for n in x.shape), overwrite=True)
+            a[...] = x
+        if attrs:
+            self.set_attrs(g, **attrs)
+        self.set_attrs(g, **dict([counter]))
+        return g
+
+    def retire(self, parent, name: str) -> None:
+        """Delete ``parent/name``, its counter first: a kill inside the deletion leaves an
+        uncommitted group (ignored, and cleared by its next write), never a committed one with
+        pieces missing."""
+        if name not in parent:
+            return
+        g = parent[name]
+        if isinstance(g, zarr.Group) and any(c in g.attrs for c in COUNTERS):
+            g.attrs.put({k: v for k, v in g.attrs.items() if k not in COUNTERS})
+        del parent[name]
+
     # runs
     def has_run(self, run_id):
         return check_run_id(run_id) in list_runs(self.root)
@@ -163,51 +241,52 @@ class Writer:
         return self.root["runs"][check_run_id(run_id)]
 
     def delete_run(self, run_id):
-        runs = self.root.require_group("runs")
-        del runs[check_run_id(run_id)]
+        self.retire(self.root.require_group("runs"), check_run_id(run_id))
 
     def create_run(self, run_id, *, recipe_json: str, recipe_hash: str, provenance: dict,
-                   theta0: np.ndarray, thetaT: np.ndarray):
-        run = self.root.require_group("runs").create_group(check_run_id(run_id))
-        for name, x in (("theta0", theta0), ("thetaT", thetaT)):
-            a = run.create_array(name, shape=x.shape, chunks=x.shape, dtype=x.dtype,
-                                 dimension_names=("param",))
-            a[:] = x
-        run.attrs.update({"recipe": recipe_json, "recipe_hash": recipe_hash,
-                          "provenance": provenance, "status": "running"})
-        return run
+                   theta0: np.ndarray, thetaT: np.ndarray, request: dict | None = None):
+        """A new run (replacing the debris of a killed creation): theta_0, theta_T, the recipe,
+        provenance and ``request`` (the solve settings a resume must repeat), ``status`` last."""
+        attrs = {"recipe": recipe_json, "recipe_hash": recipe_hash, "provenance": provenance}
+        if request is not None:
+            attrs["request"] = request
+        return self.commit_group(self.root.require_group("runs"), check_run_id(run_id),
+                                 arrays={"theta0": (theta0, ("param",), None),
+                                         "thetaT": (thetaT, ("param",), None)},
+                                 attrs=attrs, counter=("status", "running"))
 
     def set_attrs(self, group, **attrs):
-        group.attrs.update(_jsonable(attrs))
+        """Merge ``attrs`` into a group's or array's attributes in ONE write of its metadata
+        (zarr's ``attrs.update`` writes the metadata once per key: a kill between those writes
+        would leave some attributes of one commit with others of the one before)."""
+        group.update_attributes(_jsonable(attrs))
 
-    # solves: triplets committed in order, counter last
-    def solve_group(self, run, which, P, dtype, k):
-        g = run.require_group("solves").require_group(which)
-        if "sigma" not in g:
-            g.create_array("sigma", shape=(k,), chunks=(max(k, 1),), dtype="float64",
-                           dimension_names=("triplet",))
-            g.create_array("residual", shape=(k, 2), chunks=(max(k, 1), 2), dtype="float64",
-                           dimension_names=("triplet", "side"))
-            for n in ("u", "v"):
-                g.create_array(n, shape=(k, P), chunks=(1, P), dtype=dtype,
-                               dimension_names=("triplet", "param"))
-            g.attrs.update({"n_committed": 0, "k": k})
-        return g
+    # results
+    def commit_solve(self, run, which: str, *, sigma, residual, U, V, **attrs):
+        """k triplets (rows of ``U``, ``V`` are u_i, v_i) and their attributes (method, tol,
+        norm_estimate, converged, ...); ``n_committed = k`` last."""
+        k, P = len(sigma), np.asarray(U).shape[1]
+        return self.commit_group(
+            run.require_group("solves"), which,
+            arrays={"sigma": (np.asarray(sigma, np.float64), ("triplet",), None),
+                    "residual": (np.asarray(residual, np.float64), ("triplet", "side"), None),
+                    "u": (U, ("triplet", "param"), (1, P)), "v": (V, ("triplet", "param"), (1, P))},
+            attrs={**attrs, "k": k, "which": which}, counter=("n_committed", k))
 
-    def commit_triplets(self, g, start, sigma, residual, U, V):
-        """Write triplets [start, start+n) then advance the counter (rows = triplets)."""
-        n = len(sigma)
-        g["u"][start:start + n] = U
-        g["v"][start:start + n] = V
-        g["residual"][start:start + n] = residual
-        g["sigma"][start:start + n] = sigma
-        g.attrs["n_committed"] = start + n
+    def solve_committed(self, run, which: str, k: int | None = None) -> bool:
+        got = solve_arrays(run, which)
+        return got is not None and (k is None or got[4]["n_committed"] == k)
 
-    def write_spectrum(self, run, sigma: np.ndarray):
-        g = run.require_group("spectrum")
-        a = g.create_array("sigma", shape=sigma.shape, chunks=sigma.shape, dtype="float64",
-                           dimension_names=("index",), overwrite=True)
-        a[:] = sigma
+    def commit_spectrum(self, run, sigma: np.ndarray, residual: np.ndarray):
+        """All P singular values and the residual pair of each triplet; ``n_committed = P`` last."""
+        return self.commit_group(
+            run, "spectrum",
+            arrays={"sigma": (np.asarray(sigma, np.float64), ("index",), None),
+                    "residual": (np.asarray(residual, np.float64), ("index", "side"), None)},
+            attrs={}, counter=("n_committed", len(sigma)))
+
+    def spectrum_committed(self, run) -> bool:
+        return _spectrum(run) is not None
 
     # solver checkpoints
     def state_group(self, run, name):
@@ -220,11 +299,13 @@ class Writer:
                               dimension_names=dims, overwrite=True)
 
     def drop_state(self, run, name):
-        if "state" in run and name in run["state"]:
-            del run["state"][name]
+        if "state" in run:
+            self.retire(run["state"], name)
 
     def finish(self, run, summary):
-        run.attrs.update(_jsonable({"summary": summary, "status": "complete"}))
+        """The summary, then the run's counter ``status = "complete"``."""
+        self.set_attrs(run, summary=summary)
+        self.set_attrs(run, status="complete")
         if "state" in run and not list(run["state"].keys()):
             del run["state"]
         zarr.consolidate_metadata(self.path)

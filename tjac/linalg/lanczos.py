@@ -34,7 +34,8 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
         v0=None, gen=None, callback=None, state=None, on_step=None, verify=None) -> KrylovResult:
     """Run block GKL until k wanted Ritz triplets are certified to tol * s_max.
 
-    ``maxiter`` counts block steps. Convergence needs at least k Ritz values: a Krylov space that
+    ``maxiter`` counts block steps. ``callback(dict)`` is called after every step (``checked``
+    marks the steps with a Ritz extraction, whose entries form the history). Convergence needs at least k Ritz values: a Krylov space that
     closes early (an invariant subspace, or a multiple value seen through a narrow block) continues
     with fresh random directions orthogonal to the basis (see :func:`orthonormalize`). When the
     recurrence's residual estimates say converged, ``verify(S, U, V, s_max)`` (fresh residuals, (k, 2))
@@ -89,6 +90,9 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
             pending, S_last = None, None
         last = pending is None or step == maxiter - 1 or n + pending.shape[1] > max_basis
         if not last and n < next_check:  # Ritz extraction is O(n^3): do it on a geometric grid
+            if callback is not None:  # progress between checks: the last check's counts
+                callback({"step": step, "basis": n, "checked": False,
+                          "n_converged": history[-1]["n_converged"] if history else 0})
             if on_step is not None:
                 on_step(_state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted, confirm))
                 restarted = False
@@ -126,7 +130,7 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
         if confirm is not None:
             history[-1]["confirming_since"] = confirm["step"]
         if callback is not None:
-            callback(history[-1])
+            callback({**history[-1], "checked": True})
         log.debug("GKL step %d: basis %d, %d/%d converged", step, n, history[-1]["n_converged"], k)
         if done or pending is None:
             final_fresh = fresh if done else None

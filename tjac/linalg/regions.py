@@ -66,6 +66,8 @@ def format_count(d: dict, name: str, *, sep: str = "") -> str:
     """What is known of one count of a :meth:`Regions.as_dict` (or of any dict with ``name``,
     ``name_min``, ``name_max``): ``12`` (exact), ``12 (11..13)`` (all known, some ambiguous),
     ``>=32`` (a lower bound: some values unknown) or ``unknown`` (nothing known)."""
+    if f"{name}_min" not in d:  # a summary written before counts had bounds
+        return str(d[name])
     lo, hi, face = d[f"{name}_min"], d[f"{name}_max"], d.get(name)
     if lo == hi:
         return str(lo)
