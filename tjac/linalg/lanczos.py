@@ -47,12 +47,13 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
     P = op.shape[0]
     dt, dev = op.dtype, op.device
     b = min(block, P)
-    X0 = v0 if v0 is not None else torch.randn(P, b, generator=gen, dtype=torch.float64)
-    X0 = X0.to(dev, dt).reshape(P, -1)
-    pending, _, _ = orthonormalize(X0, gen=gen)
-    Vb = X0.new_zeros((P, 0))   # processed V columns (B's columns)
-    Ub = X0.new_zeros((P, 0))
-    B = X0.new_zeros((0, 0))
+    Vb = torch.zeros((P, 0), dtype=dt, device=dev)   # processed V columns (B's columns)
+    Ub = torch.zeros((P, 0), dtype=dt, device=dev)
+    B = torch.zeros((0, 0), dtype=dt, device=dev)
+    pending = None
+    if state is None:  # a resumed solve draws nothing here: its generator continues the saved one
+        X0 = v0 if v0 is not None else torch.randn(P, b, generator=gen, dtype=torch.float64)
+        pending, _, _ = orthonormalize(X0.to(dev, dt).reshape(P, -1), gen=gen)
     history = []
     S_last = None
     res = None
