@@ -56,6 +56,19 @@ class Spectrum:
         return len(self.sigma) == self.P
 
 
+@dataclass(frozen=True)
+class Analysis:
+    """One stored analysis of a run (``analyses/<name>``): arrays with their dimension names and
+    the attributes (parameters and key numbers)."""
+    name: str
+    arrays: dict                # name -> np.ndarray
+    dims: dict                  # name -> tuple of dimension names
+    attrs: dict
+
+    def __getitem__(self, key):
+        return self.arrays[key]
+
+
 class Run:
     """One stored run."""
 
@@ -243,6 +256,24 @@ class Run:
         A = self.vectors(which, slice(0, k1))[1].T
         B = other.vectors(which, slice(0, k2))[1].T
         return scipy.linalg.subspace_angles(A, B)[::-1]
+
+    def analyses(self) -> list[str]:
+        """Names of the committed analyses of this run (``tjac analyze``, :mod:`tjac.analysis`)."""
+        return store.list_analyses(self._g)
+
+    def analysis(self, name: str) -> Analysis:
+        """A committed analysis, read whole (analyses are small: curves and counts)."""
+        g = store.analysis_group(self._g, name)
+        if g is None:
+            raise KeyError(f"run {self.id!r} has no analysis {name!r} "
+                           f"(stored: {', '.join(self.analyses()) or 'none'})")
+        arrays, dims = {}, {}
+        for n in sorted(g.array_keys()):
+            a = g[n]
+            arrays[n] = np.asarray(a[...])
+            dims[n] = tuple(a.metadata.dimension_names or ())
+        attrs = {k: v for k, v in g.attrs.items() if k not in store.COUNTERS}
+        return Analysis(name, arrays, dims, attrs)
 
     def as_dict(self) -> dict:
         return {"id": self.id, "status": self.status, "recipe": json.loads(self.attrs["recipe"]),

@@ -12,6 +12,9 @@ Layout (``dimension_names`` everywhere, so ``xarray.open_datatree(path, engine="
         spectrum/                  sigma (index,), residual (index, side): all P singular values and
                                    the residual pair of each, when the dense path ran; n_committed
         state/<name>/              solver checkpoints (J columns, Krylov basis), deleted when done
+        analyses/<name>/           one analysis of the run (tjac.analysis): its arrays with
+                                   dimension names, its parameters and key numbers in attributes;
+                                   n_committed = 1 (the counter)
 
 **One commit protocol** for every group (:meth:`Writer.commit_group`): an earlier group of that
 name is retired first (its counter removed, then the group deleted); then its arrays are created
@@ -124,6 +127,32 @@ def solve_arrays(run, which: str):
     if not committed(g) or any(n not in g for n in ("sigma", "residual", "u", "v")):
         return None
     return g["sigma"], g["residual"], g["u"], g["v"], dict(g.attrs)
+
+
+_ANALYSIS_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+def check_analysis_name(name: str) -> str:
+    if not isinstance(name, str) or not _ANALYSIS_NAME.match(name):
+        raise StoreError(f"analysis name {name!r} must match [a-z][a-z0-9_-]* (at most 64 "
+                         f"characters)")
+    return name
+
+
+def list_analyses(run) -> list[str]:
+    """The committed analyses of a run."""
+    if "analyses" not in run:
+        return []
+    g = run["analyses"]
+    return sorted(n for n in g.group_keys() if committed(g[n]))
+
+
+def analysis_group(run, name: str):
+    """The committed group ``analyses/<name>`` of a run, or None."""
+    check_analysis_name(name)
+    if name not in list_analyses(run):
+        return None
+    return run["analyses"][name]
 
 
 def _spectrum(run):
@@ -284,6 +313,25 @@ class Writer:
             arrays={"sigma": (np.asarray(sigma, np.float64), ("index",), None),
                     "residual": (np.asarray(residual, np.float64), ("index", "side"), None)},
             attrs={}, counter=("n_committed", len(sigma)))
+
+    def commit_analysis(self, run, name: str, *, arrays: dict, attrs: dict):
+        """Group ``analyses/<name>`` of a run: ``arrays`` maps an array name to (data, dimension
+        names); ``attrs`` are the analysis' parameters and key numbers (JSON). Replaces an earlier
+        analysis of that name by the commit protocol; a complete run's metadata is consolidated
+        again afterwards."""
+        check_analysis_name(name)
+        out = {}
+        for aname, (x, dims) in arrays.items():
+            x = np.asarray(x)
+            if x.dtype == object or x.ndim != len(dims):
+                raise ValueError(f"analysis array {aname!r}: {x.ndim} dimensions, {len(dims)} "
+                                 f"names {tuple(dims)!r}")
+            out[aname] = (x, tuple(dims), None)
+        g = self.commit_group(run.require_group("analyses"), name, arrays=out,
+                              attrs={**attrs, "analysis": name}, counter=("n_committed", 1))
+        if run.attrs.get("status") == "complete":
+            zarr.consolidate_metadata(self.path)
+        return g
 
     def spectrum_committed(self, run) -> bool:
         return _spectrum(run) is not None
