@@ -234,6 +234,14 @@ class TrainingJacobian:
                               rmatvec=lambda x: rmm(x).reshape(-1), matmat=mm, rmatmat=rmm,
                               dtype=np_dtype)
 
+    def to_linear_operator(self):
+        """J as a ``linear_operator.operators.LinearOperator`` (gpytorch's operator library):
+        ``@``, ``.mT`` (Jᵀ), lazy compositions such as ``L.mT @ L``, ``to_dense()`` (see
+        :mod:`tjac.linop`)."""
+        from .linop import JacobianLinearOperator
+
+        return JacobianLinearOperator(self)
+
     def counters(self) -> dict:
         return {"num_matvecs": self.num_matvecs, "num_rmatvecs": self.num_rmatvecs,
                 "num_replays": self.num_replays,

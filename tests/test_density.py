@@ -1,0 +1,255 @@
+"""Interval counts, bulk size and spectral density from products only (tjac.analysis.density),
+against exact counts of planted spectra and of tiny training Jacobians; the linear_operator view."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import tjac
+from tjac.analysis.density import (Quadrature, bulk_size, count_in_interval, slq,
+                                   spectral_density)
+from tjac.linalg import DenseOperator, materialize
+
+
+def planted(sigma, seed=0, normal=False):
+    """A = U diag(sigma) V^T with random orthogonal U != V (or U = V when ``normal``)."""
+    g = torch.Generator().manual_seed(seed)
+    P = len(sigma)
+    U, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    V = U if normal else torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))[0]
+    return DenseOperator(U @ torch.diag(sigma) @ V.T), V
+
+
+def spectrum(seed=0):
+    """Chaotic values up to 15, a bulk at 1 +- 1e-6 with exact ones, a continuous stable part and
+    a near-null tail."""
+    g = torch.Generator().manual_seed(seed)
+    f = dict(dtype=torch.float64)
+    return torch.cat([torch.logspace(math.log10(1.02), math.log10(15), 30, **f),
+                      1 + 1e-6 * (2 * torch.rand(60, generator=g, **f) - 1), torch.ones(15, **f),
+                      torch.linspace(0.2, 0.98, 30, **f), torch.logspace(-14, -3, 15, **f)])
+
+
+def true_count(s, lo, hi):
+    s = torch.as_tensor(s)
+    return int(((s >= lo) & (s <= hi)).sum())
+
+
+def test_per_probe_quadrature_bounds_contain_each_probes_exact_measure():
+    """The Chebyshev-Markov-Stieltjes bracket of every probe holds at every step count and for
+    every interval: the exact per-probe measure sum_i (z.v_i)^2 [sigma_i in I] from the SVD."""
+    s = spectrum()
+    op, V = planted(s)
+    Vt = V  # right singular vectors of op, columns in the order of s
+    for steps in (5, 20, 60):
+        q = slq(op, probes=4, steps=steps, seed=3, method="slq")
+        # the probes, redrawn as slq draws them
+        g = torch.Generator().manual_seed(3)
+        Z = torch.randint(0, 2, (len(s), 4), generator=g, dtype=torch.float64) * 2 - 1
+        w = (Vt.T @ Z) ** 2   # (P, probes)
+        for lo, hi in [(0.99, 1.01), (1 - 1e-6, 1 + 1e-6), (0.0, 0.5), (2.0, 20.0), (1e-9, 1e-4)]:
+            est, low, up = q.probe_counts(lo, hi)
+            inside = ((s >= lo) & (s <= hi)).to(torch.float64)
+            exact = (inside[:, None] * w).sum(0).numpy()
+            assert np.all(low <= exact + 1e-8), (steps, lo, hi, low, exact)
+            assert np.all(exact <= up + 1e-8), (steps, lo, hi, exact, up)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bracket_contains_the_true_count_on_planted_spectra(seed):
+    s = spectrum(seed)
+    op, _ = planted(s, seed=seed)
+    for lo, hi in [(1 - 1e-2, 1 + 1e-2), (1 - 1e-5, 1 + 1e-5), (0.0, 1e-2), (1.5, 20.0)]:
+        c = count_in_interval(op, lo, hi, probes=12, seed=seed, method="slq", rtol=0.02)
+        t = true_count(s, lo, hi)
+        assert c.lower <= t <= c.upper, (lo, hi, t, c)
+        assert abs(c.estimate - t) <= max(4 * c.stderr, 0.1 * t + 1), (lo, hi, t, c)
+        assert c.method == "slq" and c.products == 2 * 12 * c.steps or c.products <= 2 * 12 * c.steps
+
+
+def test_non_normal_and_normal_planted_spectra_count_the_same():
+    s = spectrum(1)
+    for normal in (False, True):
+        op, _ = planted(s, seed=1, normal=normal)
+        c = bulk_size(op, 1e-2, probes=12, seed=2, method="slq")
+        assert c.lower <= true_count(s, 0.99, 1.01) <= c.upper
+
+
+def test_krylov_space_that_closes_early_gives_the_exact_rule():
+    """Five distinct values: every probe's Krylov space closes after 5 steps, and the counts are
+    then exact up to the probes' spread (each probe's bracket has zero width)."""
+    vals = torch.tensor([0.1, 0.5, 1.0, 2.0, 7.0], dtype=torch.float64).repeat_interleave(20)
+    op, _ = planted(vals, seed=4)
+    q = slq(op, probes=6, steps=50, seed=0, method="slq")
+    assert q.steps <= 6 and all(q.exact)
+    est, low, up = q.probe_counts(0.9, 1.1)
+    assert np.allclose(low, up) and np.allclose(est, low)
+    d = q.nodes[0]
+    assert np.allclose(np.sort(np.sqrt(d)), vals.unique().numpy(), rtol=1e-10)
+
+
+def test_deflation_counts_deflated_values_exactly_and_needs_fewer_steps():
+    s = spectrum(2)
+    op, V = planted(s, seed=2)
+    lo, hi = 0.99, 1.01
+    plain = count_in_interval(op, lo, hi, probes=10, seed=0, method="slq", rtol=0.02,
+                              check_every=5)
+    top = 20  # the 20 largest (the chaotic part): right singular vectors are V's first columns
+    dfl = count_in_interval(op, lo, hi, probes=10, seed=0, method="slq", rtol=0.02, check_every=5,
+                            deflate=(V[:, :top], s[:top]))
+    t = true_count(s, lo, hi)
+    assert dfl.lower <= t <= dfl.upper
+    assert dfl.deflated == true_count(s[:top], lo, hi) == 0
+    assert math.isclose(dfl.sigma_max, plain.sigma_max, rel_tol=1e-12)  # ||J||, deflated included
+    assert dfl.steps < plain.steps, (dfl.steps, plain.steps)
+    # deflating exact ones: they are counted exactly
+    ones = slice(90, 105)
+    c = count_in_interval(op, lo, hi, probes=10, seed=0, method="slq", rtol=0.02,
+                          deflate=(V[:, ones], s[ones]))
+    assert c.deflated == 15 and abs(c.estimate - t) <= 4 * c.stderr
+
+
+def test_dense_method_counts_exactly():
+    s = spectrum(0)
+    op, _ = planted(s)
+    c = bulk_size(op, 1e-2, method="dense")
+    t = true_count(s, 0.99, 1.01)
+    assert c.method == "dense" and c.estimate == c.lower == c.upper == t
+    assert c.products == len(s)
+
+
+def test_auto_takes_the_dense_path_when_slq_would_cost_more_than_p_products():
+    s = spectrum(0)
+    op, _ = planted(s)
+    c = bulk_size(op, 1e-3, probes=16, method="auto")
+    assert c.method == "dense" and c.estimate == true_count(s, 0.999, 1.001)
+
+
+def test_tiny_training_jacobian_counts_against_its_dense_spectrum():
+    op = tjac.TrainingJacobian(tjac.Recipe.paper(width=4, epochs=2, n_train=128))
+    J = materialize(op)
+    s = torch.linalg.svdvals(J)
+    for eps in (0.3, 0.05):
+        c = bulk_size(op, eps, probes=8, seed=1, method="slq", rtol=0.05, max_steps=310)
+        t = true_count(s, 1 - eps, 1 + eps)
+        assert c.lower <= t <= c.upper, (eps, t, c)
+    dense = bulk_size(op, 0.05, method="dense")
+    assert dense.estimate == true_count(s, 0.95, 1.05)
+
+
+def test_spectral_density_integrates_to_p_and_matches_the_dense_density():
+    s = spectrum(3)
+    op, _ = planted(s, seed=3)
+    grid = np.linspace(-15, 1.5, 800)
+    exact = slq(op, probes=2, steps=1, method="dense").density(grid, bandwidth=0.1)
+    d = spectral_density(op, probes=16, steps=len(s), seed=0, method="slq", log10_sigma=grid,
+                         bandwidth=0.1)
+    step = grid[1] - grid[0]
+    assert abs(d.density.sum() * step - len(s)) < 0.05 * len(s)
+    assert abs(exact.density.sum() * step - len(s)) < 1e-3 * len(s)  # the grid cuts the tails
+    # full-length rules are exact per probe: only the probes' sampling error is left above
+    # 1e-5 sigma_max (below it Lanczos on J^T J places sigma only roughly: module doc)
+    above = grid > math.log10(15 * 1e-5) + 0.3
+    err = np.abs(d.density - exact.density)[above]
+    within = err <= 3 * d.stderr[above] + 1e-6 * exact.density.max()
+    assert within.mean() >= 0.9, within.mean()
+    tail = ~above  # the lumped near-null tail holds the same mass
+    assert abs((d.density[tail] - exact.density[tail]).sum() * step) <= 0.1 * 15
+
+
+def test_regions_from_one_quadrature_bracket_each_region():
+    s = spectrum(4)
+    op, _ = planted(s, seed=4)
+    q = slq(op, probes=12, steps=120, seed=0, method="slq")
+    r = q.regions(1e-2)
+    assert r["chaotic"].lower <= int((s > 1.01).sum()) <= r["chaotic"].upper
+    assert r["bulk"].lower <= true_count(s, 0.99, 1.01) <= r["bulk"].upper
+    assert r["stable"].lower <= int((s < 0.99).sum()) <= r["stable"].upper
+
+
+def test_bad_input_is_refused_with_one_line():
+    op, V = planted(spectrum(0))
+    with pytest.raises(ValueError, match="eps"):
+        bulk_size(op, 0.0)
+    with pytest.raises(ValueError, match="empty"):
+        count_in_interval(op, 1.0, 1.0)
+    with pytest.raises(ValueError, match="probes"):
+        count_in_interval(op, 0.5, 1.5, probes=1)
+    with pytest.raises(ValueError, match="rmatmat"):
+        class OnlyForward:
+            shape, dtype, device = (3, 3), torch.float64, torch.device("cpu")
+
+            def matmat(self, X):
+                return X
+        count_in_interval(OnlyForward(), 0.5, 1.5)
+    with pytest.raises(ValueError, match="orthonormal"):
+        count_in_interval(op, 0.5, 1.5, deflate=(2 * V[:, :3], [1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="minimum of 20"):
+        count_in_interval(op, 1 - 1e-4, 1 + 1e-4, probes=4, max_steps=10, method="slq")
+    from tjac.analysis.density import ResolutionError
+
+    with pytest.raises(ResolutionError, match="needs about [0-9]+ steps") as e:
+        count_in_interval(op, 0.5, 0.7, probes=4, max_steps=25, rtol=0.01, method="slq",
+                          check_every=5)
+    assert e.value.result.resolved is False and e.value.result.upper > e.value.result.lower
+    with pytest.raises(MemoryError, match="GiB"):
+        slq(op, probes=4, steps=100, method="slq", available_bytes=1000)
+
+
+# -- linear_operator (gpytorch's operator library) -------------------------------------------------
+def test_to_linear_operator_matches_the_dense_jacobian():
+    op = tjac.TrainingJacobian(tjac.Recipe.paper(width=4, epochs=1, n_train=128))
+    J = materialize(op)
+    L = op.to_linear_operator()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(310, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(310, generator=g, dtype=torch.float64)
+    Xb = torch.randn(2, 310, 3, generator=g, dtype=torch.float64)
+    assert L.shape == torch.Size([310, 310]) and L.dtype == torch.float64
+    assert torch.allclose(L @ X, J @ X, atol=1e-12)
+    assert torch.allclose(L @ x, J @ x, atol=1e-12)
+    assert torch.allclose(L.matmul(Xb), J @ Xb, atol=1e-12)
+    assert torch.allclose(L.mT @ X, J.T @ X, atol=1e-12)
+    assert torch.allclose((L.mT @ L) @ X, J.T @ (J @ X), atol=1e-11)
+    assert torch.allclose(L.to_dense(), J, atol=1e-13)
+    with pytest.raises(TypeError, match="float32"):
+        L @ X.float()
+
+
+def test_gpytorch_lanczos_falls_short_where_ours_is_exact():
+    """Why the quadrature runs its own Lanczos (module doc of tjac.analysis.density): gpytorch's
+    lanczos_tridiag stops on an absolute beta <= 1e-6, so on J scaled by 1e-4 (the same spectrum
+    in other units) it ends after a few steps and its Gauss rule misses moments an m-step rule
+    has; ours is scale-invariant and matches the exact moments e^T A^j e / ||z||^2, j < 2m."""
+    from linear_operator.utils.lanczos import lanczos_tridiag
+
+    from tjac.analysis.density import _ProbeLanczos
+
+    s = spectrum(0) * 1e-4
+    op, _ = planted(s, seed=0)
+    P, m = len(s), 6
+    z = (torch.randint(0, 2, (P, 1), generator=torch.Generator().manual_seed(0),
+                       dtype=torch.float64) * 2 - 1)
+    A = op.A.T @ op.A
+    zn = (z / z.norm()).flatten()
+    exact = np.array([float(zn @ torch.linalg.matrix_power(A, j) @ zn) for j in range(2 * m)])
+
+    def moments(nodes, weights):
+        w = weights / weights.sum()
+        return np.array([float((w * nodes ** j).sum()) for j in range(2 * m)])
+
+    _, T = lanczos_tridiag(lambda X: A @ X, m, torch.float64, torch.device("cpu"), A.shape,
+                           init_vecs=z, tol=1e-10)
+    th, ev = torch.linalg.eigh(T)
+    theirs = moments(th.numpy(), (ev[0] ** 2).numpy())
+    run = _ProbeLanczos(op, z, None)
+    for _ in range(m):
+        run.step()
+    q = run.quadrature(P, np.zeros(0), 0.0)
+    ours = moments(q.nodes[0], q.weights[0])
+    scale = exact.copy()
+    assert np.allclose(ours, exact, rtol=1e-8, atol=0) and len(q.nodes[0]) == m
+    assert T.shape[-1] < m or not np.allclose(theirs, scale, rtol=1e-8, atol=0), \
+        "gpytorch's lanczos_tridiag now runs scaled operators: reconsider using it"

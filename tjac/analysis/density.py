@@ -1,0 +1,568 @@
+r"""How many singular values of J lie in an interval, and their density, from products only.
+
+**Stochastic Lanczos quadrature (SLQ) on JᵀJ.** For a probe z (Rademacher), Lanczos on A = JᵀJ
+started at z/‖z‖ with m steps gives a tridiagonal T_m; its eigenvalues θ_j and the squared first
+components τ_j of its eigenvectors, scaled by ‖z‖², are the nodes and weights of the m-point Gauss
+rule of the spectral measure μ_z = Σ_i (zᵀv_i)² δ(λ − σ_i²). Since E[(zᵀv_i)²] = 1, the number of
+σ_i in [lo, hi] is E[μ_z([lo², hi²])]: one probe is one unbiased sample, and every probe's
+products share one training replay (the probes are the columns of one block). Each probe is
+reorthogonalized in full (twice, classical Gram–Schmidt) in float64, so T_m is the exact Gauss rule
+to round-off: no ghost copies of the large values.
+
+**A bracket you can defend.** The Chebyshev–Markov–Stieltjes inequalities bound the distribution
+function F of μ_z between the Gauss rule's partial sums: Σ_{j<p} τ_j ≤ F(θ_p − 0) and
+F(θ_p) ≤ Σ_{j≤p} τ_j, hence for θ_p ≤ t < θ_{p+1}
+
+    Σ_{j<p} τ_j ≤ F(t) ≤ Σ_{j≤p+1} τ_j,
+
+so each probe's count lies in a guaranteed [lower_i, upper_i] (the quadrature's part of the error:
+it shrinks as nodes crowd the interval's ends). The sampling part is the spread across probes: the
+reported bracket is [mean(lower) − t·se(lower), mean(upper) + t·se(upper)] with Student's t at
+``confidence`` (default 95%). The point estimate is the plain Gauss-rule count (nodes inside the
+interval), its ``stderr`` the probes' standard error.
+
+**Cost: resolution, not P.** The Gauss nodes near σ = 1 are spaced about π σ_max / m apart (the
+spectrum of A spans [0, σ_max²]), so resolving a window 1 ± ε takes m ∝ σ_max / ε steps, 2 products
+each per probe, whatever P is (measured in BENCHMARKS.md, "Interval counts"). Deflation helps when
+it lowers σ_max: ``deflate=(V, sigma)`` with certified right singular vectors (a computed top, the
+structural σ = 1 directions) restricts the probes and every Lanczos vector to the complement of V
+and adds V's values to the counts exactly. Steps stop when the quadrature part of the bracket is
+below ``rtol`` of the count (checked every ``check_every`` steps) or a probe's Krylov space closes
+(then its rule is exact).
+
+When the dense path is cheaper (the expected SLQ products exceed P, measured after the first
+steps) and J fits in memory, ``method="auto"`` counts from the dense singular values instead; the
+result says which path it took.
+
+**gpytorch's Lanczos** (``linear_operator.utils.lanczos.lanczos_tridiag``, batched probes
+through one closure) was checked for this and is not used: it runs a fixed number of steps into a
+preallocated (steps, P, probes) basis (no stopping at a resolution, no resuming); it stops every
+probe together on an *absolute* β ≤ 1e-6, so the same spectrum in smaller units (J scaled by
+1e-4) ends after the first steps with a rule that lacks the moments asked for
+(``tests/test_density.py``); it goes on dividing a probe whose Krylov space closed by its ~0 β;
+and it reorthogonalizes a second time only while an overlap is *positive* (on the spectra tried
+here its first pass already kept ‖QᵀQ − I‖ at 2e-15, so this did not bite). Its
+``lanczos_tridiag_to_diag`` sets negative Ritz values to 1, which would move round-off nodes of
+JᵀJ's null space into the bulk. The recurrence here stops per probe on a relative β, at a
+resolution, and deflates. J is offered to gpytorch users as a ``linear_operator`` operator:
+:meth:`tjac.TrainingJacobian.to_linear_operator`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+REORTH_PASSES = 2
+# beta below BREAKDOWN * lambda_max: the probe's Krylov space closed. Dropping such a beta moves
+# the rule's nodes by at most beta (Weyl), far below any window a count resolves; the computed beta
+# of a space that closed in exact arithmetic is round-off amplified by the Krylov basis' condition
+# (measured 2e-10 lambda_max with five distinct values spread over 3.7 decades)
+BREAKDOWN = 1e-8
+DENSE_MEMORY_SHARE = 0.5   # the dense fallback may use this share of the available memory
+
+
+@dataclass(frozen=True)
+class IntervalCount:
+    """How many singular values lie in [lo, hi]: a point ``estimate`` and a ``lower``/``upper``
+    bracket (quadrature bounds widened by the probes' spread at ``confidence``)."""
+    lo: float
+    hi: float
+    estimate: float
+    lower: float
+    upper: float
+    stderr: float
+    confidence: float
+    method: str                 # "slq" or "dense"
+    P: int
+    probes: int
+    steps: int                  # Lanczos steps of the longest probe
+    products: int               # J and Jᵀ products spent (all probes)
+    seconds: float
+    sigma_max: float
+    resolution: float           # mean width of one probe's quadrature bracket (count units)
+    deflated: int = 0           # values counted exactly from ``deflate`` (included above)
+    resolved: bool = True       # the quadrature part reached ``rtol`` (or the rule is exact)
+
+    def as_dict(self) -> dict:
+        return {n: getattr(self, n) for n in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Density:
+    """Density of singular values over log10 σ (integrates to P over the grid's range and tails),
+    smoothed by a Gaussian of ``bandwidth`` decades; ``stderr`` is the probes' standard error."""
+    log10_sigma: np.ndarray
+    density: np.ndarray
+    stderr: np.ndarray
+    bandwidth: float
+    method: str
+    P: int
+    probes: int
+    steps: int
+    products: int
+
+
+@dataclass
+class Quadrature:
+    """Gauss rules of the probes: ``nodes[i]`` (ascending σ² values) and ``weights[i]`` (sum ‖z_i‖²,
+    about P − deflated), with the exactly known deflated values ``deflated_sigma``."""
+    nodes: list
+    weights: list
+    P: int
+    probes: int
+    steps: int
+    products: int
+    seconds: float
+    sigma_max: float
+    exact: list                   # per probe: its Krylov space closed (the rule is exact)
+    deflated_sigma: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    method: str = "slq"
+    history: list = field(default_factory=list)  # (steps, bracket width, count) per check
+
+    # -- counts ------------------------------------------------------------------------------------
+    def probe_counts(self, lo: float, hi: float):
+        """(estimate, lower, upper) per probe for the σ interval [lo, hi] (deflated values
+        excluded); a probe whose Krylov space closed has an exact rule (lower = upper)."""
+        a, b = lo * lo, hi * hi
+        est, low, up = [], [], []
+        for x, w, exact in zip(self.nodes, self.weights, self.exact):
+            c = np.concatenate([[0.0], np.cumsum(w)])          # c[p] = sum of the first p weights
+            inside = (x >= a) & (x <= b)
+            est.append(float(w[inside].sum()))
+            if exact:  # the Krylov space closed: the rule is the probe's measure itself
+                low.append(est[-1])
+                up.append(est[-1])
+                continue
+            pb = int(np.searchsorted(x, b, side="right"))      # nodes <= b: indices < pb
+            pa = int(np.searchsorted(x, a, side="left"))       # nodes < a: indices < pa
+            n = len(x)
+            # F(b): node p = pb - 1 is the last <= b; lower sum_{j<p}, upper sum_{j<=p+1}
+            Fb_lo, Fb_up = c[max(pb - 1, 0)], c[min(pb + 1, n)]
+            # F(a - 0): the last node < a is pa - 1
+            Fa_lo, Fa_up = c[max(pa - 1, 0)], c[min(pa + 1, n)]
+            low.append(max(0.0, Fb_lo - Fa_up))
+            up.append(max(0.0, Fb_up - Fa_lo))
+        return np.array(est), np.array(low), np.array(up)
+
+    def count(self, lo: float, hi: float, *, confidence: float = 0.95,
+              resolved: bool = True) -> IntervalCount:
+        _check_interval(lo, hi)
+        dfl = int(((self.deflated_sigma >= lo) & (self.deflated_sigma <= hi)).sum())
+        if self.method == "dense":
+            n = float(self.probe_counts(lo, hi)[0][0])
+            return IntervalCount(lo, hi, n + dfl, n + dfl, n + dfl, 0.0, confidence, "dense",
+                                 self.P, 0, 0, self.products, self.seconds, self.sigma_max, 0.0,
+                                 dfl, True)
+        est, low, up = self.probe_counts(lo, hi)
+        N = len(est)
+        t = _t_quantile(confidence, N - 1)
+        se = lambda x: float(np.std(x, ddof=1) / math.sqrt(N)) if N > 1 else math.inf  # noqa: E731
+        lower = max(0.0, float(low.mean()) - t * se(low)) + dfl
+        upper = min(float(self.P), float(up.mean()) + t * se(up) + dfl)
+        return IntervalCount(lo, hi, float(est.mean()) + dfl, lower, upper, se(est), confidence,
+                             "slq", self.P, N, self.steps, self.products, self.seconds,
+                             self.sigma_max, float((up - low).mean()), dfl, resolved)
+
+    def regions(self, eps: float, *, confidence: float = 0.95) -> dict:
+        """Chaotic (σ > 1 + ε), bulk (|σ − 1| ≤ ε) and stable (σ < 1 − ε) counts, each an
+        :class:`IntervalCount`."""
+        big = max(self.sigma_max, 1.0 + eps) * 2 + 1.0
+        lo_stable = max(1.0 - eps, 0.0)
+        return {"chaotic": self.count(1.0 + eps * (1 + 1e-12), big, confidence=confidence),
+                "bulk": self.count(max(1.0 - eps, 0.0), 1.0 + eps, confidence=confidence),
+                "stable": self.count(0.0, lo_stable * (1 - 1e-12), confidence=confidence)}
+
+    # -- density -----------------------------------------------------------------------------------
+    def density(self, log10_sigma=None, *, bandwidth: float = 0.05, floor: float = 1e-6) -> Density:
+        """Gaussian-smoothed density over log10 σ. Values below ``floor`` σ_max are put at the
+        floor: the near-null tail is one lump at the left edge. Lanczos on JᵀJ works with σ²
+        (absolute round-off ~eps σ_max²), so it places σ below ~1e-5 σ_max only roughly (measured
+        on a planted tail from 1e-14 to 1e-3: nodes off by up to a decade below 1e-5 σ_max, right
+        above); counts across σ = 1 ± ε are unaffected. The dense path is shown on the same terms."""
+        if not bandwidth > 0:
+            raise ValueError(f"`bandwidth` must be > 0 decades, got {bandwidth!r}")
+        smin = max(self.sigma_max, 1e-300) * floor
+        if log10_sigma is None:
+            log10_sigma = np.linspace(math.log10(smin), math.log10(max(self.sigma_max, 1.0)) + 0.1,
+                                      400)
+        g = np.asarray(log10_sigma, dtype=np.float64)
+        per = []
+        for x, w in zip(self.nodes, self.weights):
+            s = np.log10(np.sqrt(np.maximum(x, smin * smin)))
+            k = np.exp(-0.5 * ((g[:, None] - s[None, :]) / bandwidth) ** 2)
+            per.append(k @ w / (bandwidth * math.sqrt(2 * math.pi)))
+        per = np.array(per)
+        if len(self.deflated_sigma):
+            s = np.log10(np.maximum(self.deflated_sigma, smin))
+            k = np.exp(-0.5 * ((g[:, None] - s[None, :]) / bandwidth) ** 2)
+            per = per + k.sum(1) / (bandwidth * math.sqrt(2 * math.pi))
+        N = per.shape[0]
+        se = per.std(0, ddof=1) / math.sqrt(N) if N > 1 else np.zeros_like(g)
+        return Density(g, per.mean(0), se, float(bandwidth), self.method, self.P, self.probes,
+                       self.steps, self.products)
+
+
+# -- public functions ------------------------------------------------------------------------------
+def slq(op, *, probes: int = 16, steps: int = 200, seed: int = 0, deflate=None,
+        target=None, rtol: float = 0.05, check_every: int = 25, min_steps: int = 20,
+        method: str = "slq", available_bytes: int | None = None, callback=None) -> Quadrature:
+    """Gauss rules of ``probes`` Rademacher probes of JᵀJ (module doc), at most ``steps`` Lanczos
+    steps each. With ``target=(lo, hi)`` it stops as soon as the quadrature part of that count's
+    bracket is below ``rtol`` of it. ``method``: 'slq', 'dense' or 'auto' (dense when the
+    expected SLQ products exceed P and J fits)."""
+    _check_op(op)
+    P = op.shape[0]
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 2:
+        raise ValueError(f"`probes` must be an integer >= 2 (one probe has no error bar), got "
+                         f"{probes!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`steps` must be a positive integer, got {steps!r}")
+    if target is not None and steps < min_steps:
+        raise ValueError(f"a step budget of {steps} is below the minimum of {min_steps} Lanczos "
+                         f"steps per probe that an interval count needs")
+    if method not in ("slq", "dense", "auto"):
+        raise ValueError(f"unknown method {method!r}; expected 'slq', 'dense' or 'auto'")
+    if not (0 < rtol < 1):
+        raise ValueError(f"`rtol` must be in (0, 1), got {rtol!r}")
+    if target is not None:
+        _check_interval(*target)
+    V, dsig = _deflation(deflate, P)
+    if V is not None:
+        V = V.to(op.device, op.dtype)
+    if method == "dense":
+        return _dense(op, V, dsig)
+    t0 = time.perf_counter()
+    budget = _available(available_bytes, op.device)
+    per_step = P * probes * op.dtype.itemsize
+    steps = min(steps, P - (0 if V is None else V.shape[1]))
+    if (steps + 2) * per_step > DENSE_MEMORY_SHARE * budget:
+        need = (steps + 2) * per_step
+        raise MemoryError(f"SLQ with {probes} probes x {steps} steps keeps a {need / 2**30:.1f} GiB "
+                          f"basis; about {budget / 2**30:.1f} GiB is available: use fewer probes "
+                          f"per call or fewer steps")
+    gen = torch.Generator().manual_seed(int(seed))
+    Z = (torch.randint(0, 2, (P, probes), generator=gen, dtype=torch.float64) * 2 - 1)
+    Z = Z.to(op.device, op.dtype)
+    if V is not None:
+        Z = Z - V @ (V.T @ Z)
+    run = _ProbeLanczos(op, Z, V)
+    history = []  # (steps, quadrature bracket width, count) at each check of ``target``
+    while run.m < steps:
+        run.step()
+        if callback is not None:
+            callback({"step": run.m, "active": int(run.active.sum()), "products": run.products})
+        if not bool(run.active.any()):
+            break
+        if run.m == min_steps and method == "auto" and _dense_is_cheaper(run, P, target, rtol,
+                                                                          steps, budget):
+            products0 = run.products
+            q = _dense(op, V, dsig)
+            q.products += products0
+            q.seconds = time.perf_counter() - t0
+            return q
+        if target is not None and run.m >= min_steps and run.m % check_every == 0:
+            q = run.quadrature(P, dsig, t0)
+            c = q.count(*target)
+            history.append((run.m, c.resolution, c.estimate - c.deflated))
+            if c.resolution <= rtol * max(c.estimate - c.deflated, 1.0):
+                q.history = history
+                return q
+    q = run.quadrature(P, dsig, t0)
+    q.history = history
+    return q
+
+
+def count_in_interval(op, lo: float, hi: float, *, probes: int = 16, rtol: float = 0.05,
+                      max_steps: int = 2000, seed: int = 0, deflate=None,
+                      confidence: float = 0.95, method: str = "auto", check_every: int = 25,
+                      available_bytes: int | None = None, callback=None) -> IntervalCount:
+    """The number of singular values of ``op`` in [lo, hi] with a bracket (module doc).
+
+    Lanczos steps run until the quadrature part of the bracket is below ``rtol`` of the count
+    (``max_steps`` at most); when the budget ends first, :class:`ResolutionError` says how many
+    steps it would need (extrapolated from the bracket's decay) and carries the wider result. ``deflate=(V, sigma)``: known right singular vectors (P, k)
+    and their values, counted exactly.
+    """
+    _check_interval(lo, hi)
+    q = slq(op, probes=probes, steps=max_steps, seed=seed, deflate=deflate, target=(lo, hi),
+            rtol=rtol, check_every=check_every, method=method, available_bytes=available_bytes,
+            callback=callback)
+    c = q.count(lo, hi, confidence=confidence)
+    resolved = c.method == "dense" or all(q.exact) or q.steps >= op.shape[0] or \
+        c.resolution <= rtol * max(c.estimate - c.deflated, 1.0)
+    if not resolved:
+        c = IntervalCount(**{**c.as_dict(), "resolved": False})
+        need = _extrapolate(q.history, rtol, op.shape[0])
+        raise ResolutionError(
+            f"{max_steps} Lanczos steps per probe resolve [{lo:g}, {hi:g}] to a quadrature "
+            f"bracket of {c.resolution:.3g} values, above rtol={rtol:g} of the count "
+            f"{c.estimate:.4g}: it needs about {need} steps (max_steps), or a larger rtol", c)
+    return c
+
+
+def bulk_size(op, eps: float, **kw) -> IntervalCount:
+    """How many σ satisfy |σ − 1| ≤ ``eps`` (:func:`count_in_interval`)."""
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"`eps` must be > 0, got {eps!r}")
+    return count_in_interval(op, max(1.0 - eps, 0.0), 1.0 + eps, **kw)
+
+
+def spectral_density(op, *, probes: int = 16, steps: int = 200, seed: int = 0, deflate=None,
+                     bandwidth: float = 0.05, log10_sigma=None, method: str = "auto",
+                     available_bytes: int | None = None) -> Density:
+    """Density of the singular values over log10 σ from ``steps`` Lanczos steps per probe
+    (:func:`slq`), or from the dense spectrum when that is cheaper (``method='auto'``)."""
+    q = slq(op, probes=probes, steps=steps, seed=seed, deflate=deflate, method=method,
+            available_bytes=available_bytes)
+    return q.density(log10_sigma, bandwidth=bandwidth)
+
+
+def steps_needed(sigma_max: float, half_width: float, *, factor: float | None = None) -> int:
+    """Cost model: Lanczos steps per probe to resolve a window of ``half_width`` around σ = 1
+    when the spectrum is dense across its ends (m ≈ ``factor`` σ_max / half_width; ``factor``
+    measured, BENCHMARKS.md). Used by ``method='auto'`` to compare with the dense path's P."""
+    f = STEPS_FACTOR if factor is None else factor
+    return int(math.ceil(f * sigma_max / half_width))
+
+
+STEPS_FACTOR = 0.1  # steps * half-width / sigma_max measured at rtol 0.05 (BENCHMARKS.md)
+
+
+class ResolutionError(ValueError):
+    """The step budget ended before the count was resolved to ``rtol``; ``result`` holds the
+    (wider) bracket reached."""
+
+    def __init__(self, message, result):
+        super().__init__(message)
+        self.result = result
+
+
+def _extrapolate(history, rtol, P) -> int:
+    """Steps at which the quadrature bracket would reach ``rtol`` of the count, from its decay
+    over the last checks (width ~ m^-p); at most P (the rule is then exact)."""
+    pts = [(m, w, c) for m, w, c in history if w > 0]
+    if len(pts) < 2:
+        return P
+    (m1, w1, _), (m2, w2, c2) = pts[-2], pts[-1]
+    target = rtol * max(c2, 1.0)
+    if w2 >= w1:
+        return P
+    p = math.log(w1 / w2) / math.log(m2 / m1)
+    return int(min(P, math.ceil(m2 * (w2 / target) ** (1 / p))))
+
+
+# -- internals -------------------------------------------------------------------------------------
+class _ProbeLanczos:
+    """Lanczos on JᵀJ for all probes at once (columns of one block), full reorthogonalization
+    per probe, deflation against V."""
+
+    def __init__(self, op, Z, V):
+        self.op, self.V = op, V
+        norms = Z.norm(dim=0)
+        self.z2 = (norms ** 2).double().cpu().numpy()
+        self.Q = [Z / norms]                  # the last two Lanczos vectors, each (P, N)
+        self.basis = _Basis(Z.shape[0], Z.shape[1], Z.dtype, Z.device)
+        self.basis.append(self.Q[-1])
+        self.alpha, self.beta = [], []        # lists of (N,) float64
+        N = Z.shape[1]
+        self.active = torch.ones(N, dtype=torch.bool)
+        self.length = np.zeros(N, dtype=np.int64)   # steps taken by each probe
+        self.exact = np.zeros(N, dtype=bool)
+        self.products = 0
+        self.lam_max = 0.0
+
+    @property
+    def m(self):
+        return len(self.alpha)
+
+    def _apply(self, X):
+        W = self.op.rmatmat(self.op.matmat(X))
+        self.products += 2 * X.shape[1]
+        if self.V is not None:
+            W = W - self.V @ (self.V.T @ W)
+        return W
+
+    def step(self):
+        act = self.active.clone()
+        idx = torch.nonzero(act).flatten()
+        q = self.Q[-1]
+        W = torch.zeros_like(q)
+        W[:, idx] = self._apply(q[:, idx])
+        a = (q * W).sum(0)
+        W = W - q * a
+        if len(self.Q) > 1:
+            W = W - self.Q[-2] * torch.as_tensor(self.beta[-1], dtype=W.dtype, device=W.device)
+        for _ in range(REORTH_PASSES):
+            W = self.basis.orthogonalize(W)
+        if self.V is not None:
+            W = W - self.V @ (self.V.T @ W)
+        b = W.norm(dim=0)
+        an = a.double().cpu().numpy()
+        bn = b.double().cpu().numpy()
+        an[~act.numpy()] = 0.0
+        bn[~act.numpy()] = 0.0
+        self.alpha.append(an)
+        self.length[act.numpy()] += 1
+        self.lam_max = max(self.lam_max, float(np.abs(an).max()) + 2 * float(bn.max()))
+        closed = act.numpy() & (bn <= BREAKDOWN * max(self.lam_max, 1e-300))
+        self.exact |= closed
+        newact = act.numpy() & ~closed
+        self.active = torch.from_numpy(newact)
+        bn[~newact] = 0.0
+        self.beta.append(bn)
+        safe = torch.where(self.active.to(W.device), b, torch.ones_like(b))
+        self.Q = [self.Q[-1], torch.where(self.active.to(W.device)[None, :], W / safe,
+                                          torch.zeros_like(W))]
+        self.basis.append(self.Q[-1])
+
+    def ritz_max(self) -> float:
+        """The largest Ritz value of JᵀJ over the probes (a lower bound on σ_max²)."""
+        import scipy.linalg
+
+        A, B = np.array(self.alpha), np.array(self.beta)
+        best = 0.0
+        for i in range(A.shape[1]):
+            m = int(self.length[i])
+            if m:
+                th = scipy.linalg.eigvalsh_tridiagonal(A[:m, i], B[:m - 1, i]) if m > 1 \
+                    else A[:1, i]
+                best = max(best, float(th.max()))
+        return best
+
+    def quadrature(self, P, dsig, t0) -> Quadrature:
+        import scipy.linalg
+
+        A, B = np.array(self.alpha), np.array(self.beta)
+        nodes, weights = [], []
+        for i in range(A.shape[1]):
+            m = int(self.length[i])
+            d, e = A[:m, i], B[:m - 1, i]
+            if m == 1:
+                th, ev = d.copy(), np.ones((1, 1))
+            else:
+                th, ev = scipy.linalg.eigh_tridiagonal(d, e)
+            nodes.append(np.maximum(th, 0.0))      # A is PSD: negative nodes are round-off
+            weights.append(ev[0] ** 2 * self.z2[i])
+        smax = math.sqrt(max(float(max(x.max() for x in nodes)), 0.0))
+        if len(dsig):
+            smax = max(smax, float(dsig.max()))
+        return Quadrature(nodes, weights, P, len(nodes), int(self.length.max()), self.products,
+                          time.perf_counter() - t0, smax, list(self.exact), dsig)
+
+
+class _Basis:
+    """Every probe's Lanczos vectors, in chunks of ``CHUNK`` columns laid out (probe, P, column)
+    so that each probe's projection is one batched GEMM (no preallocated full basis)."""
+
+    CHUNK = 64
+
+    def __init__(self, P, N, dtype, device):
+        self.P, self.N, self.dtype, self.device = P, N, dtype, device
+        self.chunks, self.fill = [], 0
+
+    def append(self, q):                      # q: (P, N)
+        if not self.chunks or self.fill == self.CHUNK:
+            self.chunks.append(torch.zeros(self.N, self.P, self.CHUNK, dtype=self.dtype,
+                                           device=self.device))
+            self.fill = 0
+        self.chunks[-1][:, :, self.fill] = q.T
+        self.fill += 1
+
+    def orthogonalize(self, W):               # W - Q_i Q_i^T W_i for every probe i
+        w = W.T.unsqueeze(2)                  # (N, P, 1)
+        coefs = [torch.bmm(c.transpose(1, 2), w) for c in self.chunks]
+        for c, a in zip(self.chunks, coefs):
+            w = w - torch.bmm(c, a)
+        return w.squeeze(2).T
+
+
+def _dense(op, V, dsig) -> Quadrature:
+    """The dense spectrum as a one-probe 'rule' with unit weights (exact counts)."""
+    from ..linalg.dense import materialize
+
+    t0 = time.perf_counter()
+    P = op.shape[0]
+    budget = _available(None, op.device)
+    if 3 * P * P * 8 > DENSE_MEMORY_SHARE * budget:
+        raise MemoryError(f"the dense spectrum needs ~{3 * P * P * 8 / 2**30:.1f} GiB; about "
+                          f"{budget / 2**30:.1f} GiB is available: use method='slq'")
+    before = None
+    J = materialize(op)
+    s = torch.linalg.svdvals(J).double().cpu().numpy()
+    x = np.sort(s * s)
+    del before
+    return Quadrature([x], [np.ones_like(x)], P, 1, 0, P, time.perf_counter() - t0,
+                      float(s.max()), [True], np.zeros(0), "dense")
+
+
+def _dense_is_cheaper(run, P, target, rtol, steps, budget) -> bool:
+    """After the first steps: would the rest of the SLQ cost more products than the dense path,
+    and does J fit?"""
+    if 3 * P * P * 8 > DENSE_MEMORY_SHARE * budget:
+        return False
+    smax = math.sqrt(run.ritz_max())
+    if target is not None:
+        lo, hi = target
+        half = max(min(abs(hi - 1.0), abs(1.0 - lo), (hi - lo) / 2), (hi - lo) / 2)
+        need = min(steps, steps_needed(smax, max(half, 1e-300)))
+    else:
+        need = steps
+    return 2 * int(run.active.shape[0]) * need > P
+
+
+def _check_interval(lo, hi):
+    for n, x in (("lo", lo), ("hi", hi)):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            raise ValueError(f"`{n}` must be a finite number, got {x!r}")
+    if lo < 0 or not hi > lo:
+        raise ValueError(f"the interval [{lo}, {hi}] is empty or negative: need 0 <= lo < hi")
+
+
+def _check_op(op):
+    if not (hasattr(op, "matmat") and hasattr(op, "rmatmat") and hasattr(op, "shape")):
+        raise ValueError("the operator needs shape, matmat and rmatmat (Jᵀ products): "
+                         f"{type(op).__name__} has "
+                         f"{', '.join(n for n in ('shape', 'matmat', 'rmatmat') if hasattr(op, n))}")
+    if op.shape[0] != op.shape[1]:
+        raise ValueError(f"the operator must be square, got shape {tuple(op.shape)}")
+
+
+def _deflation(deflate, P):
+    if deflate is None:
+        return None, np.zeros(0)
+    V, sig = deflate
+    V = torch.as_tensor(V)
+    sig = np.asarray(torch.as_tensor(sig).double().cpu().numpy(), dtype=np.float64).reshape(-1)
+    if V.ndim != 2 or V.shape[0] != P or V.shape[1] != len(sig):
+        raise ValueError(f"`deflate` must be (V of shape (P={P}, k), k values), got V "
+                         f"{tuple(V.shape)} and {len(sig)} values")
+    if V.shape[1]:
+        G = V.T.double() @ V.double()
+        err = float((G - torch.eye(V.shape[1], dtype=torch.float64)).abs().max())
+        if err > 1e-6:
+            raise ValueError(f"`deflate`'s vectors are not orthonormal (max |VᵀV − I| = {err:.1e})")
+    return V, sig
+
+
+def _available(available_bytes, device="cpu"):
+    if available_bytes is not None:
+        return int(available_bytes)
+    from .._checks import available_bytes as avail
+
+    got = avail(device)
+    return got if got else 1 << 62
+
+
+def _t_quantile(confidence, df):
+    if not (0 < confidence < 1):
+        raise ValueError(f"`confidence` must be in (0, 1), got {confidence!r}")
+    if df < 1:
+        return math.inf
+    import scipy.stats
+
+    return float(scipy.stats.t.ppf(0.5 + confidence / 2, df))
