@@ -253,3 +253,40 @@ def test_gpytorch_lanczos_falls_short_where_ours_is_exact():
     assert np.allclose(ours, exact, rtol=1e-8, atol=0) and len(q.nodes[0]) == m
     assert T.shape[-1] < m or not np.allclose(theirs, scale, rtol=1e-8, atol=0), \
         "gpytorch's lanczos_tridiag now runs scaled operators: reconsider using it"
+
+
+# -- stored in a run -------------------------------------------------------------------------------
+def test_analyze_density_round_trips_through_the_store(tmp_path):
+    from tjac.analysis.density import analyze_density
+    from tjac.runner import run_analysis
+
+    recipe = tjac.Recipe.paper(width=4, epochs=2, n_train=128)
+    path = str(tmp_path / "r.zarr")
+    out = run_analysis(recipe, path, k_top=4, k_bottom=4, run_id="a")
+    op = tjac.TrainingJacobian(recipe)
+    s = torch.linalg.svdvals(materialize(op))
+    got = analyze_density(path, "a", eps=(0.3, 0.05), probes=6, seed=0, method="slq",
+                          max_steps=310, rtol=0.05, op=op)
+    assert got["deflated_top"] == 4   # the stored certified top-4 are counted exactly
+    run = tjac.open(path).run("a")
+    assert sorted(run.analyses()) == ["counts", "density"]
+    c = run.counts()
+    for e in (0.3, 0.05):
+        b = c[e]["bulk"]
+        assert b["lower"] <= true_count(s, 1 - e, 1 + e) <= b["upper"]
+        assert b == {f: got["counts"][e]["bulk"][f] for f in b}
+    assert c["info"]["method"] == "slq" and c["info"]["probes"] == 6
+    d = run.density()
+    assert np.array_equal(d.density, got["density"].density) and d.P == 310
+    assert run.status == "complete" and out is not None
+    # xarray reads the analyses as well (dimension names)
+    xr = pytest.importorskip("xarray")
+    ds = xr.open_zarr(path, group="runs/a/analyses/counts", consolidated=False)
+    assert ds["bulk_estimate"].dims == ("eps",)
+
+
+def test_analyze_density_refuses_bad_input(tmp_path):
+    from tjac.analysis.density import analyze_density
+
+    with pytest.raises(ValueError, match="eps"):
+        analyze_density(str(tmp_path / "none.zarr"), "a", eps=(0.0,))

@@ -275,6 +275,29 @@ class Run:
         attrs = {k: v for k, v in g.attrs.items() if k not in store.COUNTERS}
         return Analysis(name, arrays, dims, attrs)
 
+    def density(self):
+        """The stored spectral density (``analyses/density``, written by ``tjac analyze --what
+        density`` or :func:`tjac.analysis.analyze_density`) as a :class:`tjac.analysis.Density`."""
+        from .analysis.density import Density
+
+        a = self.analysis("density")
+        at = a.attrs
+        return Density(a["log10_sigma"], a["density"], a["stderr"], float(at["bandwidth"]),
+                       at["method"], int(at["P"]), int(at["probes"]), int(at["steps"]),
+                       int(at["products"]))
+
+    def counts(self) -> dict:
+        """The stored matrix-free region counts (``analyses/counts``): {eps: {region: {estimate,
+        lower, upper, stderr}}}, with the method, probes, steps and products under ``"info"``."""
+        a = self.analysis("counts")
+        out = {}
+        for i, e in enumerate(a["eps"]):
+            out[float(e)] = {r: {f: float(a[f"{r}_{f}"][i]) for f in
+                                 ("estimate", "lower", "upper", "stderr")}
+                             for r in ("chaotic", "bulk", "stable")}
+        out["info"] = {k: v for k, v in a.attrs.items() if k != "analysis"}
+        return out
+
     def as_dict(self) -> dict:
         return {"id": self.id, "status": self.status, "recipe": json.loads(self.attrs["recipe"]),
                 "summary": self.summary, "provenance": self.provenance}

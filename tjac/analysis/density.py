@@ -566,3 +566,65 @@ def _t_quantile(confidence, df):
     import scipy.stats
 
     return float(scipy.stats.t.ppf(0.5 + confidence / 2, df))
+
+
+# -- stored in a run -------------------------------------------------------------------------------
+EPSILONS = (1e-2, 1e-3)
+REGIONS = ("chaotic", "bulk", "stable")
+
+
+def analyze_density(path, run_id: str, *, eps=EPSILONS, probes: int = 16, seed: int = 0,
+                    rtol: float = 0.05, max_steps: int = 2000, method: str = "auto",
+                    deflate_top: bool = True, bandwidth: float = 0.05, op=None,
+                    confidence: float = 0.95) -> dict:
+    """Region counts at each ``eps`` (with brackets) and the density of a stored run, written to
+    its ``analyses/counts`` and ``analyses/density``. The operator is rebuilt from the stored
+    recipe (or passed as ``op``); with ``deflate_top`` the run's certified top triplets are
+    deflated (counted exactly). One quadrature serves every ``eps``: its steps are those the
+    smallest ``eps`` needs for the bulk count to reach ``rtol``."""
+    from .. import query, store
+    from ..operator import TrainingJacobian
+
+    eps = tuple(float(e) for e in eps)
+    if not eps or any(not e > 0 for e in eps):
+        raise ValueError(f"every eps must be > 0, got {eps!r}")
+    run = query.open(path).run(run_id)
+    if op is None:
+        op = TrainingJacobian(run.recipe)
+    if op.shape[0] != run.P:
+        raise ValueError(f"the operator has P = {op.shape[0]}, run {run_id!r} has P = {run.P}")
+    deflate, n_defl = None, 0
+    if deflate_top:
+        try:
+            t = run.top()
+            keep = np.flatnonzero(t.certified)
+            keep = keep[keep == np.arange(len(keep))]  # a certified prefix of the top
+            if len(keep):
+                _, v = run.vectors("top", slice(0, len(keep)))
+                Vt = torch.linalg.qr(torch.from_numpy(v.T.copy()))[0]
+                deflate, n_defl = (Vt, t.sigma[: len(keep)]), len(keep)
+        except KeyError:
+            pass
+    e0 = min(eps)
+    try:
+        q = slq(op, probes=probes, steps=max_steps, seed=seed, deflate=deflate,
+                target=(max(1 - e0, 0.0), 1 + e0), rtol=rtol, method=method)
+    except MemoryError:
+        raise
+    counts = {e: q.regions(e, confidence=confidence) for e in eps}
+    dens = q.density(bandwidth=bandwidth)
+    common = {"method": q.method, "probes": q.probes, "steps": q.steps, "products": q.products,
+              "seconds": q.seconds, "seed": seed, "rtol": rtol, "confidence": confidence,
+              "deflated_top": n_defl, "sigma_max": q.sigma_max, "P": q.P}
+    arrays = {"eps": (np.array(eps), ("eps",))}
+    for r in REGIONS:
+        for f in ("estimate", "lower", "upper", "stderr"):
+            arrays[f"{r}_{f}"] = (np.array([getattr(counts[e][r], f) for e in eps]), ("eps",))
+    with store.Writer(path, create=False) as w:
+        g = w.run(run_id)
+        w.commit_analysis(g, "counts", arrays=arrays, attrs=common)
+        w.commit_analysis(g, "density", arrays={
+            "log10_sigma": (dens.log10_sigma, ("grid",)), "density": (dens.density, ("grid",)),
+            "stderr": (dens.stderr, ("grid",))}, attrs={**common, "bandwidth": dens.bandwidth})
+    return {"counts": {e: {r: c.as_dict() for r, c in counts[e].items()} for e in eps},
+            "density": dens, **common}
