@@ -1,94 +1,195 @@
-"""``tjac scale``: sweep a model family over sizes, analyse each into one store, and report how the
-spectrum and the cost grow with P (with the fitted exponent of cost ~ P^a on a log-log plot)."""
+"""``tjac scale``: sweep a model family over sizes (and seeds), analyse each into one store, and
+report how the spectrum grows with P.
+
+For each size and seed: the certified top σ₁…σ_k, the matrix-free region counts with their
+brackets at each ε (:func:`tjac.analysis.analyze_density`, stored in the run's
+``analyses/counts`` and ``analyses/density``), the structural σ = 1 count, and, where the dense
+path ran (the whole spectrum is known), the exact counts beside the estimates. Every quantity is
+fitted against P on a log-log scale (least squares; the exponent's standard error from the fit,
+over every seed's point), and plotted.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from . import runner
 from .recipe import Recipe
 
+EPSILONS = (1e-2, 1e-3)
 
-def sweep_recipes(family: str, widths, depths, **overrides) -> list[tuple[str, Recipe]]:
+
+def sweep_recipes(family: str, widths, depths, seeds=(0,), **overrides) -> list[tuple[str, Recipe]]:
     out = []
     for d in depths:
         for w in widths:
-            kw = dict(overrides)
-            if family == "cnn":
-                if d != 1:
-                    continue  # one conv layer: depth does not apply
-                kw.update(family="cnn", width=w)
-            else:
-                kw.update(family=family, width=w, depth=d)
-            out.append((f"{family}-w{w}-d{d}", Recipe.paper(**kw)))
+            for s in seeds:
+                kw = dict(overrides)
+                if family == "cnn":
+                    if d != 1:
+                        continue  # one conv layer: depth does not apply
+                    kw.update(family="cnn", width=w)
+                else:
+                    kw.update(family=family, width=w, depth=d)
+                if len(seeds) > 1 or s != 0:
+                    kw["seed"] = s
+                sfx = f"-s{s}" if (len(seeds) > 1 or s != 0) else ""
+                out.append((f"{family}-w{w}-d{d}{sfx}", Recipe.paper(**kw)))
     return out
 
 
-def run_sweep(recipes, store_path, *, k_top=16, k_bottom=16, tol=1e-8, method="auto",
-              resume=True, progress=None, log=print) -> list[dict]:
+def run_sweep(recipes, store_path, *, k_top=16, k_bottom=16, tol=None, method="auto",
+              resume=True, progress=None, log=print, epsilons=EPSILONS, probes: int = 16,
+              density: bool = True, max_steps: int = 2000, rtol: float = 0.05) -> list[dict]:
+    from .analysis.density import analyze_density
+    from .query import open as open_store
+
     rows = []
     for run_id, recipe in recipes:
         out = runner.run_analysis(recipe, store_path, k_top=k_top, k_bottom=k_bottom, tol=tol,
                                   method=method, run_id=run_id, resume=resume, progress=progress)
         s = out.summary
         sp = s["spectrum"]
-        reg = {r["eps"]: r for r in sp["regions"]}
-        row = {"run": run_id, "P": s["P"], "sigma_max": sp["sigma_max"],
-               "sigma_min": sp["sigma_min"], "chaotic_1e-3": reg[1e-3]["chaotic"],
-               "bulk_1e-3": reg[1e-3]["bulk"], "stable_1e-3": reg[1e-3]["stable"],
+        run = open_store(store_path).run(run_id)
+        top = run.top() if k_top else None
+        row = {"run": run_id, "P": s["P"], "seed": recipe.seed, "sigma_max": sp["sigma_max"],
+               "sigma_top": [] if top is None else [float(x) for x in top.sigma],
+               "top_certified": 0 if top is None else int(top.certified.sum()),
                "complete": sp["complete"], "exact_one": sp["numerically_one"],
                "exact_one_predicted": sp["structural"]["n_exact_singular"],
                "products": s.get("products_total"), "replays": s.get("replays"),
                "backend": s.get("backend"), "seconds": s["seconds"],
                "top_method": s.get("top", {}).get("method"),
-               "bottom_method": s.get("bottom", {}).get("method")}
+               "bottom_method": s.get("bottom", {}).get("method"), "counts": {}}
+        exact = {}
+        if sp["complete"]:
+            sig = run.sigma("all")
+            for e in epsilons:
+                exact[e] = {"chaotic": int((sig > 1 + e).sum()),
+                            "bulk": int((np.abs(sig - 1) <= e).sum()),
+                            "stable": int((sig < 1 - e).sum())}
+        if density:
+            got = analyze_density(store_path, run_id, eps=epsilons, probes=probes,
+                                  seed=recipe.seed, method="auto", max_steps=max_steps,
+                                  rtol=rtol)
+            row["density_method"], row["density_products"] = got["method"], got["products"]
+            row["density_seconds"], row["density_steps"] = got["seconds"], got["steps"]
+            for e in epsilons:
+                row["counts"][repr(e)] = {
+                    r: {"estimate": c["estimate"], "lower": c["lower"], "upper": c["upper"],
+                        "exact": exact.get(e, {}).get(r)}
+                    for r, c in got["counts"][e].items()}
+        else:
+            for e in epsilons:
+                if e in exact:
+                    row["counts"][repr(e)] = {r: {"estimate": float(v), "lower": float(v),
+                                                  "upper": float(v), "exact": v}
+                                              for r, v in exact[e].items()}
         rows.append(row)
-        log(format_row(row))
+        log(format_row(row, epsilons[0]))
     return rows
 
 
-def format_row(r):
-    return (f"{r['run']:>18s} P={r['P']:<8d} sigma_max {r['sigma_max']:9.4g}  regions@1e-3 "
-            f"{r['chaotic_1e-3']}/{r['bulk_1e-3']}/{r['stable_1e-3']}{'' if r['complete'] else '*'}  "
+def format_row(r, eps=EPSILONS[0]):
+    c = r["counts"].get(repr(eps))
+    if c is None:
+        reg = "regions unknown"
+    else:
+        def one(name):
+            x = c[name]
+            ex = "" if x["exact"] is None else f" [exact {x['exact']}]"
+            return f"{name} {x['estimate']:.0f} ({x['lower']:.0f}-{x['upper']:.0f}){ex}"
+        reg = f"@{eps:g}: " + ", ".join(one(n) for n in ("chaotic", "bulk", "stable"))
+    return (f"{r['run']:>18s} P={r['P']:<8d} sigma_max {r['sigma_max']:9.4g}  {reg}  "
             f"exact-1 {r['exact_one']} (predicted {r['exact_one_predicted']})  "
-            f"{r['replays'] if r.get('replays') is not None else '?'} replays ({r.get('backend')}), "
+            f"{r['replays'] if r.get('replays') is not None else '?'} replays, "
             f"{r['seconds']:.1f}s")
 
 
-def fit_exponent(P, cost) -> float:
-    """Least-squares slope of log(cost) against log(P)."""
-    P, cost = np.asarray(P, float), np.asarray(cost, float)
+def fit_exponent(P, y) -> float:
+    """Least-squares slope of log(y) against log(P)."""
+    return fit_power(P, y)[0]
+
+
+def fit_power(P, y) -> tuple[float, float]:
+    """(slope, its standard error) of log(y) against log(P) by least squares over all points
+    with y > 0 (several seeds per P give several points); the error is nan with < 3 points."""
+    P, y = np.asarray(P, float), np.asarray(y, float)
+    ok = (y > 0) & np.isfinite(y) & (P > 0)
+    P, y = P[ok], y[ok]
     if len(P) < 2 or np.ptp(np.log(P)) == 0:
-        return float("nan")
-    return float(np.polyfit(np.log(P), np.log(cost), 1)[0])
+        return float("nan"), float("nan")
+    if len(P) < 3:
+        return float(np.polyfit(np.log(P), np.log(y), 1)[0]), float("nan")
+    coef, cov = np.polyfit(np.log(P), np.log(y), 1, cov=True)
+    return float(coef[0]), float(math.sqrt(max(cov[0, 0], 0.0)))
 
 
-def plot_scaling(rows, path):
+def quantities(rows, eps=EPSILONS[0]) -> dict:
+    """name -> (P, values) of every swept quantity, one point per run."""
+    out = {"seconds": ([r["P"] for r in rows], [r["seconds"] for r in rows]),
+           "sigma_max": ([r["P"] for r in rows], [r["sigma_max"] for r in rows]),
+           "exact_one": ([r["P"] for r in rows], [r["exact_one"] for r in rows])}
+    key = repr(eps)
+    for name in ("chaotic", "bulk", "stable"):
+        pts = [(r["P"], r["counts"][key][name]["estimate"]) for r in rows if key in r["counts"]]
+        if pts:
+            out[f"{name}_{eps:g}"] = ([p for p, _ in pts], [v for _, v in pts])
+            out[f"{name}_fraction_{eps:g}"] = ([p for p, _ in pts], [v / p for p, v in pts])
+    return out
+
+
+def fits(rows, eps=EPSILONS[0]) -> dict:
+    return {n: dict(zip(("exponent", "stderr"), fit_power(P, y)))
+            for n, (P, y) in quantities(rows, eps).items()}
+
+
+def plot_scaling(rows, path, eps=EPSILONS[0]):
+    """Log-log plots of each quantity against P with its fitted exponent; returns the cost
+    exponent (seconds ~ P^a)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    P = np.array([r["P"] for r in rows], float)
-    sec = np.array([r["seconds"] for r in rows], float)
-    a = fit_exponent(P, sec)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].loglog(P, sec, "o-")
-    if np.isfinite(a):
-        c = np.exp(np.mean(np.log(sec) - a * np.log(P)))
-        axes[0].loglog(P, c * P ** a, "--", label=f"fit: seconds ~ P^{a:.2f}")
-        axes[0].legend()
-    axes[0].set(xlabel="P (parameters)", ylabel="seconds (train + solves)", title="cost vs size")
-    reps = [r.get("replays") for r in rows]
-    if all(x is not None for x in reps):
-        ax2 = axes[0].twinx()
-        ax2.semilogx(P, reps, "s:", color="gray")
-        ax2.set_ylabel("replays (passes over training)", color="gray")
-    axes[1].semilogx(P, [r["sigma_max"] for r in rows], "o-", label=r"$\sigma_{max}$")
-    axes[1].semilogx(P, [r["exact_one"] for r in rows], "s-", label="exactly 1")
-    axes[1].set(xlabel="P", title="spectrum vs size")
-    axes[1].legend()
+    q = quantities(rows, eps)
+    names = [n for n in q if not n.startswith("chaotic_fraction")]
+    cols = min(3, len(names))
+    nrow = -(-len(names) // cols)
+    fig, axes = plt.subplots(nrow, cols, figsize=(4.2 * cols, 3.4 * nrow), squeeze=False)
+    key = repr(eps)
+    for ax, n in zip(axes.flat, names):
+        P, y = (np.asarray(v, float) for v in q[n])
+        ax.loglog(P, np.where(y > 0, y, np.nan), "o", ms=4)
+        region = n.split("_")[0]
+        if region in ("chaotic", "bulk", "stable"):
+            frac = "fraction" in n
+            lo = np.array([r["counts"][key][region]["lower"] for r in rows if key in r["counts"]])
+            hi = np.array([r["counts"][key][region]["upper"] for r in rows if key in r["counts"]])
+            if frac:
+                lo, hi = lo / P, hi / P
+            ax.vlines(P, np.maximum(lo, 1e-300), hi, color="C0", alpha=0.5)
+            ex = [r["counts"][key][region]["exact"] for r in rows if key in r["counts"]]
+            if any(x is not None for x in ex):
+                e = np.array([np.nan if x is None else x for x in ex], float)
+                ax.loglog(P, e / P if frac else e, "x", color="k", label="exact (dense)")
+                ax.legend(fontsize=7)
+        a, se = fit_power(P, y)
+        if np.isfinite(a):
+            ok = y > 0
+            c = np.exp(np.mean(np.log(y[ok]) - a * np.log(P[ok])))
+            xs = np.array([P.min(), P.max()])
+            ax.loglog(xs, c * xs ** a, "--", color="C1")
+            err = f" ± {se:.2f}" if np.isfinite(se) else ""
+            ax.set_title(f"{n}: P^{a:.2f}{err}", fontsize=9)
+        else:
+            ax.set_title(n, fontsize=9)
+        ax.set_xlabel("P")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return a
+    return fit_exponent(*q["seconds"])
