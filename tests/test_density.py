@@ -283,6 +283,10 @@ def test_analyze_density_round_trips_through_the_store(tmp_path):
     xr = pytest.importorskip("xarray")
     ds = xr.open_zarr(path, group="runs/a/analyses/counts", consolidated=False)
     assert ds["bulk_estimate"].dims == ("eps",)
+    from tjac.plotting import density_figure
+
+    png = density_figure(run, str(tmp_path / "d.png"))
+    assert (tmp_path / "d.png").stat().st_size > 10_000 and png.endswith("d.png")
 
 
 def test_analyze_density_refuses_bad_input(tmp_path):

@@ -60,3 +60,45 @@ def _has(run, which) -> bool:
     except KeyError:
         return False
     return True
+
+
+def density_figure(run, path: str) -> str:
+    """The stored spectral density (``analyses/density``) over log10 σ with its ±2 standard-error
+    band, and the stored region counts with their brackets against ε (``analyses/counts``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = run.density()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    ax.plot(d.log10_sigma, d.density, color="C0")
+    ax.fill_between(d.log10_sigma, np.maximum(d.density - 2 * d.stderr, 0),
+                    d.density + 2 * d.stderr, color="C0", alpha=0.25, label="±2 s.e. (probes)")
+    ax.axvline(0.0, color="k", lw=0.6, ls=":")
+    ax.set(xlabel=r"$\log_{10}\sigma$", ylabel=r"density (values per decade)",
+           title=f"{run.id}: density of singular values ({d.method}, {d.probes} probes, "
+                 f"{d.steps} steps)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    try:
+        c = run.counts()
+    except KeyError:
+        c = None
+    if c is not None:
+        eps = sorted(e for e in c if e != "info")
+        for i, r in enumerate(("chaotic", "bulk", "stable")):
+            est = [c[e][r]["estimate"] for e in eps]
+            lo = [c[e][r]["estimate"] - c[e][r]["lower"] for e in eps]
+            hi = [c[e][r]["upper"] - c[e][r]["estimate"] for e in eps]
+            ax.errorbar(eps, est, yerr=[lo, hi], fmt="o-", color=f"C{i}", capsize=3, label=r)
+        ax.set_xscale("log")
+        ax.set(xlabel=r"$\varepsilon$", ylabel="count (bracket)", title=f"regions, P = {run.P:,}")
+        ax.legend(fontsize=8)
+    else:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
