@@ -2,12 +2,17 @@
 side by side, each in its own process (so each peak RSS is its own), against the solve plan.
 
 The paper recipe at width W (64 -> W -> 10, digits, SGD momentum, 25 epochs; W = 128: P = 9,610;
-W = 256: P = 19,210), float64. For each method: bottom-k (default 16) at tol 1e-8 through
+W = 256: P = 19,210), float64. Methods: ``dense``, ``lanczos`` (in RAM when it fits, else its basis
+spills to disk: tjac.linalg.spill), ``lanczos-spill`` (the spilled path forced by a memory budget,
+``--spill-memory``, default 2 GiB, for a side-by-side with the in-RAM one); a path the plan refuses is recorded with the
+plan's estimate. For each method: bottom-k (default 16) at tol 1e-8 through
 ``tjac.svd``: products, seconds, peak RSS above the operator's own, the certificate of every triplet
 (max hypot(||J v - s u||, ||J^T u - s v||) / s_max), how many are bound-only, and the plan's
 expected products and bytes next to the measured ones. The sigma of the two methods are compared.
 
     python benchmarks/bench_bottom.py [--width 128] [--k 16] [--methods dense,lanczos] [--out PATH]
+
+Progress lines (tjac.linalg.Progress) go to stderr every 60 s.
 """
 import argparse
 import json
@@ -25,23 +30,38 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def one(width: int, k: int, method: str, block: int | None) -> dict:
+def one(width: int, k: int, method: str, block: int | None, spill_memory: int = 2 * 2**30) -> dict:
     import torch
 
     import tjac
-    from tjac.linalg import svd
+    from tjac.linalg import Progress, svd
 
     t0 = time.perf_counter()
     op = tjac.TrainingJacobian(tjac.Recipe.paper(width=width))
     tuned = op.autotune()
     setup_s = time.perf_counter() - t0
     base = _rss_mib()
-    kw = dict(block=block) if method == "lanczos" and block else {}
+    label = method
+    kw = dict(block=block) if method.startswith("lanczos") and block else {}
+    if method == "lanczos-spill":
+        method, kw["max_memory"] = "lanczos", spill_memory
+    if method != "dense":
+        kw["callback"] = Progress(f"bottom-{k} {label}", k=k, interval=60,
+                                  emit=lambda line: print(line, file=sys.stderr, flush=True))
+    if method == "lanczos":
+        kw["spill_dir"] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     t = time.perf_counter()
-    r = svd(op, k, which="bottom", method=method, tol=1e-8, raise_on_failure=False, **kw)
+    try:
+        r = svd(op, k, which="bottom", method=method, tol=1e-8, raise_on_failure=False, **kw)
+    except MemoryError as e:  # refused by the plan, before any product
+        return {"P": op.shape[0], "method": label, "k": k, "refused": str(e),
+                "seconds_to_refuse": time.perf_counter() - t, "peak_rss_mib": _rss_mib()}
     seconds = time.perf_counter() - t
     cert = r.certificate / r.norm_estimate
-    return {"P": op.shape[0], "method": method, "k": k, "seconds": seconds,
+    last = r.history[-1] if r.history else {}
+    return {"P": op.shape[0], "method": label, "k": k, "seconds": seconds,
+            "spilled": bool(r.plan.get("spill")), "dropped_rel": last.get("dropped"),
+            "basis": last.get("basis"),
             "setup_seconds": setup_s, "backend": tuned.get("backend"), "block": op.block_size,
             "products": r.num_matvecs + r.num_rmatvecs, "matvecs": r.num_matvecs,
             "rmatvecs": r.num_rmatvecs, "peak_rss_mib": _rss_mib(),
@@ -60,31 +80,36 @@ def main():
     ap.add_argument("--methods", default="dense,lanczos")
     ap.add_argument("--block", type=int, default=None, help="Lanczos block (default: svd's)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--spill-memory", type=int, default=2 * 2**30,
+                    help="memory budget (bytes) that forces lanczos-spill to spill")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(one(a.width, a.k, a.child, a.block)))
+        print(json.dumps(one(a.width, a.k, a.child, a.block, a.spill_memory)))
         return
     results = {}
     for m in a.methods.split(","):
-        cmd = [sys.executable, __file__, "--width", str(a.width), "--k", str(a.k), "--child", m]
+        cmd = [sys.executable, __file__, "--width", str(a.width), "--k", str(a.k), "--child", m,
+               "--spill-memory", str(a.spill_memory)]
         if a.block:
             cmd += ["--block", str(a.block)]
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr: progress, live
         if p.returncode:
-            results[m] = {"error": p.stderr.strip().splitlines()[-1] if p.stderr else str(p.returncode)}
+            results[m] = {"error": f"exit status {p.returncode} (see stderr)"}
         else:
             results[m] = json.loads(p.stdout.strip().splitlines()[-1])
         print(m, json.dumps({n: v for n, v in results[m].items() if n not in ("sigma", "plan")}),
               flush=True)
-    if all("sigma" in results.get(m, {}) for m in ("dense", "lanczos")):
-        d, l = results["dense"]["sigma"], results["lanczos"]["sigma"]
-        results["max_sigma_difference_rel"] = max(abs(x - y) for x, y in zip(d, l)) / \
-            results["dense"]["sigma_max"]
+    have = [m for m in results if "sigma" in results[m]]
+    for i, a_ in enumerate(have):
+        for b_ in have[i + 1:]:
+            d, l = results[a_]["sigma"], results[b_]["sigma"]
+            results[f"max_sigma_difference_rel_{a_}_vs_{b_}"] = max(
+                abs(x - y) for x, y in zip(d, l)) / results[a_]["sigma_max"]
     out = a.out or os.path.join(os.path.dirname(__file__), "results",
                                 f"bottom-width{a.width}.json")
     _env.write(out, {"environment": _env.environment(), "width": a.width, "k": a.k,
-                     "results": results,
+                     "results": results, "spill_memory": a.spill_memory,
                      "note": "each method in its own process; peak RSS from getrusage"})
     print("wrote", out)
 

@@ -115,7 +115,9 @@ def test_auto_picks_dense_for_bottom_of_small_and_randomized_for_top():
     assert choose_method(9610, 32, "bottom", available_bytes=24 * 2**30) == "dense"
     from tjac.linalg import plan_solve
 
-    assert not plan_solve(9610, 32, "bottom", available_bytes=5 * 2**30).fits
+    assert not plan_solve(9610, 32, "bottom", available_bytes=5 * 2**30, disk_bytes=2**29).fits
+    # with room on disk, the basis spills (tests/test_spill.py)
+    assert plan_solve(9610, 32, "bottom", available_bytes=5 * 2**30, disk_bytes=2**36).spill
 
 
 def test_plan_states_products_memory_and_time_and_refuses_what_cannot_fit(synth, monkeypatch):
@@ -128,12 +130,15 @@ def test_plan_states_products_memory_and_time_and_refuses_what_cannot_fit(synth,
     assert [a.method for a in p.alternatives] == ["lanczos"]
     assert p.alternatives[0].products > p.estimate.products  # measured: 1.23 P for the bottom
     assert "dense, ~9,610 products" in p.describe() and "GiB" in p.describe()
-    big = plan_solve(100_000, 32, "bottom", available_bytes=24 * 2**30)
+    big = plan_solve(100_000, 32, "bottom", available_bytes=24 * 2**30, disk_bytes=50 * 2**30)
     assert not big.fits and big.reason == "nothing fits in memory"
+    assert plan_solve(100_000, 32, "bottom", available_bytes=24 * 2**30,
+                      disk_bytes=200 * 2**30).spill  # ~100 GB of basis on disk, < 1 GB in RAM
     # svd refuses up front, with the estimate, before any product
     monkeypatch.setattr(_checks, "available_bytes", lambda device: 1_000_000)
     op = DenseOperator(synth[0])
-    with pytest.raises(MemoryError, match=r"bottom-6: dense, ~400 products, .* GiB available"):
+    with pytest.raises(MemoryError, match=r"bottom-6 of P = 400 does not fit: .*dense ~0.01 GiB, "
+                                          r"lanczos ~0.01 GiB; 0.00 GiB of memory available"):
         svd(op, 6, which="bottom")
     assert op.num_matvecs == 0
     r = svd(op, 3, which="top", method="randomized", tol=1e-6)  # 3 * 400 * 66 values fit in 1 MB?
@@ -344,3 +349,12 @@ def test_lanczos_resumed_from_any_saved_state_gives_identical_sigma(synth):
     for st in m.states[::2]:
         r = svd(op, 3, which="top", method="lanczos", block=2, tol=1e-8, checkpoint=Mem(st))
         assert torch.equal(r.S, ref.S), st["step"]
+
+
+def test_values_unchanged_is_the_confirmation_rule():
+    from tjac.linalg._base import values_unchanged
+
+    assert values_unchanged([1.0, 2.0], [1.0 + 4e-8, 2.0], 1e-8, 1.0)
+    assert not values_unchanged([1.0, 2.0], [1.0, 2.0 + 5e-8], 1e-8, 1.0)
+    assert values_unchanged([10.0], [10.0 + 3e-7], 1e-8, 10.0)  # scaled by s_max
+    assert not values_unchanged([1.0], None, 1e-8, 1.0)

@@ -23,7 +23,8 @@ import hashlib
 from . import __version__, query, replay, store
 from .analysis import structural_ones
 from .checkpoint import LanczosCheckpoint
-from .linalg import plan_solve, small_svd, svd
+from .linalg import Progress, default_tol, plan_solve, small_svd, svd
+from .linalg.plan import HEADROOM
 from .operator import TrainingJacobian
 from .recipe import Recipe
 from .problem import Problem
@@ -69,7 +70,7 @@ class ComputationError(RuntimeError):
 
 
 def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: int = 32,
-                 tol: float = 1e-8, method: str = "auto", run_id: str | None = None,
+                 tol: float | None = None, method: str = "auto", run_id: str | None = None,
                  resume: bool = False, overwrite: bool = False, checkpoint="all", argv=None,
                  progress=None, block: int | None = None, backend: str = "auto") -> RunOutcome:
     """Run the analysis of ``recipe`` into ``store_path`` (see module doc).
@@ -78,15 +79,24 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
     :meth:`TrainingJacobian.autotune` once per run; a name pins it (its block width is still tuned). The
     choice lives in the run's provenance and a resume reuses it (same arithmetic, same chunks).
     A resume must repeat the run's solve settings (``k_top``, ``k_bottom``, ``tol``, ``method``,
-    ``block``): other settings are refused (:class:`tjac.store.StoreError`), never mixed in."""
+    ``block``): other settings are refused (:class:`tjac.store.StoreError`), never mixed in.
+    ``tol`` defaults to :func:`tjac.linalg.default_tol` of the recipe's dtype (1e-8 in float64,
+    1.2e-5 in float32). ``progress``: a tqdm-like factory for bars (a terminal); without one, a
+    long solve logs a progress line every ~30 s (:class:`tjac.linalg.Progress`, shown with -v).
+    When neither J nor the bottom's Lanczos basis fits in memory, the basis spills to disk in a
+    temporary directory beside the store (:mod:`tjac.linalg.spill`; that solve does not
+    checkpoint: a killed run restarts it)."""
     run_id = store.check_run_id(run_id or f"{recipe.hash()}")
     problem = Problem(recipe)  # bad recipes and backends are refused before the store is touched
     replay.resolve(problem, backend)
+    if tol is None:
+        tol = default_tol(problem.dtype)
     P = problem.num_params if problem.selection is None else int(problem.selection.numel())
     for flag, k in (("k_top (--k-top)", k_top), ("k_bottom (--k-bottom)", k_bottom)):
         if k > P:
             raise ValueError(f"`{flag}` must be at most P = {P}, got {k}")
-    plans = _plans(problem, P, k_top, k_bottom, method, checkpoint)  # refused here if too big
+    spill_dir = os.path.dirname(os.path.abspath(store_path))
+    plans, budget = _plans(problem, P, k_top, k_bottom, method, checkpoint, spill_dir, block)
     request = {"k_top": int(k_top), "k_bottom": int(k_bottom), "tol": float(tol), "method": method,
                "block": None if block is None else int(block)}
     with store.Writer(store_path) as w:
@@ -156,7 +166,8 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
         if "dense" in methods.values():
             todo = [which for which in methods if not w.solve_committed(run, which, ks[which])]
             if todo or not w.spectrum_committed(run):
-                J = _dense_resumable(w, run, op, block=block or 128, progress=progress)
+                J = _dense_resumable(w, run, op, block=block or 128, progress=progress,
+                                     plan=plans.get("bottom") or plans.get("top"))
                 U, S, V = _svd_full(J)
                 res = _residuals(J, U, S, V)
                 if not w.spectrum_committed(run):
@@ -175,7 +186,9 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
             if w.solve_committed(run, which, k):  # committed by an earlier process
                 w.drop_state(run, which)
                 continue
-            commit(which, _krylov_resumable(w, run, op, which, k, tol, methods[which], progress, block))
+            commit(which, _krylov_resumable(w, run, op, which, k, tol, methods[which], progress,
+                                            block, plan=plans[which], max_memory=budget,
+                                            spill_dir=spill_dir))
         summary = _summarize(run, run_id, op, check, time.perf_counter() - t0, tol)
         summary["products"] = products()
         summary["products_total"] = sum(summary["products"].values())
@@ -207,27 +220,35 @@ def _same_request(run, run_id: str, store_path: str, request: dict) -> None:
                                f"recompute it, or choose another --run-id")
 
 
-def _plans(problem, P: int, k_top: int, k_bottom: int, method: str, checkpoint) -> dict:
+def _plans(problem, P: int, k_top: int, k_bottom: int, method: str, checkpoint, spill_dir,
+           block=None):
     """The plan of each solve (:func:`tjac.linalg.plan_solve`) against the memory left once the
-    trajectory and a replay block are held; logged (shown with ``-v``), kept in the provenance,
-    and a solve that cannot fit is refused before anything is trained or written."""
+    trajectory and a replay block are held (and the disk free in ``spill_dir``); logged (shown
+    with ``-v``), kept in the provenance, and a solve that cannot fit is refused before anything is
+    trained or written. Returns the plans and the memory budget to hand each ``svd`` (so that its
+    own plan is this one)."""
+    import shutil
     from . import _checks
     from .problem import memory_estimate
 
     item = torch.empty((), dtype=problem.dtype).element_size()
     reserved = memory_estimate(problem, checkpoint=checkpoint, block=128)
     have = _checks.available_bytes(problem.device)
+    try:
+        disk = int(shutil.disk_usage(spill_dir).free)
+    except OSError:  # no such directory: the store's writer refuses it, with its own message
+        disk = None
     plans = {which: plan_solve(P, k, which, method=method, itemsize=item, available_bytes=have,
-                               reserved_bytes=reserved)
+                               reserved_bytes=reserved, disk_bytes=disk, block=block)
              for which, k in (("top", k_top), ("bottom", k_bottom)) if k}
     for which, p in plans.items():
         log.info("plan %s", p.describe())
         if not p.fits:
-            raise MemoryError(f"{p.describe()}: needs more than the {have / 2**30:.1f} GiB "
-                              f"available on {problem.device} (less {reserved / 2**30:.1f} GiB "
-                              f"for the trajectory); use fewer parameters, "
-                              f"--k-bottom 0 or a machine with more memory")
-    return plans
+            raise MemoryError(f"{p.refusal()} (less {reserved / 2**30:.1f} GiB for the "
+                              f"trajectory); use fewer parameters, --k-bottom 0 or a machine "
+                              f"with more memory")
+    budget = None if have is None else max(1, have - int(-(-reserved // HEADROOM)))
+    return plans, budget
 
 
 def _same_inputs(run, run_id: str, problem) -> None:
@@ -276,7 +297,7 @@ def _residuals(J, U, S, V, block: int = 512) -> torch.Tensor:
     return torch.cat(out) if out else S.new_zeros((0, 2))
 
 
-def _dense_resumable(w, run, op, *, block: int = 128, progress=None) -> torch.Tensor:
+def _dense_resumable(w, run, op, *, block: int = 128, progress=None, plan=None) -> torch.Tensor:
     """J column block by column block; rows of the state array are columns of J (= J e_i), the
     group's ``n_committed`` (columns done) written after each block's rows."""
     P = op.shape[0]
@@ -287,6 +308,9 @@ def _dense_resumable(w, run, op, *, block: int = 128, progress=None) -> torch.Te
     arr = w.state_array(g, "JT", (P, P), "float64", ("column", "param"), chunks=(block, P))
     done = int(g.attrs.get("n_committed", 0))
     bar = progress(total=P, initial=done, desc="dense J columns") if progress else None
+    report = Progress("dense J columns", expected_products=P - done, emit=log.info)
+    if plan is not None:
+        log.info("solve %s", plan.describe())
     for i in range(done, P, block):
         n = min(block, P - i)
         E = torch.zeros(P, n, dtype=op.dtype, device=op.device)
@@ -295,28 +319,39 @@ def _dense_resumable(w, run, op, *, block: int = 128, progress=None) -> torch.Te
         g.attrs["n_committed"] = i + n
         if bar:
             bar.update(n)
+        else:
+            report.update(i + n - done)
     if bar:
         bar.close()
     return torch.from_numpy(np.asarray(arr[:]).T.copy()).to(op.device, op.dtype)
 
 
-def _krylov_resumable(w, run, op, which, k, tol, method, progress, block):
+def _krylov_resumable(w, run, op, which, k, tol, method, progress, block, *, plan=None,
+                      max_memory=None, spill_dir=None):
     name = which
     ckpt = None
-    if method == "lanczos":
+    spill = plan is not None and plan.spill
+    if spill:  # the spilled solve does not checkpoint: a killed run starts it again
+        w.drop_state(run, name)
+        log.info("%s-%d: the Lanczos basis spills to disk beside the store (no checkpoint: an "
+                 "interrupted solve restarts from its seed)", which, k)
+    elif method == "lanczos":
         ckpt = LanczosCheckpoint(w, w.state_group(run, name), op)
         if ckpt.load() is None:  # a fresh solve writes into a clean group (no rows of a dead one)
             w.drop_state(run, name)
             ckpt = LanczosCheckpoint(w, w.state_group(run, name), op)
     else:
         w.drop_state(run, name)
-    bar = progress(desc=f"{which}-{k} {method}", unit="step") if progress else None
-    if bar and ckpt is not None:
-        ckpt.on_save = lambda: bar.update(1)
-    r = svd(op, k, which=which, method=method, tol=tol, block=block, checkpoint=ckpt,
-            raise_on_failure=False, callback=None)
-    if bar:
-        bar.close()
+    if plan is not None:
+        log.info("solve %s", plan.describe())
+    report = Progress(f"{which}-{k} {method}", k=k, emit=log.info, bar=progress,
+                      expected_products=None if plan is None else plan.estimate.products)
+    extra = {"spill_dir": spill_dir} if spill else {}
+    try:
+        r = svd(op, k, which=which, method=method, tol=tol, block=block, checkpoint=ckpt,
+                raise_on_failure=False, callback=report, max_memory=max_memory, **extra)
+    finally:
+        report.close()
     return dict(S=r.S, U=r.U, V=r.V, res=r.residuals, method=r.method, smax=r.norm_estimate,
                 conv=r.converged)
 

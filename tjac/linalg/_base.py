@@ -205,6 +205,12 @@ def fresh_residuals(op, S, U, V, block: int = 128):
     return torch.cat(res) if res else S.new_zeros((0, 2))
 
 
+def values_unchanged(values, before, tol: float, smax: float) -> bool:
+    """The wanted values of two checks agree to the certificate's scale: max |a - c| <= 4 tol s_max
+    (the confirmation of a certified block narrower than k: no missed copy moved them)."""
+    return before is not None and max(abs(a - c) for a, c in zip(values, before)) <= 4 * tol * smax
+
+
 class Timer:
     def __init__(self):
         self.t0 = time.perf_counter()

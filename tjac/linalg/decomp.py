@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 
 import torch
 
@@ -13,6 +14,7 @@ from .dense import dense_svd
 from .lanczos import gkl
 from .plan import plan_solve
 from .randomized import randomized
+from .spill import gkl_spilled
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,19 @@ def roundoff_floor(op, gen=None) -> dict:
 # arguments that only some methods use: passing one to a method that ignores it is an error
 _APPLIES = {"maxiter": ("lanczos", "randomized"), "block": ("lanczos", "randomized"),
             "v0": ("lanczos", "randomized"), "max_basis": ("lanczos",),
-            "checkpoint": ("lanczos",), "callback": ("lanczos", "randomized")}
+            "checkpoint": ("lanczos",), "callback": ("lanczos", "randomized"),
+            "spill_dir": ("lanczos",)}
+
+
+def _disk_free(directory) -> int | None:
+    """Free bytes where a spilled basis would go (None when that cannot be told)."""
+    import shutil
+    import tempfile
+
+    try:
+        return int(shutil.disk_usage(directory or tempfile.gettempdir()).free)
+    except OSError:
+        return None
 
 
 def _validate(op, k, which, method, tol, maxiter, block):
@@ -106,7 +120,8 @@ def _inapplicable(method, chosen_by_auto, P, which, given):
 def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | None = None,
         maxiter: int | None = None, block: int | None = None, max_basis: int | None = None,
         v0: torch.Tensor | None = None, rng: int = 0, callback=None,
-        raise_on_failure: bool = True, checkpoint=None) -> SVDResult:
+        raise_on_failure: bool = True, checkpoint=None, max_memory: int | None = None,
+        spill_dir: str | None = None) -> SVDResult:
     r"""k singular triplets of ``op`` at the ``top`` (largest) or ``bottom`` (smallest) end.
 
     A triplet is converged when both ||J v - s u|| and ||J^T u - s v||, recomputed from fresh
@@ -132,17 +147,26 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
         more products on J-shaped spectra).
     v0 : (P, block) start block; default: N(0, 1) from ``rng``.
     rng : seed of the start block (explicit, so solves are reproducible).
-    callback : called with a dict after every step (Krylov methods).
+    callback : called with a dict after every step (Krylov methods): the solver's ``step``,
+        ``basis``, ``n_converged`` (``checked`` for Lanczos steps with a Ritz extraction), plus
+        ``products`` (so far), ``expected_products`` (the plan's) and ``elapsed`` seconds
+        (:class:`tjac.linalg.progress.Progress` turns them into progress lines or a bar).
     checkpoint : Lanczos only: an object with ``load() -> dict | None`` and ``save(state)``. The
         solve starts from ``load()`` when it returns a state and hands ``save`` the whole
         recurrence (plus ``gen_state``, the generator's state) after every step, so a killed solve
         continues exactly (see :class:`tjac.checkpoint.LanczosCheckpoint` for the store's).
     raise_on_failure : False returns a partial result (``all_converged`` False; fewer than k
         rows when the solve stopped short) instead of raising.
+    max_memory : bytes the solver may use (default: what the device has available); the plan
+        (:func:`tjac.linalg.plan_solve`) is made against it, and a solve that cannot fit raises
+        MemoryError with the estimate before any product.
+    spill_dir : where the bottom's Lanczos basis spills when it does not fit in memory (default:
+        the system's temporary directory; ``tjac run``: next to the store). The spilled solve
+        (:mod:`tjac.linalg.spill`) does not checkpoint: ``checkpoint`` is refused on it.
 
     ``maxiter``, ``block``, ``v0`` and ``callback`` apply to the Krylov methods,
-    ``max_basis`` and ``checkpoint`` to Lanczos only; passing one to a method that does not use it
-    raises ValueError (also when ``auto`` chose that method).
+    ``max_basis``, ``checkpoint`` and ``spill_dir`` to Lanczos only; passing one to a method that
+    does not use it raises ValueError (also when ``auto`` chose that method).
 
     Raises
     ------
@@ -156,16 +180,31 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
     P = op.shape[0]
     chosen_by_auto = method == "auto"
     itemsize = torch.empty((), dtype=op.dtype).element_size()
+    if max_memory is not None:
+        _checks.positive_int("max_memory", max_memory)
+    if spill_dir is not None and not os.path.isdir(spill_dir):
+        raise ValueError(f"`spill_dir` must be an existing directory, got {spill_dir!r}")
+    have = max_memory if max_memory is not None else _checks.available_bytes(op.device)
     plan = plan_solve(P, k, which, method=method, itemsize=itemsize, block=block,
-                      available_bytes=_checks.available_bytes(op.device))
+                      available_bytes=have, disk_bytes=_disk_free(spill_dir))
     method = plan.method
     if not plan.fits:
-        raise MemoryError(f"svd: {plan.describe()}: needs more than the "
-                          f"{plan.available_bytes / 2**30:.1f} GiB available on {op.device}")
+        raise MemoryError(f"svd: {plan.describe()}: {plan.refusal()}")
     log.info("svd plan: %s", plan.describe())
     _inapplicable(method, chosen_by_auto, P, which,
                   dict(maxiter=maxiter, block=block, v0=v0, max_basis=max_basis,
-                       checkpoint=checkpoint, callback=callback))
+                       checkpoint=checkpoint, callback=callback, spill_dir=spill_dir))
+    if plan.spill and (checkpoint is not None or max_basis is not None):
+        what = "checkpoint" if checkpoint is not None else "max_basis"
+        raise ValueError(f"`{what}` does not apply when the Lanczos basis spills to disk ("
+                         f"{plan.describe()}): the spilled solve neither restarts nor "
+                         f"checkpoints (a killed one starts again from its seed)")
+    if callback is not None:
+        user_callback = callback
+
+        def callback(info):  # noqa: F811 (the solver's dict plus the counters progress needs)
+            user_callback({**info, "products": cop.num_matvecs + cop.num_rmatvecs,
+                           "expected_products": plan.estimate.products, "elapsed": timer()})
     if tol is None:
         tol = default_tol(op.dtype)
     cop = Counted(op)
@@ -198,15 +237,20 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
         gen.set_state(resume_state["gen_state"])
     if method == "dense":
         J, U, S, V = dense_svd(cop)
+        smax, history = float(S[0]), ()  # (a second SVD for ||J||_2 cost as much as the first)
         idx = torch.arange(k) if which == "top" else torch.arange(P - 1, P - 1 - k, -1)
         S, U, V = S[idx], U[:, idx], V[:, idx]
         res = torch.stack([(J @ V - U * S).norm(dim=0), (J.T @ U - V * S).norm(dim=0)], 1)
-        smax, history = float(torch.linalg.matrix_norm(J, 2)), ()
     else:
         if method == "randomized":
             l = block or (k + 8)
             kr = randomized(cop, k, tol=tol, maxiter=maxiter or 30 * -(-k // min(l, k)), block=l,
                             v0=v0, gen=gen, callback=callback)
+        elif plan.spill:
+            b = block or min(16, P)
+            kr = gkl_spilled(cop, k, tol=tol, maxiter=maxiter or -(-P // b) + 2, block=b,
+                             directory=spill_dir, v0=v0, gen=gen, callback=callback,
+                             verify=verify)
         else:
             b = block or min(16, P)
             if max_basis is None:

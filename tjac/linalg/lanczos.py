@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from ._base import KrylovResult, orthonormalize, small_svd
+from ._base import KrylovResult, orthonormalize, small_svd, values_unchanged
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,7 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
         fresh, done = None, False
         if n >= k and bool(conv.all()):
             values = [float(x) for x in sig[want]]
-            same = confirm is not None and max(
-                abs(a - c) for a, c in zip(values, confirm["values"])) <= 4 * tol * smax
+            same = confirm is not None and values_unchanged(values, confirm["values"], tol, smax)
             ripe = same and step >= confirm["step"] + CONFIRM_STEPS
             if confirm is None or not same or ripe:
                 if verify is not None:

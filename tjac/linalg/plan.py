@@ -13,9 +13,14 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
 * ``randomized``, top: l = k + 8 columns per pass, about ``RANDOMIZED_PASSES`` passes of 2 l
   products (measured 4-8 on the paper's spectra); memory three P x (passes l) blocks.
 
+* ``lanczos`` spilled (bottom, :mod:`tjac.linalg.spill`): the same products; both bases on disk
+  (2 P n values, n ~ products / 2), in RAM a read chunk, a few P x b blocks, the k Ritz vectors and
+  the band of B (:mod:`tjac.linalg.banded`).
+
 The bottom of a training Jacobian is a near-null cluster: product-only methods need about as many
 products as the dense path and (without spilling the basis) more memory, so ``auto`` takes the dense
-path for the bottom whenever it fits, and Lanczos only when it alone fits.
+path for the bottom whenever it fits, then in-RAM Lanczos, then Lanczos with its basis spilled to
+disk when the disk (``disk_bytes`` free where it spills) holds it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ DENSE_FACTOR = 8            # values of P^2 at the dense path's peak (J, its cop
 LANCZOS_BOTTOM_PRODUCTS = 1.25
 LANCZOS_BOTTOM_FACTOR = 10  # values of P^2 at long-basis Lanczos' peak
 RANDOMIZED_PASSES = 6
+SPILL_CHUNK_BYTES = 64 * 2**20  # spill.CHUNK_BYTES: one read chunk of a spilled basis
 HEADROOM = 0.9              # share of the available memory a plan may use
 
 
@@ -35,10 +41,15 @@ class Estimate:
     products: int
     bytes: int
     seconds: float | None
+    disk_bytes: int = 0     # the spilled path's bases on disk
+    spill: bool = False
 
     def as_dict(self) -> dict:
         return {"method": self.method, "products": self.products, "bytes": self.bytes,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "disk_bytes": self.disk_bytes, "spill": self.spill}
+
+    def label(self) -> str:
+        return f"{self.method} (basis spilled to disk)" if self.spill else self.method
 
 
 @dataclass(frozen=True)
@@ -54,18 +65,38 @@ class SolvePlan:
     fits: bool
     reason: str
     alternatives: tuple = field(default=())
+    disk_free_bytes: int | None = None
+
+    @property
+    def spill(self) -> bool:
+        """The Lanczos basis goes to disk (:mod:`tjac.linalg.spill`)."""
+        return self.estimate.spill
 
     def as_dict(self) -> dict:
         return {"which": self.which, "k": self.k, "P": self.P, "method": self.method,
-                **{f"expected_{n}": v for n, v in self.estimate.as_dict().items() if n != "method"},
-                "available_bytes": self.available_bytes, "fits": self.fits,
+                **{f"expected_{n}": v for n, v in self.estimate.as_dict().items()
+                   if n not in ("method", "spill")},
+                "spill": self.spill, "available_bytes": self.available_bytes,
+                "disk_free_bytes": self.disk_free_bytes, "fits": self.fits,
                 "reason": self.reason, "alternatives": [a.as_dict() for a in self.alternatives]}
 
     def describe(self) -> str:
         e = self.estimate
         t = f", ~{_duration(e.seconds)}" if e.seconds is not None else ""
-        return (f"{self.which}-{self.k}: {self.method}, ~{e.products:,} products, "
-                f"~{_gib(e.bytes)} GiB{t} ({self.reason})")
+        d = f" + ~{_gib(e.disk_bytes)} GiB on disk" if e.spill else ""
+        return (f"{self.which}-{self.k}: {e.label()}, ~{e.products:,} products, "
+                f"~{_gib(e.bytes)} GiB{d}{t} ({self.reason})")
+
+    def refusal(self) -> str:
+        """Why nothing fits: every candidate's estimate against what is available."""
+        have = "unknown" if self.available_bytes is None else f"{_gib(self.available_bytes)} GiB"
+        disk = ("" if self.disk_free_bytes is None
+                else f", {_gib(self.disk_free_bytes)} GiB free on disk")
+        cands = ", ".join(f"{e.label()} ~{_gib(e.bytes)} GiB"
+                          + (f" + ~{_gib(e.disk_bytes)} GiB on disk" if e.spill else "")
+                          for e in (self.estimate,) + tuple(self.alternatives))
+        return (f"{self.which}-{self.k} of P = {self.P:,} does not fit: {cands}; "
+                f"{have} of memory available{disk}")
 
 
 def _gib(b: int) -> str:
@@ -81,8 +112,24 @@ def _duration(s: float) -> str:
 
 
 def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, block: int | None = None,
-             max_basis: int | None = None, seconds_per_product: float | None = None) -> Estimate:
-    """Expected products and peak solver memory (bytes) of one method (see the module doc)."""
+             max_basis: int | None = None, seconds_per_product: float | None = None,
+             spill: bool = False) -> Estimate:
+    """Expected products and peak solver memory (bytes) of one method (see the module doc);
+    ``spill``: long-basis Lanczos for the bottom with its basis on disk (also disk bytes)."""
+    disk = 0
+    if spill:
+        if method != "lanczos" or which != "bottom":
+            raise ValueError("only the bottom's Lanczos basis spills to disk")
+        b = block or min(16, P)
+        products = min(int(LANCZOS_BOTTOM_PRODUCTS * P) + 4 * k, 2 * P)
+        n = min(P, products // 2 + 4 * b)
+        values = P * (8 * b + 4 * k + 16) + n * (2 * (2 * b + 1) + 6 * (k + 8))
+        disk = 2 * P * n * itemsize
+        seconds = None if seconds_per_product is None else products * seconds_per_product
+        return Estimate(method=method, products=int(products),
+                        bytes=int(values * itemsize + min(SPILL_CHUNK_BYTES, disk // 2)),
+                        seconds=seconds,
+                        disk_bytes=int(disk), spill=True)
     if method == "dense":
         products, values = P, DENSE_FACTOR * P * P
     elif method == "randomized":
@@ -105,33 +152,51 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
 
 def plan_solve(P: int, k: int, which: str, *, method: str = "auto", itemsize: int = 8,
                block: int | None = None, seconds_per_product: float | None = None,
-               available_bytes: int | None = None, reserved_bytes: int = 0) -> SolvePlan:
+               available_bytes: int | None = None, reserved_bytes: int = 0,
+               disk_bytes: int | None = None) -> SolvePlan:
     """The plan of one solve. ``auto`` picks randomized for the top (dense when 4k >= P), and for
     the bottom the cheapest path that fits in ``available_bytes`` minus ``reserved_bytes`` (the
-    trajectory and the replay's own memory): dense, else Lanczos. A named method is planned as
-    asked; ``fits`` says whether it is expected to fit."""
+    trajectory and the replay's own memory): dense, else Lanczos in RAM, else Lanczos with its
+    basis spilled to disk when ``disk_bytes`` (free where it spills; None: unknown, no limit) hold
+    it. A named method is planned as asked (``lanczos`` for the bottom spills when only that
+    fits); ``fits`` says whether it is expected to fit."""
     budget = None if available_bytes is None else int(HEADROOM * available_bytes) - reserved_bytes
     kw = dict(itemsize=itemsize, block=block, seconds_per_product=seconds_per_product)
 
     def fits(e):
-        return budget is None or e.bytes <= budget
+        return ((budget is None or e.bytes <= budget)
+                and (disk_bytes is None or e.disk_bytes <= HEADROOM * disk_bytes))
 
+    def plan(pick, ok, why, alternatives=()):
+        return SolvePlan(which, k, P, pick.method, pick, available_bytes, ok, why,
+                         alternatives=tuple(alternatives), disk_free_bytes=disk_bytes)
+
+    spills = which == "bottom" and 4 * k < P
     if method != "auto":
         e = estimate(method, P, k, which, **kw)
-        return SolvePlan(which, k, P, method, e, available_bytes, fits(e), "as asked")
+        if method == "lanczos" and spills and not fits(e):
+            s = estimate(method, P, k, which, spill=True, **kw)
+            if fits(s):
+                return plan(s, True, "as asked; the basis does not fit in memory: spilled to disk",
+                            [e])
+            return plan(e, False, "as asked", [s])
+        return plan(e, fits(e), "as asked")
     if which == "top" and 4 * k < P:
         e = estimate("randomized", P, k, which, **kw)
         return SolvePlan(which, k, P, "randomized", e, available_bytes, fits(e),
                          "top: randomized block Krylov (measured fastest)")
     cands = [estimate("dense", P, k, which, **kw)]
-    if which == "bottom" and 4 * k < P:
+    if spills:
         cands.append(estimate("lanczos", P, k, which, **kw))
     ok = [e for e in cands if fits(e)]
+    if not ok and spills:  # neither dense nor the in-RAM basis: the basis goes to disk
+        cands.append(estimate("lanczos", P, k, which, spill=True, **kw))
+        ok = [e for e in cands if fits(e)]
     if ok:
         pick = min(ok, key=lambda e: (e.products, e.bytes))
-        why = ("the cheapest certified path that fits in memory" if len(cands) > 1
+        why = ("neither J nor the basis fits in memory: the basis spills to disk" if pick.spill
+               else "the cheapest certified path that fits in memory" if len(cands) > 1
                else "k is a large share of P")
     else:
         pick, why = min(cands, key=lambda e: e.bytes), "nothing fits in memory"
-    return SolvePlan(which, k, P, pick.method, pick, available_bytes, fits(pick), why,
-                     alternatives=tuple(e for e in cands if e is not pick))
+    return plan(pick, fits(pick), why, [e for e in cands if e is not pick])

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from ._base import KrylovResult, orthonormalize
+from ._base import KrylovResult, orthonormalize, values_unchanged
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ def randomized(op, k: int, *, tol: float, maxiter: int, block: int, v0=None, gen
         inject = False
         if kk == k and bool(conv.all()):
             values = [float(x) for x in sig[:kk]]
-            same = confirm is not None and max(
-                abs(a - c) for a, c in zip(values, confirm["values"])) <= 4 * tol * smax
+            same = confirm is not None and values_unchanged(values, confirm["values"], tol, smax)
             if l >= k or room <= l or (same and it >= confirm["iteration"] + CONFIRM_PASSES):
                 break
             if not same:  # a block narrower than k: look for copies of a multiple value it missed
