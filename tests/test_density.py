@@ -256,7 +256,7 @@ def test_gpytorch_lanczos_falls_short_where_ours_is_exact():
 
 
 # -- stored in a run -------------------------------------------------------------------------------
-def test_analyze_density_round_trips_through_the_store(tmp_path):
+def test_analyze_density_round_trips_through_the_store(tmp_path, capsys):
     from tjac.analysis.density import analyze_density
     from tjac.runner import run_analysis
 
@@ -287,10 +287,30 @@ def test_analyze_density_round_trips_through_the_store(tmp_path):
 
     png = density_figure(run, str(tmp_path / "d.png"))
     assert (tmp_path / "d.png").stat().st_size > 10_000 and png.endswith("d.png")
+    # the command line reads the same
+    import json as _json
+
+    from tjac.cli import main
+
+    assert main(["query", path, "--run", "a", "--density", "--json"]) == 0
+    got_json = _json.loads(capsys.readouterr().out)
+    assert got_json["counts"]["0.05"]["bulk"] == c[0.05]["bulk"]
+    assert main(["query", path, "--run", "a", "--density"]) == 0
+    assert "eps=0.05: chaotic" in capsys.readouterr().out
+    assert main(["plot", path, "--run", "a", "--density", "-o", str(tmp_path / "e.png")]) == 0
+    assert (tmp_path / "e.png").stat().st_size > 10_000
 
 
-def test_analyze_density_refuses_bad_input(tmp_path):
+def test_analyze_density_refuses_bad_input(tmp_path, capsys):
     from tjac.analysis.density import analyze_density
+    from tjac.cli import main
+    from tjac.runner import run_analysis
 
     with pytest.raises(ValueError, match="eps"):
         analyze_density(str(tmp_path / "none.zarr"), "a", eps=(0.0,))
+    path = str(tmp_path / "r.zarr")
+    run_analysis(tjac.Recipe.paper(width=4, epochs=1, n_train=128), path, k_top=2, k_bottom=0,
+                 run_id="a")
+    assert main(["query", path, "--run", "a", "--density"]) == 2
+    err = capsys.readouterr().err
+    assert "no stored density" in err and "tjac analyze" in err and len(err.splitlines()) == 1

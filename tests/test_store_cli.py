@@ -253,8 +253,16 @@ def test_bench_and_scale_commands(tmp_path):
     assert all(r["replays"] >= -(-r["P"] // 128) and r["backend"] in ("eager", "fused", "compiled")
                for r in rows)
     assert set(open_store(tmp_path / "s.zarr").runs()) == {"mlp-w4-d1", "mlp-w6-d1"}
+    out = json.loads(p.stdout)
+    for r in rows:  # counts at each eps beside the exact ones (the dense path ran at this size)
+        for e in ("0.01", "0.001"):
+            b = r["counts"][e]["bulk"]
+            assert b["exact"] is not None and b["lower"] <= b["exact"] <= b["upper"]
+    assert {"bulk_0.01", "bulk_fraction_0.01", "sigma_max", "seconds"} <= set(out["fits"])
     p = tjac_cli("scale", "--widths", "4,x")
     assert p.returncode == 2 and "comma-separated list" in p.stderr
+    p = tjac_cli("scale", "--widths", "4", "--eps", "0,1e-2")
+    assert p.returncode == 2 and "--eps" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_recipe_too_large_for_memory_is_refused_up_front():

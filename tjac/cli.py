@@ -117,12 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top", type=_positive_int)
     g.add_argument("--bottom", type=_positive_int)
     g.add_argument("--regions", type=_positive_float, metavar="EPS")
+    g.add_argument("--density", action="store_true",
+                   help="the matrix-free region counts (with brackets) and density stored by "
+                        "`tjac analyze --what density`")
     q.add_argument("--json", action="store_true")
 
     pl = sub.add_parser("plot", parents=[common], help="the paper's figures for a run")
     pl.add_argument("store")
     pl.add_argument("--run")
     pl.add_argument("-o", "--output", required=True)
+    pl.add_argument("--density", action="store_true",
+                    help="the stored density and region counts (tjac analyze --what density)")
 
     b = sub.add_parser("bench", parents=[common], help="JVP/VJP throughput in units of one training run")
     b.add_argument("--width", type=_positive_int, default=64)
@@ -145,9 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--epochs", type=_positive_int, default=25)
     sc.add_argument("--k-top", type=_nonneg_int, default=16)
     sc.add_argument("--k-bottom", type=_nonneg_int, default=16)
-    sc.add_argument("--tol", type=_positive_float, default=1e-8)
+    sc.add_argument("--tol", type=_positive_float, default=None,
+                    help="default: 1e-8 in float64, 100 eps in float32")
+    sc.add_argument("--seeds", type=_positive_int, default=1,
+                    help="seeds per size (0..N-1) for the seed-to-seed spread")
+    sc.add_argument("--eps", default="1e-2,1e-3",
+                    help="region half-widths counted at every size (comma-separated)")
+    sc.add_argument("--probes", type=_positive_int, default=16,
+                    help="probes of the matrix-free counts (tjac.analysis.slq)")
+    sc.add_argument("--no-density", action="store_true",
+                    help="skip the matrix-free counts and density (exact counts only where dense)")
     sc.add_argument("--store", default="scale.zarr")
-    sc.add_argument("--png", help="log-log plot of cost vs P (default: <store>-scaling.png)")
+    sc.add_argument("--png", help="log-log plots against P (default: <store>-scaling.png)")
     sc.add_argument("--json", action="store_true")
 
     v = sub.add_parser("verify", parents=[common], help="dense oracle vs matrix-free operator on a tiny recipe")
@@ -367,6 +381,8 @@ def cmd_query(a):
     from .query import open as open_store
 
     run = _pick_run(open_store(a.store), a.run)
+    if a.density:
+        return _query_density(run, a.json)
     if a.regions is not None:
         out = run.regions(a.regions)
         if a.json:
@@ -398,11 +414,43 @@ def cmd_query(a):
     return 0
 
 
+def _query_density(run, as_json):
+    if "counts" not in run.analyses():
+        raise BadInput(f"run {run.id!r} has no stored density: run `tjac analyze STORE --run "
+                       f"{run.id} --what density` first")
+    c = run.counts()
+    d = run.density()
+    info = c.pop("info")
+    if as_json:
+        print(json.dumps({"counts": {repr(e): v for e, v in c.items()}, "info": info,
+                          "density": {"log10_sigma": d.log10_sigma.tolist(),
+                                      "density": d.density.tolist(), "stderr": d.stderr.tolist(),
+                                      "bandwidth": d.bandwidth}}))
+        return 0
+    print(f"{info['method']}: {info['probes']} probes, {info['steps']} steps, "
+          f"{info['products']:,} products, top {info['deflated_top']} deflated; brackets at "
+          f"{100 * info['confidence']:.0f}% (quadrature bounds + probe spread)")
+    for e in sorted(c):
+        row = ", ".join(f"{r} {c[e][r]['estimate']:.0f} [{c[e][r]['lower']:.0f}, "
+                        f"{c[e][r]['upper']:.0f}]" for r in ("chaotic", "bulk", "stable"))
+        print(f"eps={e:g}: {row}")
+    return 0
+
+
 def cmd_plot(a):
-    from .plotting import spectrum_figure
+    from .plotting import density_figure, spectrum_figure
     from .query import open as open_store
 
     run = _pick_run(open_store(a.store), a.run)
+    if getattr(a, "density", False):
+        if "density" not in run.analyses():
+            raise BadInput(f"run {run.id!r} has no stored density: run `tjac analyze STORE "
+                           f"--run {run.id} --what density` first")
+        parent = os.path.dirname(os.path.abspath(a.output))
+        if not os.access(parent, os.W_OK):
+            raise BadInput(f"cannot write {a.output!r}: {parent!r} is not a writable directory")
+        print(density_figure(run, a.output))
+        return 0
     parent = os.path.dirname(os.path.abspath(a.output))
     if not os.access(parent, os.W_OK):
         raise BadInput(f"cannot write {a.output!r}: {parent!r} is not a writable directory")
@@ -480,19 +528,40 @@ def cmd_scale(a):
     from . import scale
 
     widths, depths = _int_list(a.widths, "--widths"), _int_list(a.depths, "--depths")
-    recipes = scale.sweep_recipes(a.family, widths, depths, epochs=a.epochs)
+    eps = _float_list(a.eps, "--eps")
+    if a.probes < 2:
+        raise BadInput("--probes must be at least 2 (one probe has no error bar)")
+    recipes = scale.sweep_recipes(a.family, widths, depths, seeds=tuple(range(a.seeds)),
+                                  epochs=a.epochs)
     if not recipes:
         raise BadInput("the sweep is empty (a CNN has depth 1)")
     rows = scale.run_sweep(recipes, a.store, k_top=a.k_top, k_bottom=a.k_bottom, tol=a.tol,
-                           progress=_progress(a.quiet),
+                           progress=_progress(a.quiet), epsilons=tuple(eps), probes=a.probes,
+                           density=not a.no_density,
                            log=(lambda s: None) if (a.quiet or a.json) else print)
     png = a.png or os.path.splitext(os.path.abspath(a.store))[0] + "-scaling.png"
-    expo = scale.plot_scaling(rows, png)
+    expo = scale.plot_scaling(rows, png, eps=eps[0])
+    fitted = scale.fits(rows, eps[0])
     if a.json:
-        print(json.dumps({"rows": rows, "cost_exponent": expo, "png": png}, indent=2))
+        print(json.dumps({"rows": rows, "cost_exponent": expo, "fits": fitted, "png": png},
+                         indent=2))
     elif not a.quiet:
-        print(f"cost ~ P^{expo:.2f} (seconds, least squares in log-log); figure {png}")
+        for n, f in fitted.items():
+            err = f" ± {f['stderr']:.2f}" if math.isfinite(f["stderr"]) else ""
+            if math.isfinite(f["exponent"]):
+                print(f"{n} ~ P^{f['exponent']:.2f}{err}")
+        print(f"figure {png}")
     return 0
+
+
+def _float_list(s, flag):
+    try:
+        vals = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise BadInput(f"{flag} must be a comma-separated list of positive numbers, got {s!r}") from None
+    if not vals or min(vals) <= 0 or not all(math.isfinite(v) for v in vals):
+        raise BadInput(f"{flag} must be a comma-separated list of positive numbers, got {s!r}")
+    return vals
 
 
 def _computation_errors() -> tuple:
