@@ -415,7 +415,7 @@ def cmd_query(a):
 
 
 def _query_density(run, as_json):
-    if "counts" not in run.analyses():
+    if not {"counts", "density"} <= set(run.analyses()):
         raise BadInput(f"run {run.id!r} has no stored density: run `tjac analyze STORE --run "
                        f"{run.id} --what density` first")
     c = run.counts()
@@ -529,6 +529,8 @@ def cmd_scale(a):
 
     widths, depths = _int_list(a.widths, "--widths"), _int_list(a.depths, "--depths")
     eps = _float_list(a.eps, "--eps")
+    if max(eps) >= 1:
+        raise BadInput(f"--eps values must be below 1 (the bulk is |sigma - 1| <= eps), got {a.eps!r}")
     if a.probes < 2:
         raise BadInput("--probes must be at least 2 (one probe has no error bar)")
     recipes = scale.sweep_recipes(a.family, widths, depths, seeds=tuple(range(a.seeds)),

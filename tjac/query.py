@@ -288,12 +288,16 @@ class Run:
 
     def counts(self) -> dict:
         """The stored matrix-free region counts (``analyses/counts``): {eps: {region: {estimate,
-        lower, upper, stderr}}}, with the method, probes, steps and products under ``"info"``."""
+        lower, upper, stderr, resolved}}}, with the method, probes, steps and products under
+        ``"info"``; ``resolved`` is False where the step budget ended before the quadrature part
+        of the bracket reached ``rtol``."""
         a = self.analysis("counts")
         out = {}
         for i, e in enumerate(a["eps"]):
-            out[float(e)] = {r: {f: float(a[f"{r}_{f}"][i]) for f in
-                                 ("estimate", "lower", "upper", "stderr")}
+            out[float(e)] = {r: {**{f: float(a[f"{r}_{f}"][i]) for f in
+                                    ("estimate", "lower", "upper", "stderr")},
+                                 "resolved": bool(a[f"{r}_resolved"][i])
+                                 if f"{r}_resolved" in a.arrays else None}
                              for r in ("chaotic", "bulk", "stable")}
         out["info"] = {k: v for k, v in a.attrs.items() if k != "analysis"}
         return out

@@ -320,6 +320,10 @@ class Writer:
         analysis of that name by the commit protocol; a complete run's metadata is consolidated
         again afterwards."""
         check_analysis_name(name)
+        reserved = set(attrs) & (set(COUNTERS) | {"k", "analysis"})
+        if reserved:
+            raise StoreError(f"analysis attributes may not use the reserved names "
+                             f"{sorted(reserved)} (the store's commit counters)")
         out = {}
         for aname, (x, dims) in arrays.items():
             x = np.asarray(x)

@@ -6,8 +6,9 @@ components τ_j of its eigenvectors, scaled by ‖z‖², are the nodes and weig
 rule of the spectral measure μ_z = Σ_i (zᵀv_i)² δ(λ − σ_i²). Since E[(zᵀv_i)²] = 1, the number of
 σ_i in [lo, hi] is E[μ_z([lo², hi²])]: one probe is one unbiased sample, and every probe's
 products share one training replay (the probes are the columns of one block). Each probe is
-reorthogonalized in full (twice, classical Gram–Schmidt) in float64, so T_m is the exact Gauss rule
-to round-off: no ghost copies of the large values.
+reorthogonalized in full (twice, classical Gram–Schmidt) in the operator's dtype (float64 by
+default: a float32 operator gives float32 rules, with the breakdown test at 1e3 eps), so T_m is
+the exact Gauss rule to round-off: no ghost copies of the large values.
 
 **A bracket you can defend.** The Chebyshev–Markov–Stieltjes inequalities bound the distribution
 function F of μ_z between the Gauss rule's partial sums: Σ_{j<p} τ_j ≤ F(θ_p − 0) and
@@ -62,7 +63,7 @@ REORTH_PASSES = 2
 # the rule's nodes by at most beta (Weyl), far below any window a count resolves; the computed beta
 # of a space that closed in exact arithmetic is round-off amplified by the Krylov basis' condition
 # (measured 2e-10 lambda_max with five distinct values spread over 3.7 decades)
-BREAKDOWN = 1e-8
+BREAKDOWN = 1e-8            # float64; in a lower precision 1e3 eps of the operator's dtype
 DENSE_MEMORY_SHARE = 0.5   # the dense fallback may use this share of the available memory
 
 
@@ -143,8 +144,12 @@ class Quadrature:
             n = len(x)
             # F(b): node p = pb - 1 is the last <= b; lower sum_{j<p}, upper sum_{j<=p+1}
             Fb_lo, Fb_up = c[max(pb - 1, 0)], c[min(pb + 1, n)]
+            if b == math.inf:   # the whole measure
+                Fb_lo = Fb_up = c[n]
             # F(a - 0): the last node < a is pa - 1
             Fa_lo, Fa_up = c[max(pa - 1, 0)], c[min(pa + 1, n)]
+            if a <= 0.0:        # J^T J >= 0: nothing lies below 0
+                Fa_lo = Fa_up = 0.0
             low.append(max(0.0, Fb_lo - Fa_up))
             up.append(max(0.0, Fb_up - Fa_lo))
         return np.array(est), np.array(low), np.array(up)
@@ -171,9 +176,10 @@ class Quadrature:
     def regions(self, eps: float, *, confidence: float = 0.95) -> dict:
         """Chaotic (σ > 1 + ε), bulk (|σ − 1| ≤ ε) and stable (σ < 1 − ε) counts, each an
         :class:`IntervalCount`."""
-        big = max(self.sigma_max, 1.0 + eps) * 2 + 1.0
-        lo_stable = max(1.0 - eps, 0.0)
-        return {"chaotic": self.count(1.0 + eps * (1 + 1e-12), big, confidence=confidence),
+        if not 0 < eps < 1:
+            raise ValueError(f"`eps` must be in (0, 1), got {eps!r}")
+        lo_stable = 1.0 - eps
+        return {"chaotic": self.count(1.0 + eps * (1 + 1e-12), math.inf, confidence=confidence),
                 "bulk": self.count(max(1.0 - eps, 0.0), 1.0 + eps, confidence=confidence),
                 "stable": self.count(0.0, lo_stable * (1 - 1e-12), confidence=confidence)}
 
@@ -293,7 +299,8 @@ def count_in_interval(op, lo: float, hi: float, *, probes: int = 16, rtol: float
             rtol=rtol, check_every=check_every, method=method, available_bytes=available_bytes,
             callback=callback)
     c = q.count(lo, hi, confidence=confidence)
-    resolved = c.method == "dense" or all(q.exact) or q.steps >= op.shape[0] or \
+    resolved = c.method == "dense" or all(q.exact) or \
+        q.steps >= op.shape[0] - len(q.deflated_sigma) or \
         c.resolution <= rtol * max(c.estimate - c.deflated, 1.0)
     if not resolved:
         c = IntervalCount(**{**c.as_dict(), "resolved": False})
@@ -409,7 +416,8 @@ class _ProbeLanczos:
         self.alpha.append(an)
         self.length[act.numpy()] += 1
         self.lam_max = max(self.lam_max, float(np.abs(an).max()) + 2 * float(bn.max()))
-        closed = act.numpy() & (bn <= BREAKDOWN * max(self.lam_max, 1e-300))
+        tiny = max(BREAKDOWN, 1e3 * torch.finfo(W.dtype).eps)
+        closed = act.numpy() & (bn <= tiny * max(self.lam_max, 1e-300))
         self.exact |= closed
         newact = act.numpy() & ~closed
         self.active = torch.from_numpy(newact)
@@ -491,11 +499,9 @@ def _dense(op, V, dsig) -> Quadrature:
     if 3 * P * P * 8 > DENSE_MEMORY_SHARE * budget:
         raise MemoryError(f"the dense spectrum needs ~{3 * P * P * 8 / 2**30:.1f} GiB; about "
                           f"{budget / 2**30:.1f} GiB is available: use method='slq'")
-    before = None
     J = materialize(op)
     s = torch.linalg.svdvals(J).double().cpu().numpy()
     x = np.sort(s * s)
-    del before
     return Quadrature([x], [np.ones_like(x)], P, 1, 0, P, time.perf_counter() - t0,
                       float(s.max()), [True], np.zeros(0), "dense")
 
@@ -517,8 +523,9 @@ def _dense_is_cheaper(run, P, target, rtol, steps, budget) -> bool:
 
 def _check_interval(lo, hi):
     for n, x in (("lo", lo), ("hi", hi)):
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-            raise ValueError(f"`{n}` must be a finite number, got {x!r}")
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x) or \
+                (n == "lo" and not math.isfinite(x)):
+            raise ValueError(f"`{n}` must be a number (hi may be inf), got {x!r}")
     if lo < 0 or not hi > lo:
         raise ValueError(f"the interval [{lo}, {hi}] is empty or negative: need 0 <= lo < hi")
 
@@ -586,8 +593,8 @@ def analyze_density(path, run_id: str, *, eps=EPSILONS, probes: int = 16, seed: 
     from ..operator import TrainingJacobian
 
     eps = tuple(float(e) for e in eps)
-    if not eps or any(not e > 0 for e in eps):
-        raise ValueError(f"every eps must be > 0, got {eps!r}")
+    if not eps or any(not 0 < e < 1 for e in eps):
+        raise ValueError(f"every eps must be in (0, 1), got {eps!r}")
     run = query.open(path).run(run_id)
     if op is None:
         op = TrainingJacobian(run.recipe)
@@ -606,20 +613,22 @@ def analyze_density(path, run_id: str, *, eps=EPSILONS, probes: int = 16, seed: 
         except KeyError:
             pass
     e0 = min(eps)
-    try:
-        q = slq(op, probes=probes, steps=max_steps, seed=seed, deflate=deflate,
-                target=(max(1 - e0, 0.0), 1 + e0), rtol=rtol, method=method)
-    except MemoryError:
-        raise
+    q = slq(op, probes=probes, steps=max_steps, seed=seed, deflate=deflate,
+            target=(max(1 - e0, 0.0), 1 + e0), rtol=rtol, method=method)
     counts = {e: q.regions(e, confidence=confidence) for e in eps}
+    full = q.method == "dense" or all(q.exact) or q.steps >= q.P - len(q.deflated_sigma)
     dens = q.density(bandwidth=bandwidth)
     common = {"method": q.method, "probes": q.probes, "steps": q.steps, "products": q.products,
               "seconds": q.seconds, "seed": seed, "rtol": rtol, "confidence": confidence,
-              "deflated_top": n_defl, "sigma_max": q.sigma_max, "P": q.P}
+              "deflated_top": n_defl, "sigma_max": q.sigma_max, "P": q.P,
+              "max_steps": max_steps}
     arrays = {"eps": (np.array(eps), ("eps",))}
     for r in REGIONS:
         for f in ("estimate", "lower", "upper", "stderr"):
             arrays[f"{r}_{f}"] = (np.array([getattr(counts[e][r], f) for e in eps]), ("eps",))
+        # the quadrature part of the bracket reached rtol of the count (else: a wider bracket)
+        arrays[f"{r}_resolved"] = (np.array([full or counts[e][r].resolution <= rtol * max(
+            counts[e][r].estimate - counts[e][r].deflated, 1.0) for e in eps]), ("eps",))
     with store.Writer(path, create=False) as w:
         g = w.run(run_id)
         w.commit_analysis(g, "counts", arrays=arrays, attrs=common)
