@@ -289,7 +289,7 @@ def test_gpytorch_lanczos_falls_short_where_ours_is_exact():
 
 # -- stored in a run -------------------------------------------------------------------------------
 def test_analyze_density_round_trips_through_the_store(tmp_path, capsys):
-    from tjac.analysis.density import analyze_density
+    from tjac.analyze import analyze_density
     from tjac.runner import run_analysis
 
     recipe = tjac.Recipe.paper(width=4, epochs=2, n_train=128)
@@ -334,7 +334,7 @@ def test_analyze_density_round_trips_through_the_store(tmp_path, capsys):
 
 
 def test_analyze_density_refuses_bad_input(tmp_path, capsys):
-    from tjac.analysis.density import analyze_density
+    from tjac.analyze import analyze_density
     from tjac.cli import main
     from tjac.runner import run_analysis
 
@@ -346,3 +346,9 @@ def test_analyze_density_refuses_bad_input(tmp_path, capsys):
     assert main(["query", path, "--run", "a", "--density"]) == 2
     err = capsys.readouterr().err
     assert "no stored density" in err and "tjac analyze" in err and len(err.splitlines()) == 1
+    # ... and the command it names works (auto: the dense path at this size, exact counts)
+    assert main(["analyze", path, "--run", "a", "--what", "density"]) == 0
+    assert "counts: eps=0.01" in capsys.readouterr().out
+    c = tjac.open(path).run("a").counts()
+    assert c["info"]["method"] == "dense" and c[0.01]["bulk"]["lower"] == c[0.01]["bulk"]["upper"]
+    assert main(["analyze", path, "--run", "a", "--what", "density,bogus"]) == 2

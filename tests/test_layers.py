@@ -4,8 +4,8 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "tjac"
 SAME: dict = {}
-ORDER = ["_checks", "recipe", "data", "models", "optim", "problem", "trajectory", "replay", "operator", "linalg",
-         "analysis", "bench", "store", "checkpoint", "_env", "query", "plotting", "runner", "scale", "cli", "__main__"]
+ORDER = ["_checks", "recipe", "data", "models", "optim", "problem", "trajectory", "replay", "linop", "operator", "linalg",
+         "analysis", "bench", "store", "checkpoint", "_env", "query", "analyze", "plotting", "runner", "scale", "cli_analyze", "cli", "__main__"]
 
 
 def _imports(path):

@@ -1,4 +1,4 @@
-"""``tjac`` command line: run / info / query / plot / verify / bench / scale.
+"""``tjac`` command line: run / info / query / plot / verify / bench / scale / analyze.
 
 Exit codes: 0 success; 1 the computation failed (e.g. a verification disagreed); 2 bad input (one
 line on stderr, no traceback). Progress bars appear only on a terminal.
@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("store")
     pl.add_argument("--run")
     pl.add_argument("-o", "--output", required=True)
+    pl.add_argument("--analysis", metavar="NAME",
+                    help="draw a stored analysis (tjac analyze) instead of the spectrum")
     pl.add_argument("--density", action="store_true",
                     help="the stored density and region counts (tjac analyze --what density)")
 
@@ -163,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--store", default="scale.zarr")
     sc.add_argument("--png", help="log-log plots against P (default: <store>-scaling.png)")
     sc.add_argument("--json", action="store_true")
+
+    from . import cli_analyze
+
+    cli_analyze.add_parser(sub, [common])
 
     v = sub.add_parser("verify", parents=[common], help="dense oracle vs matrix-free operator on a tiny recipe")
     v.add_argument("--width", type=_positive_int, default=4)
@@ -437,11 +443,25 @@ def _query_density(run, as_json):
     return 0
 
 
+def cli_analyze_cmd(a):
+    from .cli_analyze import cmd_analyze
+
+    return cmd_analyze(a)
+
+
 def cmd_plot(a):
     from .plotting import density_figure, spectrum_figure
     from .query import open as open_store
 
     run = _pick_run(open_store(a.store), a.run)
+    if a.analysis:
+        from .analysis.plots import analysis_figure
+
+        parent = os.path.dirname(os.path.abspath(a.output))
+        if not os.access(parent, os.W_OK):
+            raise BadInput(f"cannot write {a.output!r}: {parent!r} is not a writable directory")
+        print(analysis_figure(run, a.analysis, a.output))
+        return 0
     if getattr(a, "density", False):
         if "density" not in run.analyses():
             raise BadInput(f"run {run.id!r} has no stored density: run `tjac analyze STORE "
@@ -589,7 +609,8 @@ def main(argv=None) -> int:
 
     try:
         return {"run": cmd_run, "info": cmd_info, "query": cmd_query, "plot": cmd_plot,
-                "verify": cmd_verify, "bench": cmd_bench, "scale": cmd_scale}[a.cmd](a)
+                "verify": cmd_verify, "bench": cmd_bench, "scale": cmd_scale,
+                "analyze": cli_analyze_cmd}[a.cmd](a)
     except _computation_errors() as e:  # before ValueError: a failed check is not bad input
         print(f"tjac: error: {e}", file=sys.stderr)
         return EXIT_FAILED

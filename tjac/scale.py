@@ -2,7 +2,7 @@
 report how the spectrum grows with P.
 
 For each size and seed: the certified top σ₁…σ_k, the matrix-free region counts with their
-brackets at each ε (:func:`tjac.analysis.analyze_density`, stored in the run's
+brackets at each ε (:func:`tjac.analyze.analyze_density`, stored in the run's
 ``analyses/counts`` and ``analyses/density``), the structural σ = 1 count, and, where the dense
 path ran (the whole spectrum is known), the exact counts beside the estimates. Every quantity is
 fitted against P on a log-log scale (least squares; the exponent's standard error from the fit,
@@ -43,7 +43,7 @@ def sweep_recipes(family: str, widths, depths, seeds=(0,), **overrides) -> list[
 def run_sweep(recipes, store_path, *, k_top=16, k_bottom=16, tol=None, method="auto",
               resume=True, progress=None, log=print, epsilons=EPSILONS, probes: int = 16,
               density: bool = True, max_steps: int = 2000, rtol: float = 0.05) -> list[dict]:
-    from .analysis.density import analyze_density
+    from .analyze import analyze_density
     from .query import open as open_store
 
     rows = []

@@ -1,0 +1,469 @@
+r"""Analyses of a stored run, stored in it: :func:`analyze` runs the paper's experiments
+(:mod:`tjac.analysis`) and :func:`analyze_density` the matrix-free counts and density, and each
+result is committed to ``runs/<id>/analyses/<name>``.
+
+Singular vectors come from the run's committed top and bottom solves (no dense J), or, with
+``dense=True``, from a full SVD of J formed through products (small P only). Without the dense
+path the bulk has no explicit singular vectors, so each experiment that needs bulk directions says
+what stands for them (attribute ``notes``):
+
+* ``perturbation`` (bulk), ``ood``, ``jacobian-null``: the structural sigma = 1 directions
+  (:mod:`tjac.analysis.structural`): exactly in the bulk, but only part of it;
+* ``restricted``: random k-planes inside the orthogonal complement of the computed top and bottom
+  subspaces (the bulk lies there; so do the uncomputed chaotic and stable directions), and that
+  whole complement for "bulk (all)";
+* ``movement``: the top and bottom directions and the structural sigma = 1 directions; the rest
+  of ||theta_T - theta_0||^2 is ``share_outside``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from . import query, store
+from .analysis.experiments import (AnalysisResult, _need_solve, check_eps, complement_basis, movement,
+                          overlap_runs, random_basis, regions_of, subspace_overlap)
+
+log = logging.getLogger(__name__)
+
+WHAT = ("movement", "overlap", "perturbation", "restricted", "ood", "jacobian-null", "bulk",
+        "density")
+DENSE_MAX_P = 8000
+
+
+class Triplets:
+    """The singular triplets the experiments use: columns of U and V, descending sigma."""
+
+    def __init__(self, sigma, U, V, source: str):
+        self.sigma, self.U, self.V, self.source = np.asarray(sigma), U, V, source
+
+    def sub(self, idx):
+        return self.sigma[idx], self.U[:, idx], self.V[:, idx]
+
+
+def _stored(run, which):
+    try:
+        run.sigma(which)
+    except KeyError:
+        return None
+    t = run._triplets(which, None)
+    u, v = run.vectors(which, slice(0, len(t.sigma)))
+    return Triplets(t.sigma, np.asarray(u, np.float64).T, np.asarray(v, np.float64).T, which)
+
+
+def _dense(problem, run) -> Triplets:
+    import torch
+
+    from .linalg import materialize
+    from .operator import TrainingJacobian
+
+    P = run.P
+    if P > DENSE_MAX_P:
+        raise ValueError(f"--dense forms J (P x P); P = {P} > {DENSE_MAX_P}: use the stored solves")
+    op = TrainingJacobian(problem)
+    if not np.array_equal(op.thetaT.cpu().numpy(), np.asarray(run._g["thetaT"][:])):
+        raise ValueError(f"run {run.id!r}: retraining does not reproduce the stored theta_T")
+    U, S, Vh = torch.linalg.svd(materialize(op))
+    return Triplets(S.cpu().numpy(), U.cpu().numpy(), Vh.T.cpu().numpy(), "dense")
+
+
+def _check_what(what) -> list[str]:
+    if what is None:
+        return list(WHAT)
+    if isinstance(what, str):
+        what = [w.strip() for w in what.split(",") if w.strip()]
+    bad = [w for w in what if w not in WHAT]
+    if bad or not what:
+        raise ValueError(f"unknown analysis {', '.join(map(repr, bad)) or 'list (empty)'}; "
+                         f"expected one of {', '.join(WHAT)}")
+    return list(dict.fromkeys(what))
+
+
+def analyze(store_path, run_id: str, what=None, *, other: str | None = None, eps: float = 1e-3,
+            dense: bool = False, rng: int = 0, eps_grid=None, ks=(1, 2, 4, 8, 16, 32),
+            k_ood: int = 8, n_random: int = 20, commit: bool = True, log_fn=None) -> dict:
+    """Run the experiments ``what`` (names in :data:`WHAT`, a list or comma-separated; None: all
+    that apply: ``overlap`` needs ``other``, a second run of the same P) on run ``run_id`` and
+    store each (``commit``). Returns {analysis name: :class:`AnalysisResult`}, with the seconds each
+    took in its attrs (``seconds``)."""
+    import time
+
+    from .problem import Problem
+    from .analysis.structural import structural_ones
+
+    explicit = what is not None
+    todo = _check_what(what)
+    eps = check_eps(eps)
+    res = query.open(store_path)
+    run = res.run(run_id)
+    oth = res.run(other) if other is not None else None
+    if "overlap" in todo and oth is None:
+        if explicit:
+            raise ValueError("analysis 'overlap' needs a second run (--other RUN, e.g. another seed)")
+        todo.remove("overlap")
+    top, bottom = _stored(run, "top"), _stored(run, "bottom")
+    if not dense:  # refused before any work: say which solve to compute
+        if top is None and ("perturbation" in todo or (
+                bottom is None and {"movement", "ood", "restricted"} & set(todo))):
+            _need_solve(run, "top")
+    problem = Problem(run.recipe)
+    ones = structural_ones(problem)
+    if not explicit:  # "all that apply"
+        from .analysis.bulk import MAX_DENSE_P
+
+        todo.remove("density")  # costs products (or a dense J): asked for by name only
+
+        if problem.recipe.loss != "cross_entropy":
+            todo.remove("ood")
+        if run.P > MAX_DENSE_P or (not dense and ones.basis.shape[1] == 0):
+            todo.remove("jacobian-null")
+    full = _dense(problem, run) if dense and set(todo) - {"bulk", "overlap"} else None
+    P = run.P
+    out = {}
+    say = log_fn or (lambda s: None)
+    ctx = _Ctx(run, oth, problem, full, top, bottom, ones, eps, rng, P)
+    jobs = {"movement": lambda: [ctx.movement()],
+            "overlap": lambda: ctx.overlap(n_random),
+            "perturbation": lambda: ctx.perturbation(eps_grid),
+            "restricted": lambda: [ctx.restricted(ks)],
+            "ood": lambda: [ctx.ood(k_ood)],
+            "jacobian-null": lambda: [ctx.jacobian_null()],
+            "bulk": lambda: [ctx.bulk()],
+            "density": lambda: _density(store_path, run_id, eps, rng)}
+    for w in todo:
+        t = time.perf_counter()
+        results = jobs[w]()
+        dt = time.perf_counter() - t
+        for r in results:
+            r.attrs.setdefault("source", full.source if full is not None else "solves")
+            r.attrs["seconds"] = dt / len(results)
+            if commit and not r.attrs.get("committed"):
+                commit_result(r, store_path, run_id)
+            out[r.name] = r
+            say(key_numbers(r))
+    return out
+
+
+class _Ctx:
+    def __init__(self, run, other, problem, full, top, bottom, ones, eps, rng, P):
+        self.run, self.other, self.problem, self.full = run, other, problem, full
+        self.top, self.bottom, self.ones, self.eps, self.rng, self.P = top, bottom, ones, eps, rng, P
+
+    # the directions -------------------------------------------------------------------------------
+    def ends(self):
+        """(sigma, U, V) of the known triplets: all (dense) or top then bottom."""
+        if self.full is not None:
+            return self.full.sigma, self.full.U, self.full.V
+        parts = [t for t in (self.top, self.bottom) if t is not None]
+        if not parts:
+            _need_solve(self.run, "top")
+        if len(parts) == 2 and len(self.top.sigma) + len(self.bottom.sigma) > self.P:
+            keep = self.P - len(self.top.sigma)  # the bottom's last ones are the top's
+            parts[1] = Triplets(*(parts[1].sub(slice(0, keep))), "bottom")
+        return (np.concatenate([p.sigma for p in parts]), np.concatenate([p.U for p in parts], 1),
+                np.concatenate([p.V for p in parts], 1))
+
+    def bulk_basis(self):
+        """(V ordered nearest sigma = 1 first, sigma, U, note) of the bulk at eps."""
+        if self.full is not None:
+            s = self.full.sigma
+            order = np.argsort(np.abs(s - 1), kind="stable")
+            order = order[np.abs(s[order] - 1) <= self.eps]
+            return self.full.V[:, order], s[order], self.full.U[:, order], "dense SVD"
+        B = self.ones.basis.cpu().numpy()
+        if B.shape[1] == 0:
+            raise ValueError("no bulk directions without the dense path: this recipe has no "
+                             "structural sigma = 1 directions; rerun with --dense (small P)")
+        return B, np.ones(B.shape[1]), B, ("structural sigma = 1 directions (exact, a subset of "
+                                          "the bulk)")
+
+    # the experiments --------------------------------------------------------------------------------
+    def movement(self):
+        s, _, V = self.ends()
+        delta = np.asarray(self.run._g["thetaT"][:], np.float64) - np.asarray(self.run._g["theta0"][:], np.float64)
+        note = "all P directions (dense)"
+        if self.full is None:
+            note = "top and bottom directions; share_outside is the rest"
+            B = self.ones.basis.cpu().numpy()
+            if B.shape[1] and float(np.abs(V.T @ B).max()) <= 1e-6:  # exact sigma = 1, apart
+                V, s = np.concatenate([V, B], 1), np.concatenate([s, np.ones(B.shape[1])])
+                note = ("top and bottom directions and the structural sigma = 1 directions; "
+                        "share_outside is the rest")
+        r = movement(delta, V, sigma=s, eps=self.eps)
+        r.attrs["notes"] = note
+        return r
+
+    def overlap(self, n_random):
+        out = []
+        for which in ("top", "bottom"):
+            have = [_stored(r, which) is not None for r in (self.run, self.other)]
+            if all(have):
+                out.append(overlap_runs(self.run, self.other, which, n_random=n_random, rng=self.rng))
+        if self.full is not None:
+            from .problem import Problem
+
+            A = self.bulk_basis()[0]
+            Bf = _dense(Problem(self.other.recipe), self.other)
+            o = np.argsort(np.abs(Bf.sigma - 1), kind="stable")
+            o = o[np.abs(Bf.sigma[o] - 1) <= self.eps]
+            r = subspace_overlap(A, Bf.V[:, o], n_random=min(n_random, 5), rng=self.rng,
+                                 name="overlap-bulk")
+            r.attrs.update(which="bulk", run=self.run.id, other=self.other.id)
+            out.append(r)
+        if not out:
+            _need_solve(self.other, "top")
+        return out
+
+    def perturbation(self, eps_grid):
+        from .analysis.response import EPS_GRID, perturbation_response
+
+        grid = EPS_GRID if eps_grid is None else eps_grid
+        s, U, V = self.ends()
+        i = int(np.argmax(s))
+        out = [perturbation_response(self.problem, V[:, i], U[:, i], float(s[i]), grid,
+                                     name="perturbation-top")]
+        out[0].attrs["notes"] = "largest singular value"
+        if self.full is None and self.ones.basis.shape[1] == 0:
+            return out  # no bulk direction known without the dense path
+        Vb, sb, Ub, note = self.bulk_basis()
+        if self.full is not None:  # a bulk direction that is not exactly 1 (median |sigma - 1|)
+            d = np.abs(sb - 1)
+            cand = np.flatnonzero(d > 1e-12)
+            j = int(cand[len(cand) // 2]) if len(cand) else 0
+        else:
+            j = 0
+        r = perturbation_response(self.problem, Vb[:, j], Ub[:, j], float(sb[j]), grid,
+                                  name="perturbation-bulk")
+        r.attrs["notes"] = note
+        return out + [r]
+
+    def restricted(self, ks):
+        from .analysis.restricted import Complement, Whole, restricted_sweep
+
+        K = max(ks)
+        subs, notes = {}, {}
+        if self.full is not None:
+            s, V = self.full.sigma, self.full.V
+            subs["top"], subs["bottom"] = V, V[:, ::-1]
+            Vb = self.bulk_basis()[0]
+            subs["bulk"] = Vb
+            nonbulk = V[:, np.abs(s - 1) > self.eps]
+            if nonbulk.shape[1]:
+                subs["complement_of_bulk"] = Whole(nonbulk)
+            subs["bulk_all"] = Whole(Vb)
+            notes["bulk"] = "dense SVD, nearest sigma = 1 first"
+        else:
+            _, _, V = self.ends()
+            if self.top is not None:
+                subs["top"] = self.top.V
+            if self.bottom is not None:
+                subs["bottom"] = self.bottom.V
+            subs["bulk"] = complement_basis(V, min(K, self.P - V.shape[1]), self.rng)
+            subs["complement_of_bulk"] = Whole(V)
+            subs["bulk_all"] = Complement(V)
+            notes.update(bulk="random k-planes in the orthogonal complement of the computed top "
+                              "and bottom subspaces",
+                         complement_of_bulk="span of the computed top and bottom directions",
+                         bulk_all="the whole orthogonal complement of the computed top and bottom")
+        subs["random"] = random_basis(self.P, min(K, self.P), self.rng)
+        return restricted_sweep(self.problem, subs, ks, notes=notes)
+
+    def ood(self, k):
+        from .analysis.response import ood_kl
+
+        s, _, V = self.ends()
+        n = len(s)
+        if self.full is not None:
+            idx = np.r_[np.arange(min(k, n)), np.arange(max(n - k, 0), n)]
+        else:
+            nt = 0 if self.top is None else len(self.top.sigma)
+            idx = np.r_[np.arange(min(k, nt)), nt + np.arange(min(k, n - nt))]
+        if self.full is None and self.ones.basis.shape[1] == 0:
+            Vb, sb, note = V[:, :0], s[:0], "none known without the dense path"
+        else:
+            Vb, sb, _, note = self.bulk_basis()
+        dirs = np.concatenate([V[:, idx], Vb[:, :k]], 1)
+        sig = np.concatenate([s[idx], sb[:k]])
+        r = ood_kl(self.problem, self.run._g["thetaT"][:], dirs, sigma=sig, eps=self.eps,
+                   rng=self.rng)
+        r.attrs["notes"] = f"top and bottom {k}; bulk directions: {note}"
+        return r
+
+    def jacobian_null(self):
+        from .analysis.bulk import output_jacobian_null
+
+        Vb, _, _, note = self.bulk_basis()
+        r = output_jacobian_null(self.problem, self.run._g["thetaT"][:], Vb, rng=self.rng)
+        r.attrs["notes"] = f"bulk directions: {note}"
+        return r
+
+    def bulk(self):
+        from .analysis.bulk import predict_bulk
+
+        if self.full is not None:
+            measured = int((np.abs(self.full.sigma - 1) <= self.eps).sum())
+        else:
+            measured = self.run.regions(self.eps)
+        return predict_bulk(self.problem, self.eps, measured=measured)
+
+
+def _density(store_path, run_id, eps, seed) -> list:
+    """Matrix-free region counts at 1e-2 and ``eps`` and the density
+    (:func:`tjac.analysis.density.analyze_density`, which stores ``counts`` and ``density``)."""
+
+    got = analyze_density(store_path, run_id, eps=tuple(sorted({1e-2, float(eps)}, reverse=True)),
+                          seed=seed)
+    info = {k: got[k] for k in ("method", "probes", "steps", "products", "deflated_top")}
+    counts = {repr(e): {r: [c["estimate"], c["lower"], c["upper"]] for r, c in v.items()}
+              for e, v in got["counts"].items()}
+    return [AnalysisResult("counts", {}, {**info, "counts": counts, "committed": True})]
+
+
+EPSILONS = (1e-2, 1e-3)
+REGIONS = ("chaotic", "bulk", "stable")
+
+
+def analyze_density(path, run_id: str, *, eps=EPSILONS, probes: int = 16, seed: int = 0,
+                    rtol: float = 0.05, max_steps: int = 2000, method: str = "auto",
+                    deflate_top: bool = True, bandwidth: float = 0.05, op=None,
+                    confidence: float = 0.95) -> dict:
+    """Region counts at each ``eps`` (with brackets) and the density of a stored run, written to
+    its ``analyses/counts`` and ``analyses/density``. The operator is rebuilt from the stored
+    recipe (or passed as ``op``); with ``deflate_top`` the run's certified top triplets are
+    deflated (counted exactly). One quadrature serves every ``eps``: its steps are those the
+    smallest ``eps`` needs for the bulk count to reach ``rtol``."""
+    from .operator import TrainingJacobian
+
+    eps = tuple(float(e) for e in eps)
+    if not eps or any(not 0 < e < 1 for e in eps):
+        raise ValueError(f"every eps must be in (0, 1), got {eps!r}")
+    run = query.open(path).run(run_id)
+    if op is None:
+        op = TrainingJacobian(run.recipe)
+    if op.shape[0] != run.P:
+        raise ValueError(f"the operator has P = {op.shape[0]}, run {run_id!r} has P = {run.P}")
+    deflate, n_defl = None, 0
+    if deflate_top:
+        try:
+            t = run.top()
+            keep = np.flatnonzero(t.certified)
+            keep = keep[keep == np.arange(len(keep))]  # a certified prefix of the top
+            if len(keep):
+                _, v = run.vectors("top", slice(0, len(keep)))
+                Vt = torch.linalg.qr(torch.from_numpy(v.T.copy()))[0]
+                deflate, n_defl = (Vt, t.sigma[: len(keep)]), len(keep)
+        except KeyError:
+            pass
+    e0 = min(eps)
+    from .analysis.density import slq
+
+    q = slq(op, probes=probes, steps=max_steps, seed=seed, deflate=deflate,
+            target=(max(1 - e0, 0.0), 1 + e0), rtol=rtol, method=method)
+    counts = {e: q.regions(e, confidence=confidence) for e in eps}
+    full = q.method == "dense" or all(q.exact) or q.steps >= q.P - len(q.deflated_sigma)
+    dens = q.density(bandwidth=bandwidth)
+    common = {"method": q.method, "probes": q.probes, "steps": q.steps, "products": q.products,
+              "seconds": q.seconds, "seed": seed, "rtol": rtol, "confidence": confidence,
+              "deflated_top": n_defl, "sigma_max": q.sigma_max, "P": q.P,
+              "max_steps": max_steps}
+    arrays = {"eps": (np.array(eps), ("eps",))}
+    for r in REGIONS:
+        for f in ("estimate", "lower", "upper", "stderr"):
+            arrays[f"{r}_{f}"] = (np.array([getattr(counts[e][r], f) for e in eps]), ("eps",))
+        # the quadrature part of the bracket reached rtol of the count (else: a wider bracket)
+        arrays[f"{r}_resolved"] = (np.array([full or counts[e][r].resolution <= rtol * max(
+            counts[e][r].estimate - counts[e][r].deflated, 1.0) for e in eps]), ("eps",))
+    with store.Writer(path, create=False) as w:
+        g = w.run(run_id)
+        w.commit_analysis(g, "counts", arrays=arrays, attrs=common)
+        w.commit_analysis(g, "density", arrays={
+            "log10_sigma": (dens.log10_sigma, ("grid",)), "density": (dens.density, ("grid",)),
+            "stderr": (dens.stderr, ("grid",))}, attrs={**common, "bandwidth": dens.bandwidth})
+    return {"counts": {e: {r: c.as_dict() for r, c in counts[e].items()} for e in eps},
+            "density": dens, **common}
+
+
+def commit_result(result: AnalysisResult, store_path, run_id: str) -> None:
+    """Store ``result`` as ``runs/<run_id>/analyses/<name>`` (replacing an earlier one of that
+    name) by the store's commit protocol."""
+    clash = sorted({"k", *store.COUNTERS} & set(result.attrs))
+    if clash:  # the store reads these as a group's commit counter (tjac.store.committed)
+        raise ValueError(f"analysis attributes may not be named {clash}")
+    with store.Writer(store_path, create=False) as w:
+        if not w.has_run(run_id):
+            raise store.StoreError(f"no run {run_id!r} in {store_path!r}")
+        w.commit_analysis(w.run(run_id), result.name, arrays=result.arrays, attrs=result.attrs)
+
+
+def key_numbers(r: AnalysisResult) -> str:
+    """One line of the numbers that matter for an analysis."""
+    a = r.attrs
+    f = (lambda x: "n/a" if x is None else f"{x:.3g}")
+    if r.name == "counts":
+        return "counts: " + "; ".join(
+            f"eps={e}: " + ", ".join(f"{n} {v[0]:.0f} [{v[1]:.0f}, {v[2]:.0f}]"
+                                     for n, v in d.items())
+            for e, d in a["counts"].items()) + f" ({a['method']}, {a['products']:,} products)"
+    if r.name == "movement":
+        parts = [f"{n} {f(a.get('share_' + n))}" for n in ("chaotic", "bulk", "stable")
+                 if ("share_" + n) in a]
+        return (f"movement: norm(theta_T - theta_0) = {a['delta_norm']:.4g}; share of its square: "
+                f"{', '.join(parts)}, outside the known directions {f(a['share_outside'])}")
+    if r.name.startswith("overlap"):
+        return (f"{r.name}: geodesic {a['geodesic']:.3f} (random {f(a['random_geodesic'])}), mean "
+                f"cos^2 {a['mean_cos2']:.3f} (random {f(a['random_mean_cos2'])})")
+    if r.name.startswith("perturbation"):
+        return (f"{r.name}: sigma {a['sigma']:.6g}, linear response up to eps = "
+                f"{f(a['linear_up_to'])}; diverged at {a['n_diverged']} of {len(r['eps'])} eps")
+    if r.name == "restricted":
+        te = r["test_acc"]
+        k = r["k"]
+        rows = [f"{n} {f(te[i][np.isfinite(te[i])][-1]) if np.isfinite(te[i]).any() else 'n/a'}"
+                for i, n in enumerate(a["subspaces"])]
+        fixed = [f"{n} (k={v['k']}) {f(v['test_acc'])}" for n, v in a["fixed"].items()]
+        return (f"restricted: test acc at the largest k <= {int(k[-1])}: {', '.join(rows)}; "
+                f"{', '.join(fixed)}; full {f(a['full']['test_acc'])}")
+    if r.name == "ood":
+        reg = a.get("region_kl_max", {})
+        return "ood: mean max-KL per region " + "; ".join(
+            f"{n}: " + ", ".join(f"{s} {v:.2g}" for s, v in d.items()) for n, d in reg.items())
+    if r.name == "jacobian-null":
+        k = r["k"]
+        j = int(np.searchsorted(k, max(a["K"], a["null_dim"])))
+        j = min(j, len(k) - 1)
+        return (f"jacobian-null: mean cos^2 of {a['K']} bulk directions with the {int(k[j])}-dim "
+                f"near-null space (exact null {a['null_dim']}): {r['mean_cos2'][j]:.3f}, noise "
+                f"inputs {r['noise_mean_cos2'][j]:.3f}, random {r['random_mean_cos2'][j]:.3f}")
+    if r.name == "bulk":
+        return (f"bulk: predicted {a['predicted']} (zero-input {a['zero_input']}, low-variance "
+                f"{a['low_variance_extra']}, softmax shift {a['softmax_shift']}; {a['first_layer']})"
+                f", measured {a.get('measured', 'n/a')}"
+                + (f" [{a['measured_min']}, {a['measured_max']}]" if a.get("measured") is None
+                   and "measured_min" in a else ""))
+    return f"{r.name}: " + ", ".join(f"{k}={v}" for k, v in a.items() if isinstance(v, (int, float)))
+
+
+# -- 7. variants side by side --------------------------------------------------------------------
+def spectra_side_by_side(runs: dict, eps: float = 1e-3, name: str = "variants") -> AnalysisResult:
+    """The known spectra of several runs ({label: :class:`tjac.query.Run`}), NaN-padded, with
+    |sigma - 1| and their regions at ``eps`` (attrs ``regions`` {label: counts})."""
+    eps = check_eps(eps)
+    if not runs:
+        raise ValueError("`runs` is empty")
+    sp = {k: r.spectrum() for k, r in runs.items()}
+    n = max(len(s.sigma) for s in sp.values())
+    S = np.full((len(sp), n), np.nan)
+    for i, s in enumerate(sp.values()):
+        S[i, :len(s.sigma)] = s.sigma
+    regions = {k: r.regions(eps) for k, r in runs.items()}
+    reg = np.where(np.isfinite(S), regions_of(np.nan_to_num(S, nan=1.0), eps), -1)
+    return AnalysisResult(name, {"sigma": (S, ("run", "index")),
+                                 "distance_from_one": (np.abs(S - 1), ("run", "index")),
+                                 "region": (reg, ("run", "index"))},
+                          {"labels": list(runs), "run_ids": [r.id for r in runs.values()],
+                           "eps": eps, "regions": regions,
+                           "P": {k: r.P for k, r in runs.items()},
+                           "complete": {k: s.complete for k, s in sp.items()}})
