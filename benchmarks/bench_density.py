@@ -1,16 +1,17 @@
 """Matrix-free interval counts (stochastic Lanczos quadrature) against the exact dense counts.
 
-For the paper recipe at each width: the exact singular values once (dense path), then
-``bulk_size(op, eps)`` for ``--seeds`` independent probe sets (``--probes`` Rademacher probes each,
-all in one replay block): whether each bracket contains the exact count, its width relative to
-the count, the point estimate's error, Lanczos steps, products and seconds. Also the cost model:
-steps * eps / sigma_max at each eps, and one run deflating the computed top-``--deflate-k``
-(how many steps it saves).
+For the paper recipe at each width: the exact singular values once (dense path), then one
+quadrature of ``--seeds`` x ``--probes`` Rademacher probes (every step one replay for all of them)
+split into ``--seeds`` independent probe sets: whether each set's bulk(eps) bracket contains the
+exact count, its width relative to the count, the point estimate's error; the Lanczos steps,
+products and seconds; the cost model steps * eps / sigma_max; and one set alone, with and without
+deflating the exact top-``--deflate-k`` (how many steps deflation saves).
 
-    python benchmarks/bench_density.py [--widths 16,64] [--eps 1e-1,1e-2] [--seeds 20]
-                                       [--probes 16] [--rtol 0.04] [--out PATH]
+    python benchmarks/bench_density.py [--widths 8,16] [--eps 1e-1,3e-2] [--seeds 20]
+                                       [--probes 8] [--rtol 0.04] [--out PATH]
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -23,16 +24,27 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import tjac  # noqa: E402
-from tjac.analysis.density import ResolutionError, bulk_size  # noqa: E402
+from tjac.analysis.density import slq  # noqa: E402
 from tjac.linalg import dense_svd  # noqa: E402
+
+
+def groups(q, n):
+    """Split one quadrature over G*n probes into G quadratures of n probes (independent probe
+    sets that shared their replays)."""
+    out = []
+    for g in range(len(q.nodes) // n):
+        sl = slice(g * n, (g + 1) * n)
+        out.append(dataclasses.replace(q, nodes=q.nodes[sl], weights=q.weights[sl],
+                                       exact=q.exact[sl], probes=n))
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--widths", default="16,64")
-    ap.add_argument("--eps", default="1e-1,1e-2")
-    ap.add_argument("--seeds", type=int, default=20)
-    ap.add_argument("--probes", type=int, default=16)
+    ap.add_argument("--widths", default="8,16")
+    ap.add_argument("--eps", default="1e-1,3e-2")
+    ap.add_argument("--seeds", type=int, default=20, help="independent probe sets")
+    ap.add_argument("--probes", type=int, default=8, help="probes per set")
     ap.add_argument("--rtol", type=float, default=0.04)
     ap.add_argument("--max-steps", type=int, default=3000)
     ap.add_argument("--deflate-k", type=int, default=64)
@@ -51,46 +63,51 @@ def main():
         sig = S.numpy()
         for eps in [float(x) for x in a.eps.split(",")]:
             exact = int((np.abs(sig - 1) <= eps).sum())
+            target = (1 - eps, 1 + eps)
+            before = op.counters()
+            t = time.perf_counter()
+            q = slq(op, probes=a.seeds * a.probes, steps=a.max_steps, seed=0, target=target,
+                    rtol=a.rtol, method="slq", check_every=10)
+            seconds = time.perf_counter() - t
             runs = []
-            for seed in range(a.seeds):
-                t = time.perf_counter()
-                try:
-                    c = bulk_size(op, eps, probes=a.probes, seed=seed, rtol=a.rtol,
-                                  max_steps=a.max_steps, method="slq")
-                except ResolutionError as e:
-                    c = e.result
-                d = c.as_dict()
-                d.update(seconds=time.perf_counter() - t, contains=c.lower <= exact <= c.upper,
-                         rel_width=(c.upper - c.lower) / exact, rel_error=(c.estimate - exact) / exact,
-                         steps_eps_over_sigma_max=c.steps * eps / float(sig[0]))
-                runs.append(d)
-                print(json.dumps({"width": w, "eps": eps, "seed": seed, "exact": exact,
-                                  **{k: d[k] for k in ("estimate", "lower", "upper", "steps",
-                                                      "products", "seconds", "contains")}}),
-                      flush=True)
+            for g in groups(q, a.probes):
+                c = g.count(*target)
+                runs.append({"estimate": c.estimate, "lower": c.lower, "upper": c.upper,
+                             "stderr": c.stderr, "resolution": c.resolution,
+                             "contains": c.lower <= exact <= c.upper,
+                             "rel_width": (c.upper - c.lower) / exact,
+                             "rel_error": (c.estimate - exact) / exact})
             k = min(a.deflate_k, P // 4)
             t = time.perf_counter()
-            try:
-                cd = bulk_size(op, eps, probes=a.probes, seed=0, rtol=a.rtol, max_steps=a.max_steps,
-                               method="slq", deflate=(V[:, :k], S[:k]))
-            except ResolutionError as e:
-                cd = e.result
-            dd = cd.as_dict()
-            dd.update(seconds=time.perf_counter() - t, k=k, contains=cd.lower <= exact <= cd.upper,
-                      sigma_k_plus_1=float(sig[k]))
-            rows.append({"width": w, "P": P, "eps": eps, "exact": exact, "sigma_max": float(sig[0]),
-                         "dense_seconds": dense_s, "probes": a.probes, "rtol": a.rtol,
-                         "contained": int(sum(r["contains"] for r in runs)), "seeds": a.seeds,
-                         "max_rel_width": max(r["rel_width"] for r in runs),
-                         "max_abs_rel_error": max(abs(r["rel_error"]) for r in runs),
-                         "mean_steps": float(np.mean([r["steps"] for r in runs])),
-                         "mean_products": float(np.mean([r["products"] for r in runs])),
-                         "mean_seconds": float(np.mean([r["seconds"] for r in runs])),
-                         "runs": runs, "deflated_top": dd})
+            qd = slq(op, probes=a.probes, steps=a.max_steps, seed=1, target=target, rtol=a.rtol,
+                     method="slq", check_every=10, deflate=(V[:, :k], S[:k]))
+            cd = qd.count(*target)
+            q1 = slq(op, probes=a.probes, steps=a.max_steps, seed=1, target=target, rtol=a.rtol,
+                     method="slq", check_every=10)
+            rows.append({
+                "width": w, "P": P, "eps": eps, "exact": exact, "sigma_max": float(sig[0]),
+                "dense_seconds": dense_s, "dense_products": P, "probes_per_set": a.probes,
+                "sets": a.seeds, "rtol": a.rtol, "steps": q.steps,
+                "steps_eps_over_sigma_max": q.steps * eps / float(sig[0]),
+                "products_all_sets": q.products, "products_per_set": q.products // a.seeds,
+                "seconds_all_sets": seconds,
+                "contained": int(sum(r["contains"] for r in runs)),
+                "max_rel_width": max(r["rel_width"] for r in runs),
+                "median_rel_width": float(np.median([r["rel_width"] for r in runs])),
+                "max_abs_rel_error": max(abs(r["rel_error"]) for r in runs),
+                "pooled_estimate": q.count(*target).estimate, "runs": runs,
+                "one_set": {"steps": q1.steps, "products": q1.products,
+                            "seconds": q1.seconds},
+                "deflated_top": {"k": k, "sigma_k_plus_1": float(sig[k]), "steps": qd.steps,
+                                 "products": qd.products, "seconds": qd.seconds,
+                                 "estimate": cd.estimate, "lower": cd.lower, "upper": cd.upper,
+                                 "contains": cd.lower <= exact <= cd.upper}})
             print("summary", json.dumps({k2: v for k2, v in rows[-1].items() if k2 != "runs"}),
                   flush=True)
             _env.write(out, {"environment": _env.environment(), "rows": rows,
-                             "torch_threads": torch.get_num_threads()})
+                             "torch_threads": torch.get_num_threads(),
+                             "note": "one quadrature over sets x probes Rademacher probes (one "
+                                     "replay per step), split into independent sets"})
     print("wrote", out)
 
 
