@@ -44,14 +44,7 @@ _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
 
 
-def _positive_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    return v
+from .cli_analyze import _positive_float  # noqa: E402 (one definition, also used there)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import time
 
+from .plan import _duration
+
 INTERVAL = 30.0  # seconds between progress lines
 
 
@@ -97,11 +99,3 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def _duration(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 7200:
-        return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
