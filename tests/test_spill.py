@@ -201,12 +201,17 @@ def test_a_killed_solves_spill_is_removed_by_the_next(tmp_path):
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    (tmp_path / f"tjac-spill-{dead}-abc").mkdir()
-    (tmp_path / f"tjac-spill-{dead}-abc" / "U.bin").write_bytes(b"0" * 100)
-    (tmp_path / f"tjac-spill-{os.getpid()}-live").mkdir()  # a live process's: kept
-    (tmp_path / "tjac-spill-notapid").mkdir()              # not ours: kept
+    from tjac.linalg.spill import _host
+
+    host = _host()
+    (tmp_path / f"tjac-spill-{dead}-{host}-abc").mkdir()
+    (tmp_path / f"tjac-spill-{dead}-{host}-abc" / "U.bin").write_bytes(b"0" * 100)
+    (tmp_path / f"tjac-spill-{os.getpid()}-{host}-live").mkdir()  # a live process's: kept
+    (tmp_path / f"tjac-spill-{dead}-otherhost-abc").mkdir()       # another host's: kept
+    (tmp_path / "tjac-spill-notapid").mkdir()                     # not ours: kept
     A, _, _, _ = operator(400)
     svd(DenseOperator(A), 4, which="bottom", method="lanczos", tol=1e-10,
         max_memory=SPILL_BUDGET, spill_dir=str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == sorted([f"tjac-spill-{os.getpid()}-live",
+    assert sorted(os.listdir(tmp_path)) == sorted([f"tjac-spill-{os.getpid()}-{host}-live",
+                                                   f"tjac-spill-{dead}-otherhost-abc",
                                                    "tjac-spill-notapid"])

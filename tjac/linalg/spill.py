@@ -20,7 +20,8 @@ without restarts (the bottom never restarts), with two changes:
 
 Fresh residuals certify the result, as everywhere. The spilled solve does not checkpoint (a killed
 one starts again from its seed: ``svd`` refuses ``checkpoint=`` on this path); its directory is
-``tjac-spill-<pid>-*``, and the next spilled solve in that place deletes those of dead processes.
+``tjac-spill-<pid>-<host>-*``, and the next spilled solve in that place deletes those of dead
+processes on the same host.
 Arithmetic differs from the in-RAM path in the order of the sums (block MGS over chunks vs block
 CGS): results agree to round-off, not bit for bit (tests/test_spill.py). Measured on the paper
 recipe at width 64 (P = 4,810, bottom-16, BENCHMARKS.md): the same 7,296 products and steps as
@@ -144,24 +145,37 @@ def gkl_spilled(op, k: int, *, tol: float, maxiter: int, block: int, directory: 
     """The bottom k triplets by unrestarted block GKL with the bases on disk (module doc)."""
     P = op.shape[0]
     _remove_dead_spills(directory or tempfile.gettempdir())
-    work = tempfile.mkdtemp(prefix=f"tjac-spill-{os.getpid()}-", dir=directory)
-    Ub = DiskBasis(os.path.join(work, "U.bin"), P, op.dtype, chunk_bytes=chunk_bytes)
-    Vb = DiskBasis(os.path.join(work, "V.bin"), P, op.dtype, chunk_bytes=chunk_bytes)
-    log.info("spilled Lanczos: bases in %s", work)
-    try:
+    work = tempfile.mkdtemp(prefix=f"tjac-spill-{os.getpid()}-{_host()}-", dir=directory)
+    Ub = Vb = None
+    try:  # the directory goes whatever fails, including opening the second basis
+        Ub = DiskBasis(os.path.join(work, "U.bin"), P, op.dtype, chunk_bytes=chunk_bytes)
+        Vb = DiskBasis(os.path.join(work, "V.bin"), P, op.dtype, chunk_bytes=chunk_bytes)
+        log.info("spilled Lanczos: bases in %s", work)
         return _run(op, k, tol=tol, maxiter=maxiter, block=block, Ub=Ub, Vb=Vb, v0=v0, gen=gen,
                     callback=callback, verify=verify)
     finally:
-        Ub.close(), Vb.close()
+        for basis in (Ub, Vb):
+            if basis is not None:
+                basis.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _host() -> str:
+    """This machine's name without dashes (a pid means something on one host only)."""
+    import socket
+
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
+
+
 def _remove_dead_spills(directory: str) -> None:
-    """Delete ``tjac-spill-<pid>-*`` directories whose process is gone (a SIGKILLed solve cannot
-    remove its own bases, which may be tens of GB)."""
+    """Delete ``tjac-spill-<pid>-<host>-*`` directories of this host whose process is gone (a
+    SIGKILLed solve cannot remove its own bases, which may be tens of GB). Spills of other hosts
+    sharing the directory (NFS, cluster scratch) are never touched: their pids mean nothing here."""
+    host = _host()
     for name in os.listdir(directory):
         parts = name.split("-")
-        if not name.startswith("tjac-spill-") or len(parts) < 4 or not parts[2].isdigit():
+        if not name.startswith("tjac-spill-") or len(parts) < 5 or not parts[2].isdigit() \
+                or parts[3] != host:
             continue
         try:
             os.kill(int(parts[2]), 0)
