@@ -64,7 +64,7 @@ def _dense(problem, run) -> Triplets:
     if P > DENSE_MAX_P:
         raise ValueError(f"--dense forms J (P x P); P = {P} > {DENSE_MAX_P}: use the stored solves")
     op = TrainingJacobian(problem)
-    if not np.array_equal(op.thetaT.cpu().numpy(), np.asarray(run._g["thetaT"][:])):
+    if not np.array_equal(op.thetaT.cpu().numpy(), run.thetaT()):
         raise ValueError(f"run {run.id!r}: retraining does not reproduce the stored theta_T")
     U, S, Vh = torch.linalg.svd(materialize(op))
     return Triplets(S.cpu().numpy(), U.cpu().numpy(), Vh.T.cpu().numpy(), "dense")
@@ -183,7 +183,7 @@ class _Ctx:
     # the experiments --------------------------------------------------------------------------------
     def movement(self):
         s, _, V = self.ends()
-        delta = np.asarray(self.run._g["thetaT"][:], np.float64) - np.asarray(self.run._g["theta0"][:], np.float64)
+        delta = np.asarray(self.run.thetaT(), np.float64) - np.asarray(self.run.theta0(), np.float64)
         note = "all P directions (dense)"
         if self.full is None:
             note = "top and bottom directions; share_outside is the rest"
@@ -287,7 +287,7 @@ class _Ctx:
             Vb, sb, _, note = self.bulk_basis()
         dirs = np.concatenate([V[:, idx], Vb[:, :k]], 1)
         sig = np.concatenate([s[idx], sb[:k]])
-        r = ood_kl(self.problem, self.run._g["thetaT"][:], dirs, sigma=sig, eps=self.eps,
+        r = ood_kl(self.problem, self.run.thetaT(), dirs, sigma=sig, eps=self.eps,
                    rng=self.rng)
         r.attrs["notes"] = f"top and bottom {k}; bulk directions: {note}"
         return r
@@ -296,7 +296,7 @@ class _Ctx:
         from .analysis.bulk import output_jacobian_null
 
         Vb, _, _, note = self.bulk_basis()
-        r = output_jacobian_null(self.problem, self.run._g["thetaT"][:], Vb, rng=self.rng)
+        r = output_jacobian_null(self.problem, self.run.thetaT(), Vb, rng=self.rng)
         r.attrs["notes"] = f"bulk directions: {note}"
         return r
 

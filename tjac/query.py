@@ -96,6 +96,14 @@ class Run:
     def P(self) -> int:
         return int(self._g["theta0"].shape[0])
 
+    def theta0(self) -> np.ndarray:
+        """θ₀ as stored (``param_layout`` order of the recipe's operator)."""
+        return np.asarray(self._g["theta0"][:])
+
+    def thetaT(self) -> np.ndarray:
+        """θ_T as stored."""
+        return np.asarray(self._g["thetaT"][:])
+
     def _solve(self, which):
         if which not in ("top", "bottom"):
             raise ValueError(f"unknown which {which!r}; expected 'top' or 'bottom'")
