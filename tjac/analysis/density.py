@@ -24,8 +24,8 @@ interval), its ``stderr`` the probes' standard error.
 
 **Cost: resolution, not P.** The Gauss nodes near σ = 1 are spaced about π σ_max / m apart (the
 spectrum of A spans [0, σ_max²]), so resolving a window 1 ± ε takes m ∝ σ_max / ε steps, 2 products
-each per probe, whatever P is (BENCHMARKS.md, "Interval counts": one measurement so far,
-0.13 σ_max/ε at P = 610; independence of P is the model's claim, not yet measured across P).
+each per probe, whatever P is (BENCHMARKS.md, "Interval counts": 0.13–0.15 σ_max/ε measured at
+P = 610; independence of P is the model's claim, not yet measured across sizes).
 Deflation helps when it lowers σ_max: ``deflate=(V, sigma)`` with certified right singular vectors (a computed top, the
 structural σ = 1 directions) restricts the probes and every Lanczos vector to the complement of V
 and adds V's values to the counts exactly. Steps stop when the quadrature part of the bracket is
@@ -338,7 +338,7 @@ def steps_needed(sigma_max: float, half_width: float, *, factor: float | None = 
     return int(math.ceil(f * sigma_max / half_width))
 
 
-STEPS_FACTOR = 0.1  # steps * half-width / sigma_max: 0.13 measured once at rtol 0.05 (BENCHMARKS.md)
+STEPS_FACTOR = 0.1  # steps * half-width / sigma_max: 0.13-0.15 measured at P = 610 (BENCHMARKS.md)
 
 
 class ResolutionError(ValueError):
