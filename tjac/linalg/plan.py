@@ -123,11 +123,14 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
         b = block or min(16, P)
         products = min(int(LANCZOS_BOTTOM_PRODUCTS * P) + 4 * k, 2 * P)
         n = min(P, products // 2 + 4 * b)
-        values = P * (8 * b + 4 * k + 16) + n * (2 * (2 * b + 1) + 6 * (k + 8))
+        u = 2 * b - 1   # half-bandwidth of the banded Jordan-Wielandt form of B (2n x 2n)
+        # blocks in RAM, the band's LU in LAPACK storage and the copy scipy makes of it, Ritz vectors
+        values = P * (8 * b + 4 * k + 16) + n * ((12 * u + 8) + 6 * (k + 8))
         disk = 2 * P * n * itemsize
         seconds = None if seconds_per_product is None else products * seconds_per_product
+        # each basis (U and V) streams through its own read chunk
         return Estimate(method=method, products=int(products),
-                        bytes=int(values * itemsize + min(SPILL_CHUNK_BYTES, disk // 2)),
+                        bytes=int(values * itemsize + 2 * min(SPILL_CHUNK_BYTES, disk // 2)),
                         seconds=seconds,
                         disk_bytes=int(disk), spill=True)
     if method == "dense":
