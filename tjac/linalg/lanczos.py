@@ -78,17 +78,8 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
         Bn[nu:, nu:] = R
         B, Ub, Vb = Bn, torch.cat([Ub, Un], 1), torch.cat([Vb, pending], 1)
         n = Ub.shape[1]
-        room = P - n
-        if room > 0:
-            Z = op.rmatmat(Un)
-            if room >= Z.shape[1]:
-                pending, _, S_last = orthonormalize(Z, Vb, gen=gen)
-            else:  # the last block: the complement of V is all that is left
-                rnd = torch.randn(P, room, generator=gen, dtype=torch.float64).to(dev, dt)
-                pending, _, _ = orthonormalize(rnd, Vb, gen=gen)
-                S_last = pending.T @ Z
-        else:
-            pending, S_last = None, None
+        pending, S_last = next_right_block(op, Un, P - n, lambda X: orthonormalize(X, Vb, gen=gen),
+                                           gen)
         last = pending is None or step == maxiter - 1 or n + pending.shape[1] > max_basis
         if not last and n < next_check:  # Ritz extraction is O(n^3): do it on a geometric grid
             if callback is not None:  # progress between checks: the last check's counts
@@ -161,6 +152,21 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
                             history=tuple(history), smax=smax)
     return KrylovResult(S=sig[want], U=U, V=V, residuals=res[want], fresh=False,
                         history=tuple(history), smax=smax)
+
+
+def next_right_block(op, Un, room, orth, gen):
+    """The next pending V block and its coupling S_last from A^T U_new, orthonormalized by
+    ``orth`` against the whole V basis (in RAM or on disk); on the last block the complement of V
+    is all that is left, drawn at random. (None, None) when V spans the space."""
+    if room <= 0:
+        return None, None
+    Z = op.rmatmat(Un)
+    if room >= Z.shape[1]:
+        pending, _, S_last = orth(Z)
+        return pending, S_last
+    rnd = torch.randn(Z.shape[0], room, generator=gen, dtype=torch.float64).to(Z.device, Z.dtype)
+    pending, _, _ = orth(rnd)
+    return pending, pending.T @ Z
 
 
 def _wanted(sig, k, which):

@@ -40,6 +40,7 @@ import torch
 
 from ._base import KrylovResult, orthonormalize, values_unchanged
 from .banded import BandedB, bottom_triplets
+from .lanczos import next_right_block
 
 log = logging.getLogger(__name__)
 
@@ -202,17 +203,8 @@ def _run(op, k, *, tol, maxiter, block, Ub, Vb, v0, gen, callback, verify):
         Ub.append(Un)
         Vb.append(pending)
         n = Ub.n
-        room = P - n
-        if room > 0:
-            Z = op.rmatmat(Un)
-            if room >= Z.shape[1]:
-                pending, _, S_last = orthonormalize_streamed(Z, Vb, gen=gen)
-            else:  # the last block: the complement of V is all that is left
-                rnd = torch.randn(P, room, generator=gen, dtype=torch.float64).to(dev, dt)
-                pending, _, _ = orthonormalize_streamed(rnd, Vb, gen=gen)
-                S_last = pending.T @ Z
-        else:
-            pending, S_last = None, None
+        pending, S_last = next_right_block(
+            op, Un, P - n, lambda X: orthonormalize_streamed(X, Vb, gen=gen), gen)
         last = pending is None or step == maxiter - 1
         if not last and n < next_check:
             if callback is not None:
