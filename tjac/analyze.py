@@ -363,7 +363,6 @@ def analyze_density(path, run_id: str, *, eps=EPSILONS, probes: int = 16, seed: 
     q = slq(op, probes=probes, steps=max_steps, seed=seed, deflate=deflate,
             target=(max(1 - e0, 0.0), 1 + e0), rtol=rtol, method=method)
     counts = {e: q.regions(e, confidence=confidence) for e in eps}
-    full = q.method == "dense" or all(q.exact) or q.steps >= q.P - len(q.deflated_sigma)
     dens = q.density(bandwidth=bandwidth)
     common = {"method": q.method, "probes": q.probes, "steps": q.steps, "products": q.products,
               "seconds": q.seconds, "seed": seed, "rtol": rtol, "confidence": confidence,
@@ -374,8 +373,8 @@ def analyze_density(path, run_id: str, *, eps=EPSILONS, probes: int = 16, seed: 
         for f in ("estimate", "lower", "upper", "stderr"):
             arrays[f"{r}_{f}"] = (np.array([getattr(counts[e][r], f) for e in eps]), ("eps",))
         # the quadrature part of the bracket reached rtol of the count (else: a wider bracket)
-        arrays[f"{r}_resolved"] = (np.array([full or counts[e][r].resolution <= rtol * max(
-            counts[e][r].estimate - counts[e][r].deflated, 1.0) for e in eps]), ("eps",))
+        arrays[f"{r}_resolved"] = (np.array([q.resolved(counts[e][r], rtol) for e in eps]),
+                                   ("eps",))
     with store.Writer(path, create=False) as w:
         g = w.run(run_id)
         w.commit_analysis(g, "counts", arrays=arrays, attrs=common)

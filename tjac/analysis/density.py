@@ -174,6 +174,18 @@ class Quadrature:
                              "slq", self.P, N, self.steps, self.products, self.seconds,
                              self.sigma_max, float((up - low).mean()), dfl, resolved)
 
+    @property
+    def closed(self) -> bool:
+        """Every probe's rule is exact: the dense path, every Krylov space closed, or the steps
+        exhausted the (undeflated) space."""
+        return self.method == "dense" or all(self.exact) or \
+            self.steps >= self.P - len(self.deflated_sigma)
+
+    def resolved(self, c: IntervalCount, rtol: float) -> bool:
+        """Whether count ``c`` of this quadrature is resolved: its quadrature bracket is below
+        ``rtol`` of the count (deflated values excluded), or the rules are exact."""
+        return self.closed or c.resolution <= rtol * max(c.estimate - c.deflated, 1.0)
+
     def regions(self, eps: float, *, confidence: float = 0.95) -> dict:
         """Chaotic (σ > 1 + ε), bulk (|σ − 1| ≤ ε) and stable (σ < 1 − ε) counts, each an
         :class:`IntervalCount`."""
@@ -276,7 +288,7 @@ def slq(op, *, probes: int = 16, steps: int = 200, seed: int = 0, deflate=None,
             q = run.quadrature(P, dsig, t0)
             c = q.count(*target)
             history.append((run.m, c.resolution, c.estimate - c.deflated))
-            if c.resolution <= rtol * max(c.estimate - c.deflated, 1.0):
+            if q.resolved(c, rtol):
                 q.history = history
                 return q
     q = run.quadrature(P, dsig, t0)
@@ -300,10 +312,7 @@ def count_in_interval(op, lo: float, hi: float, *, probes: int = 16, rtol: float
             rtol=rtol, check_every=check_every, method=method, available_bytes=available_bytes,
             callback=callback)
     c = q.count(lo, hi, confidence=confidence)
-    resolved = c.method == "dense" or all(q.exact) or \
-        q.steps >= op.shape[0] - len(q.deflated_sigma) or \
-        c.resolution <= rtol * max(c.estimate - c.deflated, 1.0)
-    if not resolved:
+    if not q.resolved(c, rtol):
         c = IntervalCount(**{**c.as_dict(), "resolved": False})
         need = _extrapolate(q.history, rtol, op.shape[0])
         raise ResolutionError(
@@ -515,8 +524,7 @@ def _dense_is_cheaper(run, P, target, rtol, steps, budget) -> bool:
     smax = math.sqrt(run.ritz_max())
     if target is not None:
         lo, hi = target
-        half = max(min(abs(hi - 1.0), abs(1.0 - lo), (hi - lo) / 2), (hi - lo) / 2)
-        need = min(steps, steps_needed(smax, max(half, 1e-300)))
+        need = min(steps, steps_needed(smax, max((hi - lo) / 2, 1e-300)))
     else:
         need = steps
     return 2 * int(run.active.shape[0]) * need > P
@@ -560,10 +568,9 @@ def _deflation(deflate, P):
 def _available(available_bytes, device="cpu"):
     if available_bytes is not None:
         return int(available_bytes)
-    from .._checks import available_bytes as avail
+    from ..problem import available_bytes as free
 
-    got = avail(device)
-    return got if got else 1 << 62
+    return free(device)
 
 
 def _t_quantile(confidence, df):
