@@ -113,15 +113,10 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
                     else:  # certified: now look for copies a narrow block could not see
                         pending, S_last = _inject(pending, S_last, Vb, b, P - n, gen)
                         confirm = {"step": step, "values": values}
-        history.append({"step": step, "basis": n, "sigma_max": smax,
-                        "max_residual": float(res[want].max() / smax),
-                        "n_converged": int(conv.sum()) if n >= k else 0})
-        if fresh is not None:
-            history[-1]["max_fresh_residual"] = float(fresh.max() / smax)
-        if confirm is not None:
-            history[-1]["confirming_since"] = confirm["step"]
-        if callback is not None:
-            callback({**history[-1], "checked": True})
+        record_check(history, {"step": step, "basis": n, "sigma_max": smax,
+                               "max_residual": float(res[want].max() / smax),
+                               "n_converged": int(conv.sum()) if n >= k else 0},
+                     fresh, confirm, smax, callback)
         log.debug("GKL step %d: basis %d, %d/%d converged", step, n, history[-1]["n_converged"], k)
         if done or pending is None:
             final_fresh = fresh if done else None
@@ -152,6 +147,18 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
                             history=tuple(history), smax=smax)
     return KrylovResult(S=sig[want], U=U, V=V, residuals=res[want], fresh=False,
                         history=tuple(history), smax=smax)
+
+
+def record_check(history, entry, fresh, confirm, smax, callback):
+    """Append one Ritz check to ``history`` (with the fresh residuals and the confirmation phase
+    when there are any) and hand it to ``callback``."""
+    if fresh is not None:
+        entry["max_fresh_residual"] = float(fresh.max() / smax)
+    if confirm is not None:
+        entry["confirming_since"] = confirm["step"]
+    history.append(entry)
+    if callback is not None:
+        callback({**entry, "checked": True})
 
 
 def next_right_block(op, Un, room, orth, gen):

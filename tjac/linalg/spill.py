@@ -40,7 +40,7 @@ import torch
 
 from ._base import KrylovResult, orthonormalize, values_unchanged
 from .banded import BandedB, bottom_triplets
-from .lanczos import next_right_block
+from .lanczos import next_right_block, record_check
 
 log = logging.getLogger(__name__)
 
@@ -234,16 +234,11 @@ def _run(op, k, *, tol, maxiter, block, Ub, Vb, v0, gen, callback, verify):
                     else:
                         pending, S_last = _inject(pending, S_last, Ub, Vb, b, P - n, gen)
                         confirm = {"step": step, "values": values}
-        history.append({"step": step, "basis": n, "sigma_max": smax,
-                        "max_residual": float(res.max() / smax),
-                        "n_converged": int(conv.sum()) if n >= k else 0,
-                        "dropped": band.dropped / smax, "spilled": True})
-        if fresh is not None:
-            history[-1]["max_fresh_residual"] = float(fresh.max() / smax)
-        if confirm is not None:
-            history[-1]["confirming_since"] = confirm["step"]
-        if callback is not None:
-            callback({**history[-1], "checked": True})
+        record_check(history, {"step": step, "basis": n, "sigma_max": smax,
+                               "max_residual": float(res.max() / smax),
+                               "n_converged": int(conv.sum()) if n >= k else 0,
+                               "dropped": band.dropped / smax, "spilled": True},
+                     fresh, confirm, smax, callback)
         log.debug("spilled GKL step %d: basis %d, %d/%d converged", step, n,
                   history[-1]["n_converged"], k)
         if done or pending is None or step == maxiter - 1:
