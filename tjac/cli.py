@@ -47,6 +47,26 @@ _nonneg_int = _int_at_least(0)
 from .cli_analyze import _positive_float  # noqa: E402 (one definition, also used there)
 
 
+def _distributed_args(p) -> None:
+    d = p.add_argument_group("several processes (torchrun)")
+    d.add_argument("--distributed", action="store_true",
+                   help="require a process group (launched by torchrun); without the flag one "
+                   "is joined whenever torchrun's RANK/WORLD_SIZE are set")
+    d.add_argument("--dist-backend", choices=["auto", "gloo", "nccl"], default="auto",
+                   help="process-group backend (auto: nccl with CUDA, else gloo)")
+    d.add_argument("--dist-timeout", type=_positive_float, default=1800.0, metavar="SECONDS",
+                   help="how long to wait for the rendezvous and for each message (default 1800)")
+
+
+def _group(a):
+    """The process group of this job (torchrun's environment, or --distributed), else None."""
+    from . import distributed
+
+    if not a.distributed and not distributed.launched():
+        return None
+    return distributed.init(a.dist_backend, timeout_s=a.dist_timeout, required=a.distributed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tjac", description="Spectrum of the training Jacobian d(theta_T)/d(theta_0).")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -98,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue an interrupted run")
     r.add_argument("--overwrite", action="store_true", help="recompute a run that exists")
     r.add_argument("--png", help="figure path (default: <store>-<run>.png); 'none' to skip")
+    _distributed_args(r)
 
     i = sub.add_parser("info", parents=[common], help="list the runs of a store")
     i.add_argument("store")
@@ -158,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--store", default="scale.zarr")
     sc.add_argument("--png", help="log-log plots against P (default: <store>-scaling.png)")
     sc.add_argument("--json", action="store_true")
+    _distributed_args(sc)
 
     from . import cli_analyze
 
@@ -262,11 +284,20 @@ def cmd_run(a):
         raise BadInput("--k-top and --k-bottom are both 0: nothing to compute")
     if a.resume and a.overwrite:
         raise BadInput("--resume and --overwrite exclude each other")
-    out = runner.run_analysis(recipe, a.store, k_top=a.k_top, k_bottom=a.k_bottom, tol=a.tol,
-                              method=a.method, run_id=a.run_id, resume=a.resume,
-                              overwrite=a.overwrite, checkpoint=_checkpoint(a.checkpoint),
-                              argv=["tjac"] + sys.argv[1:], progress=_progress(a.quiet),
-                              block=a.block, backend=a.backend)
+    from . import distributed
+
+    group = _group(a)
+    try:
+        out = runner.run_analysis(recipe, a.store, k_top=a.k_top, k_bottom=a.k_bottom, tol=a.tol,
+                                  method=a.method, run_id=a.run_id, resume=a.resume,
+                                  overwrite=a.overwrite, checkpoint=_checkpoint(a.checkpoint),
+                                  argv=["tjac"] + sys.argv[1:],
+                                  progress=_progress(a.quiet or (group and not group.is_driver)),
+                                  block=a.block, backend=a.backend, group=group)
+    finally:
+        distributed.close(group)
+    if out is None:  # another rank of a process group: rank 0 stores and reports
+        return 0
     run = open_store(a.store).run(out.run_id)
     png = None
     if (a.png or "").lower() != "none":
@@ -550,10 +581,19 @@ def cmd_scale(a):
                                   epochs=a.epochs)
     if not recipes:
         raise BadInput("the sweep is empty (a CNN has depth 1)")
-    rows = scale.run_sweep(recipes, a.store, k_top=a.k_top, k_bottom=a.k_bottom, tol=a.tol,
-                           progress=_progress(a.quiet), epsilons=tuple(eps), probes=a.probes,
-                           density=not a.no_density,
-                           log=(lambda s: None) if (a.quiet or a.json) else print)
+    from . import distributed
+
+    group = _group(a)
+    try:
+        rows = scale.run_sweep(recipes, a.store, k_top=a.k_top, k_bottom=a.k_bottom, tol=a.tol,
+                               progress=_progress(a.quiet or (group and not group.is_driver)),
+                               epsilons=tuple(eps), probes=a.probes, density=not a.no_density,
+                               log=(lambda s: None) if (a.quiet or a.json) else print,
+                               group=group)
+    finally:
+        distributed.close(group)
+    if group is not None and not group.is_driver:  # rank 0 stores, fits and reports
+        return 0
     png = a.png or os.path.splitext(os.path.abspath(a.store))[0] + "-scaling.png"
     expo = scale.plot_scaling(rows, png, eps=eps[0])
     fitted = scale.fits(rows, eps[0])
@@ -582,10 +622,12 @@ def _float_list(s, flag):
 def _computation_errors() -> tuple:
     """Failures of the computation itself (exit 1): a failed adjoint identity, replays that
     disagree, training that diverged."""
+    from .distributed import RankFailedError, RanksDisagreeError
     from .runner import ComputationError
     from .trajectory import NondeterminismError, TrainingDivergedError
 
-    return (ComputationError, NondeterminismError, TrainingDivergedError)
+    return (ComputationError, NondeterminismError, TrainingDivergedError, RankFailedError,
+            RanksDisagreeError)
 
 
 def main(argv=None) -> int:

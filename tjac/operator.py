@@ -87,6 +87,7 @@ class TrainingJacobian:
         t = time.perf_counter()
         self.trajectory = Trajectory(self.problem, theta0, checkpoint=checkpoint)
         self.time_trajectory = time.perf_counter() - t
+        self._group = None  # a process group's rank 0 after distribute()
         self.backend = backend
         self._sel = self.problem.selection  # None, or the indices of theta that J acts on
         P = self.problem.num_params if self._sel is None else int(self._sel.numel())
@@ -146,12 +147,11 @@ class TrainingJacobian:
 
     # -- products -------------------------------------------------------------------------------
     def matmat(self, V) -> torch.Tensor:
-        """J V for a block V of shape (P, k) (forward mode, one replay per ``block_size`` columns)."""
+        """J V for a block V of shape (P, k) (forward mode, one replay per ``block_size`` columns;
+        spread over the ranks of a process group after :meth:`distribute`)."""
         V = self._as_block(V, "V")
         t = time.perf_counter()
-        out = torch.cat([self._jvp_block(V[:, i:i + self.block_size].T).T
-                         for i in range(0, V.shape[1], self.block_size)], dim=1) \
-            if V.shape[1] else V.clone()
+        out = self._products(V, "jvp")
         self.time_matvec += time.perf_counter() - t
         self.num_matvecs += V.shape[1]
         return out
@@ -160,12 +160,47 @@ class TrainingJacobian:
         """J^T W for a block W of shape (P, k) (reverse sweep over the checkpointed trajectory)."""
         W = self._as_block(W, "W")
         t = time.perf_counter()
-        out = torch.cat([self._vjp_block(W[:, i:i + self.block_size].T).T
-                         for i in range(0, W.shape[1], self.block_size)], dim=1) \
-            if W.shape[1] else W.clone()
+        out = self._products(W, "vjp")
         self.time_rmatvec += time.perf_counter() - t
         self.num_rmatvecs += W.shape[1]
         return out
+
+    def _products(self, X, kind):
+        group = getattr(self, "_group", None)
+        if group is not None and X.shape[1] > 1:
+            from .distributed import JVP, VJP
+
+            return group.products(lambda Y: self.local_products(Y, kind), X,
+                                  JVP if kind == "jvp" else VJP)
+        return self.local_products(X, kind)
+
+    def local_products(self, X, kind: str) -> torch.Tensor:
+        """``J X`` (``kind='jvp'``) or ``J^T X`` (``'vjp'``) for a (P, k) block on this process
+        alone, ``block_size`` columns per replay (no counters: :meth:`matmat` keeps those)."""
+        f = self._jvp_block if kind == "jvp" else self._vjp_block
+        if not X.shape[1]:
+            return X.clone()
+        return torch.cat([f(X[:, i:i + self.block_size].T).T
+                          for i in range(0, X.shape[1], self.block_size)], dim=1)
+
+    def distribute(self, group) -> bool:
+        """Spread every product over the ranks of ``group`` (a :class:`tjac.distributed.Group`):
+        on rank 0 each block's columns are split across the ranks, which replay their slices
+        (:func:`tjac.distributed.serve`) and send them back. A collective: every rank calls it
+        with its own operator of the same recipe, and the ranks refuse to go on unless theta_0
+        and theta_T agree bit for bit. Returns False on a worker that rank 0 released without
+        work. ``distribute(None)`` goes back to products on this process alone."""
+        if group is None or group.world_size == 1:
+            self._group = None
+            return True
+        ok = group.agree({"theta0": _sha(self.trajectory.theta0),
+                          "thetaT": _sha(self.trajectory.thetaT), "P": self.shape[0],
+                          "dtype": str(self.dtype)}, "training (theta_0 or theta_T differ)",
+                         kind="disagree")
+        self._group = group if group.is_driver else None
+        if ok and group.is_driver:
+            group.tune({"backend": self.backend, "block": self.block_size})
+        return ok
 
     def matvec(self, v) -> torch.Tensor:
         return self.matmat(_col(v)).reshape(-1)
@@ -189,6 +224,9 @@ class TrainingJacobian:
         check_fits(self.problem, checkpoint=self.trajectory.policy, block=int(tuned["block"]))
         self.block_size = int(tuned["block"])
         self.backend = tuned.get("backend", "auto")
+        group = getattr(self, "_group", None)
+        if group is not None:  # every rank replays with the same arithmetic
+            group.tune({"backend": self.backend, "block": self.block_size})
 
     @property
     def backend(self) -> str:
@@ -282,6 +320,12 @@ class TrainingJacobian:
                              f"> {tol:.1e}")
         log.info("check passed: deterministic, replay exact, adjoint rel. error %.2e", rel)
         return CheckReport(True, True, rel, diff)
+
+
+def _sha(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _col(v):

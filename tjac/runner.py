@@ -20,7 +20,7 @@ import torch
 
 import hashlib
 
-from . import __version__, query, replay, store
+from . import __version__, distributed, query, replay, store
 from .analysis import structural_ones
 from .checkpoint import LanczosCheckpoint
 from .linalg import Progress, default_tol, plan_solve, small_svd, svd
@@ -72,7 +72,8 @@ class ComputationError(RuntimeError):
 def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: int = 32,
                  tol: float | None = None, method: str = "auto", run_id: str | None = None,
                  resume: bool = False, overwrite: bool = False, checkpoint="all", argv=None,
-                 progress=None, block: int | None = None, backend: str = "auto") -> RunOutcome:
+                 progress=None, block: int | None = None, backend: str = "auto",
+                 group="auto") -> RunOutcome | None:
     """Run the analysis of ``recipe`` into ``store_path`` (see module doc).
 
     ``backend`` (see :mod:`tjac.replay`): ``auto`` measures the candidates with
@@ -85,10 +86,59 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
     long solve logs a progress line every ~30 s (:class:`tjac.linalg.Progress`, shown with -v).
     When neither J nor the bottom's Lanczos basis fits in memory, the basis spills to disk in a
     temporary directory beside the store (:mod:`tjac.linalg.spill`; that solve does not
-    checkpoint: a killed run restarts it)."""
-    run_id = store.check_run_id(run_id or f"{recipe.hash()}")
-    problem = Problem(recipe)  # bad recipes and backends are refused before the store is touched
+    checkpoint: a killed run restarts it).
+
+    Under a process group (``torchrun``: ``group='auto'`` finds it, :func:`tjac.distributed.current`;
+    a :class:`tjac.distributed.Group`; None keeps this process alone) every
+    rank calls this with the same arguments: rank 0 trains, solves and writes the store with each
+    block's columns spread over the ranks; the other ranks train the same recipe, replay their
+    slices and return None. The ranks refuse to start when their arguments differ, or to go on
+    when their theta_0 or theta_T differ. The store never depends on the world size: a run
+    interrupted at any world size resumes at any other (1 included)."""
+    group = distributed.current() if isinstance(group, str) and group == "auto" else group
+    kw = dict(k_top=k_top, k_bottom=k_bottom, tol=tol, method=method, run_id=run_id,
+              resume=resume, overwrite=overwrite, checkpoint=checkpoint, argv=argv,
+              progress=progress, block=block, backend=backend)
+    if group is None or group.world_size == 1:
+        return _run_analysis(recipe, store_path, group=group, **kw)
+    if block is not None and block < group.world_size:
+        raise ValueError(f"--block {block} is narrower than the world size {group.world_size}: "
+                         f"some ranks would have no columns; use --block >= {group.world_size} "
+                         f"or fewer ranks")
+    problem = Problem(recipe)  # the same validation on every rank before any message
     replay.resolve(problem, backend)
+    group.agree({"recipe": recipe.to_json(), "k_top": k_top, "k_bottom": k_bottom, "tol": tol,
+                 "method": method, "run_id": run_id, "resume": resume, "overwrite": overwrite,
+                 "checkpoint": str(checkpoint), "block": block, "backend": backend}, "arguments")
+    if not group.is_driver:
+        op = TrainingJacobian(problem, checkpoint=checkpoint, backend=backend)
+        if op.distribute(group):
+            distributed.serve(op, group)
+        return None
+    try:
+        out = _run_analysis(recipe, store_path, group=group, problem=problem, **kw)
+    except BaseException as e:
+        group.abort(str(e) or type(e).__name__, kind=_abort_kind(e))
+        raise
+    group.stop()
+    return out
+
+
+def _abort_kind(e: BaseException) -> str:
+    if isinstance(e, distributed.RanksDisagreeError):
+        return "disagree"
+    if isinstance(e, (ValueError, MemoryError)):
+        return "setup"  # bad input on rank 0: the workers exit as it does (2)
+    return "failed"
+
+
+def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, method, run_id,
+                  resume, overwrite, checkpoint, argv, progress, block, backend, group,
+                  problem=None) -> RunOutcome:
+    run_id = store.check_run_id(run_id or f"{recipe.hash()}")
+    if problem is None:  # bad recipes and backends are refused before the store is touched
+        problem = Problem(recipe)
+        replay.resolve(problem, backend)
     if tol is None:
         tol = default_tol(problem.dtype)
     P = problem.num_params if problem.selection is None else int(problem.selection.numel())
@@ -119,6 +169,7 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
                                        f"--resume to continue it or --overwrite to restart it")
         t0 = time.perf_counter()
         op = TrainingJacobian(problem, checkpoint=checkpoint, backend=backend)
+        op.distribute(group)  # (under a process group: the ranks compare theta_0 and theta_T)
         try:
             check = op.check()
         except ValueError as e:  # the adjoint identity failed: the computation is wrong, not the input
@@ -137,6 +188,8 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
             tuned = op.autotune(backends=None if backend == "auto" else [backend])
             prov = provenance(recipe, op, argv)
             prov["autotune"] = tuned
+            prov["distributed"] = (group.describe() if group is not None
+                                   else {"world_size": 1, "backend": None})
             prov["plans"] = {which: p.as_dict() for which, p in plans.items()}
             run = w.create_run(run_id, recipe_json=recipe.to_json(), recipe_hash=recipe.hash(),
                                provenance=prov, theta0=_to_np(op.theta0), thetaT=_to_np(op.thetaT),
@@ -194,6 +247,9 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
         summary["products_total"] = sum(summary["products"].values())
         summary["replays"] = prior_replays + op.num_replays  # passes over training (solves only)
         summary["backend"], summary["block"] = op.backend, op.block_size
+        summary["distributed"] = {"world_size": 1, "backend": None} if group is None else dict(
+            group.describe(), bytes_moved=group.bytes_moved, blocks=group.blocks,
+            seconds_waiting=group.seconds_waiting)
         w.finish(run, summary)
         return RunOutcome(run_id=run_id, store=store_path, summary=summary)
 

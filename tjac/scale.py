@@ -42,54 +42,161 @@ def sweep_recipes(family: str, widths, depths, seeds=(0,), **overrides) -> list[
 
 def run_sweep(recipes, store_path, *, k_top=16, k_bottom=16, tol=None, method="auto",
               resume=True, progress=None, log=print, epsilons=EPSILONS, probes: int = 16,
-              density: bool = True, max_steps: int = 2000, rtol: float = 0.05) -> list[dict]:
+              density: bool = True, max_steps: int = 2000, rtol: float = 0.05,
+              group=None) -> list[dict]:
+    """Analyse every (run id, recipe) into ``store_path`` and return one row per run (a table's
+    line: certified top, region estimates with brackets, exact counts where the dense path ran,
+    the structural σ = 1 count, cost).
+
+    Under a process group (``group``, a :class:`tjac.distributed.Group` that every rank passes
+    with the same arguments) whole runs go to ranks: the runs not yet complete in the store are
+    dealt round-robin; rank 0 computes its share into the store, every other rank into a
+    temporary store of its own, then sends each finished run (its arrays and attributes, no
+    pickles) to rank 0, which imports it by the store's commit protocol. Only rank 0 writes the
+    store and returns the rows (in the order of ``recipes``); the others return []. A worker's
+    unfinished run is not resumable (its temporary store is dropped): a rerun with ``resume``
+    recomputes only the runs the store lacks."""
+    opts = dict(k_top=k_top, k_bottom=k_bottom, tol=tol, method=method, resume=resume,
+                progress=progress, epsilons=tuple(epsilons), probes=probes, density=density,
+                max_steps=max_steps, rtol=rtol)
+    if group is not None and group.world_size > 1:
+        return _sweep_distributed(recipes, store_path, group, log, opts)
+    rows = []
+    for run_id, recipe in recipes:
+        rows.append(_sweep_one(run_id, recipe, store_path, **opts))
+        log(format_row(rows[-1], epsilons[0]))
+    return rows
+
+
+def _sweep_distributed(recipes, store_path, group, log, opts) -> list[dict]:
+    import shutil
+    import tempfile
+
+    from . import distributed, store
+
+    same = {k: v for k, v in opts.items() if k != "progress"}
+    group.agree({"recipes": [[rid, r.to_json()] for rid, r in recipes], **same},
+                "sweep arguments")
+    eps = opts["epsilons"][0]
+    if not group.is_driver:  # compute the share, then answer rank 0's FETCH of each run
+        if not group._expect(distributed.WORK, "the sweep's assignment"):
+            return []
+        mine = group.recv_json(0, "the sweep's assignment")
+        tmp = tempfile.mkdtemp(prefix=f"tjac-sweep-rank{group.rank}-")
+        try:
+            path, done, error = f"{tmp}/runs.zarr", {}, None
+            for i in mine:
+                run_id, recipe = recipes[i]
+                try:
+                    row = _sweep_one(run_id, recipe, path, **dict(opts, resume=False,
+                                                                    progress=None))
+                    done[i] = (row, *store.export_run(store.open_read(path), run_id))
+                except Exception as e:  # noqa: BLE001 - reported to rank 0, which stops the job
+                    error = f"run {run_id}: {type(e).__name__}: {e}"[:500]
+                    break
+            while True:
+                cmd, i = group._command("the sweep's runs")
+                if cmd == distributed.STOP:
+                    return []
+                if cmd == distributed.ABORT:
+                    raise group._abort_error(i)
+                if i not in done:
+                    group.send_json(0, {"ok": False, "error": error or f"run {i} not computed"})
+                    continue
+                row, manifest, data = done.pop(i)
+                group.send_json(0, {"ok": True, "row": row, "manifest": manifest})
+                for x in data:
+                    group.send_array(0, x)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            done = set(store.list_runs(store.open_read(store_path)))
+        except store.StoreError:
+            done = set()
+        complete = set()
+        if opts["resume"] and done:
+            root = store.open_read(store_path)
+            complete = {rid for rid in done if root["runs"][rid].attrs.get("status") == "complete"}
+        todo = [i for i, (rid, _) in enumerate(recipes) if rid not in complete]
+        share = {r: todo[r::group.world_size] for r in range(group.world_size)}
+        share[0] = sorted(share[0] + [i for i in range(len(recipes)) if i not in todo])
+        for r in range(1, group.world_size):
+            group._header(r, distributed.WORK)
+            group.send_json(r, share[r], "the sweep's assignment")
+        rows = {}
+        for i in share[0]:
+            rows[i] = _sweep_one(*recipes[i], store_path, **opts)
+            log(format_row(rows[i], eps))
+        for r in range(1, group.world_size):
+            for i in share[r]:
+                run_id = recipes[i][0]
+                group._header(r, distributed.FETCH, i, f"run {run_id}")
+                got = group.recv_json(r, f"run {run_id}")
+                if not got.get("ok"):
+                    raise distributed.RankFailedError(f"rank {r} of {group.world_size} failed on "
+                                                      f"run {run_id}: {got.get('error')}")
+                manifest = got["manifest"]
+                data = [group.recv_array(r, m["dtype"], m["shape"], f"run {run_id}")
+                        for m in manifest["arrays"]]
+                with store.Writer(store_path) as w:
+                    w.import_run(run_id, manifest, data)
+                rows[i] = got["row"]
+                log(format_row(rows[i], eps))
+    except BaseException as e:
+        group.abort(str(e) or type(e).__name__,
+                    kind="setup" if isinstance(e, ValueError) else "failed")
+        raise
+    group.stop()
+    return [rows[i] for i in range(len(recipes))]
+
+
+def _sweep_one(run_id, recipe, store_path, *, k_top, k_bottom, tol, method, resume, progress,
+               epsilons, probes, density, max_steps, rtol) -> dict:
     from .analyze import analyze_density
     from .query import open as open_store
 
-    rows = []
-    for run_id, recipe in recipes:
-        out = runner.run_analysis(recipe, store_path, k_top=k_top, k_bottom=k_bottom, tol=tol,
-                                  method=method, run_id=run_id, resume=resume, progress=progress)
-        s = out.summary
-        sp = s["spectrum"]
-        run = open_store(store_path).run(run_id)
-        top = run.top() if k_top else None
-        row = {"run": run_id, "P": s["P"], "seed": recipe.seed, "sigma_max": sp["sigma_max"],
-               "sigma_top": [] if top is None else [float(x) for x in top.sigma],
-               "top_certified": 0 if top is None else int(top.certified.sum()),
-               "complete": sp["complete"], "exact_one": sp["numerically_one"],
-               "exact_one_predicted": sp["structural"]["n_exact_singular"],
-               "products": s.get("products_total"), "replays": s.get("replays"),
-               "backend": s.get("backend"), "seconds": s["seconds"],
-               "top_method": s.get("top", {}).get("method"),
-               "bottom_method": s.get("bottom", {}).get("method"), "counts": {}}
-        exact = {}
-        if sp["complete"]:
-            sig = run.sigma("all")
-            for e in epsilons:
-                exact[e] = {"chaotic": int((sig > 1 + e).sum()),
-                            "bulk": int((np.abs(sig - 1) <= e).sum()),
-                            "stable": int((sig < 1 - e).sum())}
-        if density:
-            got = analyze_density(store_path, run_id, eps=epsilons, probes=probes,
-                                  seed=recipe.seed, method="auto", max_steps=max_steps,
-                                  rtol=rtol)
-            row["density_method"], row["density_products"] = got["method"], got["products"]
-            row["density_seconds"], row["density_steps"] = got["seconds"], got["steps"]
-            for e in epsilons:
-                row["counts"][repr(e)] = {
-                    r: {"estimate": c["estimate"], "lower": c["lower"], "upper": c["upper"],
-                        "exact": exact.get(e, {}).get(r)}
-                    for r, c in got["counts"][e].items()}
-        else:
-            for e in epsilons:
-                if e in exact:
-                    row["counts"][repr(e)] = {r: {"estimate": float(v), "lower": float(v),
-                                                  "upper": float(v), "exact": v}
-                                              for r, v in exact[e].items()}
-        rows.append(row)
-        log(format_row(row, epsilons[0]))
-    return rows
+    out = runner.run_analysis(recipe, store_path, k_top=k_top, k_bottom=k_bottom, tol=tol,
+                              method=method, run_id=run_id, resume=resume, progress=progress,
+                              group=None)
+    s = out.summary
+    sp = s["spectrum"]
+    run = open_store(store_path).run(run_id)
+    top = run.top() if k_top else None
+    row = {"run": run_id, "P": s["P"], "seed": recipe.seed, "sigma_max": sp["sigma_max"],
+           "sigma_top": [] if top is None else [float(x) for x in top.sigma],
+           "top_certified": 0 if top is None else int(top.certified.sum()),
+           "complete": sp["complete"], "exact_one": sp["numerically_one"],
+           "exact_one_predicted": sp["structural"]["n_exact_singular"],
+           "products": s.get("products_total"), "replays": s.get("replays"),
+           "backend": s.get("backend"), "seconds": s["seconds"],
+           "top_method": s.get("top", {}).get("method"),
+           "bottom_method": s.get("bottom", {}).get("method"), "counts": {}}
+    exact = {}
+    if sp["complete"]:
+        sig = run.sigma("all")
+        for e in epsilons:
+            exact[e] = {"chaotic": int((sig > 1 + e).sum()),
+                        "bulk": int((np.abs(sig - 1) <= e).sum()),
+                        "stable": int((sig < 1 - e).sum())}
+    if density:
+        got = analyze_density(store_path, run_id, eps=epsilons, probes=probes,
+                              seed=recipe.seed, method="auto", max_steps=max_steps,
+                              rtol=rtol)
+        row["density_method"], row["density_products"] = got["method"], got["products"]
+        row["density_seconds"], row["density_steps"] = got["seconds"], got["steps"]
+        for e in epsilons:
+            row["counts"][repr(e)] = {
+                r: {"estimate": c["estimate"], "lower": c["lower"], "upper": c["upper"],
+                    "exact": exact.get(e, {}).get(r)}
+                for r, c in got["counts"][e].items()}
+    else:
+        for e in epsilons:
+            if e in exact:
+                row["counts"][repr(e)] = {r: {"estimate": float(v), "lower": float(v),
+                                              "upper": float(v), "exact": v}
+                                          for r, v in exact[e].items()}
+    return row
 
 
 def format_row(r, eps=EPSILONS[0]):

@@ -363,6 +363,78 @@ class Writer:
         zarr.consolidate_metadata(self.path)
 
 
+    # moving a whole run between stores (a distributed sweep's ranks: tjac.scale)
+    def import_run(self, run_id: str, manifest: dict, data: list) -> None:
+        """Write a complete run exported by :func:`export_run` (from another store, another rank)
+        by the commit protocol: an earlier run of that id is retired; every group's arrays are
+        written before its attributes, every counter after its group's data, and the run's
+        ``status`` last of all. Names are checked as every store name is (no path leaves the
+        run's group)."""
+        check_run_id(run_id)
+        groups, arrays = manifest.get("groups"), manifest.get("arrays")
+        if not isinstance(groups, list) or not isinstance(arrays, list) or len(arrays) != len(data):
+            raise StoreError(f"run {run_id!r}: a malformed export (groups/arrays)")
+        runs = self.root.require_group("runs")
+        self.retire(runs, run_id)
+        top = runs.create_group(run_id, overwrite=True)
+
+        def resolve(path: str, *, array: bool):
+            parts = path.split("/") if path else []
+            if any(not _NAME.match(p) for p in parts) or (array and not parts):
+                raise StoreError(f"run {run_id!r}: the export names {path!r}, not a store path")
+            g = top
+            for p in parts[:-1] if array else parts:
+                g = g.require_group(p)
+            return g, (parts[-1] if array else None)
+
+        for meta, x in zip(arrays, data):
+            g, name = resolve(str(meta["path"]), array=True)
+            x = np.asarray(x).reshape(meta["shape"])
+            a = g.create_array(name, shape=x.shape, dtype=x.dtype,
+                               dimension_names=meta.get("dims") or None,
+                               chunks=tuple(meta.get("chunks") or x.shape) or None,
+                               overwrite=True)
+            a[...] = x
+            if meta.get("attrs"):
+                self.set_attrs(a, **meta["attrs"])
+        # deepest groups first, so a parent's counter is never written before its children's
+        for meta in sorted(groups, key=lambda m: -str(m["path"]).count("/") - bool(m["path"])):
+            g, _ = resolve(str(meta["path"]), array=False)
+            attrs = dict(meta.get("attrs") or {})
+            counters = {k: attrs.pop(k) for k in COUNTERS if k in attrs}
+            if attrs:
+                self.set_attrs(g, **attrs)
+            if counters:
+                self.set_attrs(g, **counters)
+        zarr.consolidate_metadata(self.path)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def export_run(root, run_id: str) -> tuple[dict, list]:
+    """A committed run as (manifest, arrays): the manifest is plain JSON (each group's path and
+    attributes; each array's path, shape, chunks, dimension names and attributes) and ``arrays``
+    the arrays' data in the manifest's order. :meth:`Writer.import_run` writes it into another
+    store."""
+    run = run_group(root, run_id)
+    groups, arrays, data = [], [], []
+
+    def walk(g, path):
+        groups.append({"path": path, "attrs": dict(g.attrs)})
+        for name, a in sorted(g.arrays()):
+            arrays.append({"path": f"{path}/{name}" if path else name, "shape": list(a.shape),
+                           "chunks": list(a.chunks), "dtype": str(a.dtype),
+                           "dims": list(a.metadata.dimension_names or []),
+                           "attrs": dict(a.attrs)})
+            data.append(np.asarray(a[...]))
+        for name, sub in sorted(g.groups()):
+            walk(sub, f"{path}/{name}" if path else name)
+
+    walk(run, "")
+    return {"run": run_id, "groups": groups, "arrays": arrays}, data
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

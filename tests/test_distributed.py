@@ -1,0 +1,274 @@
+"""Products, solves, the dense path and sweeps over real 2-process gloo groups, launched the way
+torchrun launches them (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT per process), against
+the serial run; faults, mismatched ranks and bad input."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import tjac
+from tjac import store
+
+TINY = ["--width", "6", "--epochs", "1", "--n-train", "128", "--png", "none",
+        "--backend", "fused"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank, world, port, **extra):
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    env.pop("PYTEST_XDIST_WORKER", None)
+    env.update(extra)
+    return env
+
+
+def _start(cmds, cwd, port=None):
+    """One process per rank; ``cmds[r]`` is rank r's argv."""
+    port = port or _port()
+    return [subprocess.Popen(c, cwd=cwd, env=_env(r, len(cmds), port), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for r, c in enumerate(cmds)]
+
+
+def _finish(procs, timeout=300):
+    out = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=timeout)
+            out.append((p.returncode, o, e))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
+def _tjac(*args):
+    return [sys.executable, "-m", "tjac", *args]
+
+
+def _serial(args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    r = subprocess.run(_tjac(*args), cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+API = textwrap.dedent("""
+    import sys, numpy as np, torch, tjac
+    from tjac import distributed as td
+    torch.set_num_threads(1)
+    g = td.init(required=True)
+    op = tjac.TrainingJacobian(tjac.Recipe.paper(width=6, epochs=1, n_train=128), backend="fused")
+    def fn(J):
+        V = torch.randn(J.shape[0], 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        top = tjac.svd(J, 4, which="top", method="lanczos", block=4)
+        bottom = tjac.svd(J, 3, which="bottom", method="lanczos", block=4)
+        np.savez(sys.argv[1], jv=J.matmat(V).numpy(), jtw=J.rmatmat(V).numpy(),
+                 top=top.S.numpy(), bottom=bottom.S.numpy(), topv=top.V.numpy(),
+                 bytes=g.bytes_moved, blocks=g.blocks, world=g.world_size)
+        return "done"
+    print(td.drive(op, fn, g))
+    td.close(g)
+""")
+
+
+def test_products_and_solves_over_two_ranks_equal_the_serial_ones(tmp_path):
+    script = tmp_path / "api.py"
+    script.write_text(API)
+    res = tmp_path / "out.npz"
+    got = _finish(_start([[sys.executable, str(script), str(res)]] * 2, tmp_path))
+    assert [g[0] for g in got] == [0, 0], [g[2][-2000:] for g in got]
+    assert got[0][1].strip() == "done" and got[1][1].strip() == "None"  # drive: rank 0's result
+    d = np.load(res)
+    assert int(d["world"]) == 2 and int(d["blocks"]) > 0 and int(d["bytes"]) > 0
+    torch.set_num_threads(1)
+    op = tjac.TrainingJacobian(tjac.Recipe.paper(width=6, epochs=1, n_train=128), backend="fused")
+    V = torch.randn(op.shape[0], 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    # slices of a block replay the same arithmetic as the whole block: bitwise here
+    np.testing.assert_array_equal(d["jv"], op.matmat(V).numpy())
+    np.testing.assert_array_equal(d["jtw"], op.rmatmat(V).numpy())
+    top = tjac.svd(op, 4, which="top", method="lanczos", block=4)
+    bottom = tjac.svd(op, 3, which="bottom", method="lanczos", block=4)
+    np.testing.assert_allclose(d["top"], top.S.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(d["bottom"], bottom.S.numpy(), rtol=1e-10)
+    # and against the dense oracle
+    S = torch.linalg.svdvals(op.matmat(torch.eye(op.shape[0], dtype=torch.float64))).numpy()
+    np.testing.assert_allclose(d["top"], S[:4], rtol=1e-9)
+    np.testing.assert_allclose(d["bottom"], S[::-1][:3], rtol=1e-8)
+
+
+def test_a_dense_run_over_two_ranks_stores_the_serial_spectrum(tmp_path):
+    args = TINY + ["--k-top", "3", "--k-bottom", "3", "--method", "dense", "--run-id", "r"]
+    got = _finish(_start([_tjac("run", *args, "--store", "d2.zarr")] * 2, tmp_path))
+    assert [g[0] for g in got] == [0, 0], [g[2][-2000:] for g in got]
+    assert "run r in d2.zarr" in got[0][1] and got[1][1] == ""  # rank 0 alone reports
+    assert not list(tmp_path.glob("*.png"))
+    _serial(["run", *args, "--store", "d1.zarr"], tmp_path)
+    two, one = (tjac.open(str(tmp_path / f"d{n}.zarr")).run("r") for n in (2, 1))
+    np.testing.assert_array_equal(two.sigma("all"), one.sigma("all"))
+    prov = two.attrs["provenance"]
+    assert prov["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert one.attrs["provenance"]["distributed"]["world_size"] == 1
+    summ = two.attrs["summary"]["distributed"]
+    assert summ["world_size"] == 2 and summ["bytes_moved"] > 0 and summ["blocks"] >= 1
+
+
+def test_a_rank_killed_mid_solve_fails_the_job_by_name_and_resumes_on_one_process(tmp_path):
+    args = ["--width", "16", "--epochs", "3", "--n-train", "512", "--k-top", "24",
+            "--k-bottom", "0", "--method", "lanczos", "--block", "4", "--backend", "fused",
+            "--png", "none", "--run-id", "k"]
+    procs = _start([_tjac("run", *args, "--store", "k.zarr")] * 2, tmp_path)
+    state = tmp_path / "k.zarr/runs/k/state/top/zarr.json"
+    t0 = time.time()
+    while time.time() - t0 < 240 and procs[0].poll() is None:
+        try:
+            if json.loads(state.read_text()).get("attributes", {}).get("step", 0) >= 2:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    assert procs[0].poll() is None, "the solve ended before a rank could be killed"
+    procs[1].send_signal(signal.SIGKILL)
+    (rc0, _, err0), (rc1, _, _) = _finish(procs)
+    assert rc1 == -signal.SIGKILL
+    assert rc0 == 1 and "rank 1 of 2 failed during" in err0 and "Traceback" not in err0
+    assert "--resume" in err0
+    root = store.open_read(str(tmp_path / "k.zarr"))
+    assert root["runs"]["k"].attrs["status"] == "running"
+    _serial(["run", *args, "--store", "k.zarr", "--resume"], tmp_path)  # world size 1
+    _serial(["run", *args, "--store", "ref.zarr"], tmp_path)
+    resumed = tjac.open(str(tmp_path / "k.zarr")).run("k").top()
+    ref = tjac.open(str(tmp_path / "ref.zarr")).run("k").top()
+    np.testing.assert_array_equal(resumed.sigma, ref.sigma)
+    assert resumed.certified.all()
+
+
+def test_ranks_started_differently_are_refused_before_training(tmp_path):
+    base = ["--epochs", "1", "--n-train", "128", "--png", "none", "--store", "m.zarr"]
+    got = _finish(_start([_tjac("run", "--width", "6", *base),
+                          _tjac("run", "--width", "5", *base)], tmp_path))
+    assert [g[0] for g in got] == [2, 2], [g[2] for g in got]
+    assert "rank 1 of 2 was started with other arguments than rank 0" in got[0][2]
+    assert "rank 0 stopped the job" in got[1][2]
+    for _, _, err in got:
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "m.zarr").exists()
+
+
+def test_rank_0s_refusal_stops_every_rank_with_its_reason(tmp_path):
+    args = TINY + ["--k-top", "2", "--k-bottom", "0", "--method", "dense", "--run-id", "r",
+                   "--store", "c.zarr"]
+    _serial(["run", *args], tmp_path)
+    before = sorted(p.name for p in (tmp_path / "c.zarr/runs/r").iterdir())
+    got = _finish(_start([_tjac("run", *args)] * 2, tmp_path))  # complete, no --overwrite
+    assert [g[0] for g in got] == [2, 2], [g[2] for g in got]
+    assert "already complete" in got[0][2] and "rank 0 stopped the job" in got[1][2]
+    assert "already complete" in got[1][2]
+    assert sorted(p.name for p in (tmp_path / "c.zarr/runs/r").iterdir()) == before
+
+
+def test_bad_distributed_input_is_one_line_and_exit_2(tmp_path):
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE"):
+        env.pop(k, None)
+    r = subprocess.run(_tjac("run", *TINY, "--distributed", "--store", "x.zarr"), cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "torchrun" in r.stderr and r.stderr.count("\n") == 1
+    # a world size larger than the solver's block
+    got = _finish(_start([_tjac("run", *TINY, "--block", "1", "--store", "x.zarr")] * 2,
+                         tmp_path))
+    assert [g[0] for g in got] == [2, 2]
+    assert all("narrower than the world size 2" in g[2] and g[2].count("\n") == 1 for g in got)
+    # a rendezvous nobody answers: c10d's stack dumps never start, one line instead
+    r = subprocess.run(_tjac("run", *TINY, "--store", "x.zarr", "--dist-timeout", "1"),
+                       cwd=tmp_path, env=_env(1, 2, _port()), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "rank 1 of 2 could not reach the rendezvous" in r.stderr
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_a_sweep_deals_whole_runs_to_ranks_into_one_store(tmp_path):
+    args = ["--widths", "4,5,6", "--epochs", "1", "--k-top", "2", "--k-bottom", "2",
+            "--no-density", "--json"]
+    got = _finish(_start([_tjac("scale", *args, "--store", "s2.zarr")] * 2, tmp_path))
+    assert [g[0] for g in got] == [0, 0], [g[2][-2000:] for g in got]
+    assert got[1][1] == ""
+    rows = json.loads(got[0][1])["rows"]
+    assert [r["run"] for r in rows] == ["mlp-w4-d1", "mlp-w5-d1", "mlp-w6-d1"]  # recipe order
+    serial = json.loads(_serial(["scale", *args, "--store", "s1.zarr"], tmp_path).stdout)["rows"]
+    for a, b in zip(rows, serial):
+        assert a["P"] == b["P"] and a["counts"] == b["counts"]
+    two, one = tjac.open(str(tmp_path / "s2.zarr")), tjac.open(str(tmp_path / "s1.zarr"))
+    for r in rows:
+        x, y = two.run(r["run"]), one.run(r["run"])
+        np.testing.assert_array_equal(x.sigma("all"), y.sigma("all"))
+        np.testing.assert_array_equal(x.thetaT(), y.thetaT())
+    # rank 1 computed mlp-w5 in a temporary store of its own, gone now
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("tjac-sweep")]
+
+
+def test_export_and_import_of_a_run_round_trips_every_array_and_attribute(tmp_path):
+    from tjac import runner
+
+    runner.run_analysis(tjac.Recipe.paper(width=4, epochs=1, n_train=64), str(tmp_path / "a.zarr"),
+                        k_top=2, k_bottom=2, method="dense", run_id="r", group=None)
+    man, data = store.export_run(store.open_read(str(tmp_path / "a.zarr")), "r")
+    json.dumps(man)  # plain JSON: nothing to unpickle on the receiving side
+    with store.Writer(str(tmp_path / "b.zarr")) as w:
+        w.import_run("r", man, data)
+    man2, data2 = store.export_run(store.open_read(str(tmp_path / "b.zarr")), "r")
+    assert man2 == man and all(np.array_equal(x, y) for x, y in zip(data, data2))
+    bad = dict(man, arrays=[dict(man["arrays"][0], path="../../escape")] + man["arrays"][1:])
+    with store.Writer(str(tmp_path / "b.zarr")) as w, pytest.raises(store.StoreError,
+                                                                    match="not a store path"):
+        w.import_run("r2", bad, data)
+    assert not (tmp_path / "escape").exists()
+
+
+FAILS = textwrap.dedent("""
+    import sys, torch, tjac
+    from tjac import distributed as td
+    torch.set_num_threads(1)
+    g = td.init(required=True, timeout_s=60)
+    op = tjac.TrainingJacobian(tjac.Recipe.paper(width=4, epochs=1, n_train=64), backend="fused")
+    if g.rank == 0:
+        real = op._jvp_block
+        def broken(V):  # rank 0's own slice fails while rank 1 replays its own
+            raise FloatingPointError("injected on rank 0")
+        op._jvp_block = broken
+    try:
+        td.drive(op, lambda J: J.matmat(torch.ones(J.shape[0], 4, dtype=torch.float64)), g)
+    except Exception as e:
+        print(type(e).__name__, e, file=sys.stderr)
+        sys.exit(3)
+""")
+
+
+def test_a_failure_inside_a_block_stops_every_rank_at_once(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text(FAILS)
+    t = time.time()
+    got = _finish(_start([[sys.executable, str(script)]] * 2, tmp_path), timeout=120)
+    assert time.time() - t < 50  # not the 60-s process-group timeout: rank 0 drains, then aborts
+    assert [g[0] for g in got] == [3, 3], [g[2] for g in got]
+    assert "FloatingPointError injected on rank 0" in got[0][2]
+    assert "rank 0 stopped the job" in got[1][2] and "injected on rank 0" in got[1][2]
