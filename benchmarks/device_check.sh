@@ -17,10 +17,13 @@
 #   2. top-16 of the P = 1.1e6 MLP (64-1024-1024-10, the paper's schedule)  -> scale-top16-cuda.json
 #   3. the operator benchmark on CUDA (eager and fused)                      -> operator-cuda.json
 #   4. `tjac run` of the paper recipe on CUDA (all 4,810 sigma)              -> run-paper.log
-# Limits: TEST_LIMIT, SCALE_LIMIT, OP_LIMIT, RUN_LIMIT (seconds; defaults 90/240/140/80 fit one
-# 590-s call; the 1e6 target itself allows 600 s, so give it a call of its own if 240 s is short).
+#   5. column-parallel products (tjac.distributed): block-32 J V and top-16 on 1 process against
+#      --world ranks, the same benchmark as on the CPU                        -> distributed-cuda.json
+# Limits: TEST_LIMIT, SCALE_LIMIT, OP_LIMIT, RUN_LIMIT, DIST_LIMIT (seconds; defaults
+# 90/140/140/80/100 = 550 s fit one 590-s call; the 1e6 target itself allows 600 s: where 140 s
+# is short, give stage 2 a call of its own with SCALE_LIMIT=560).
 # Dry run on this CPU: DEVICE=cpu SCALE_SIZES=1e3 OP_ARGS=--quick RUN_ARGS="--epochs 2" \
-#   OUT=/tmp/dc bash benchmarks/device_check.sh
+#   DIST_ARGS=--quick OUT=/tmp/dc bash benchmarks/device_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/tjac-device-check}
 DEV=${DEVICE:-cuda}
@@ -50,11 +53,20 @@ import tjac, zarr
 print("tjac", tjac.__version__, "zarr", zarr.__version__)
 PY
 stage test-cuda ${TEST_LIMIT:-90} python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-stage scale ${SCALE_LIMIT:-240} python3 benchmarks/bench_scale.py --device "$DEV" --sizes "${SCALE_SIZES:-1e6}" \
+stage scale ${SCALE_LIMIT:-140} python3 benchmarks/bench_scale.py --device "$DEV" --sizes "${SCALE_SIZES:-1e6}" \
   --out "$OUT/scale-top16-$DEV.json"
 stage operator ${OP_LIMIT:-140} python3 benchmarks/bench_operator.py --device "$DEV" \
   ${OP_ARGS:---backends eager,fused} --out "$OUT/operator-$DEV.json"
 stage run-paper ${RUN_LIMIT:-80} python3 -m tjac run --device "$DEV" ${RUN_ARGS:-} --store "$OUT/paper-$DEV.zarr" \
   --png none
 rm -rf "$OUT/paper-$DEV.zarr"  # a folder tree: only the log comes back
+# Stage 5 is untested on a GPU (only its CPU form, `--device cpu --quick`, has run). The machine
+# has one GPU: NCCL refuses two ranks on one device, so `--dist-backend auto` gives the ranks gloo
+# and both replay on cuda:0, each slice crossing through host memory — it measures whether two
+# processes overlap on one GPU (the paper's MLP is launch-bound there), not NVLink. On a node with
+# a GPU per rank `auto` picks NCCL. The script starts its own ranks (no torchrun needed).
+if [ "${DIST_LIMIT:-100}" -gt 0 ]; then
+  stage distributed ${DIST_LIMIT:-100} python3 benchmarks/bench_distributed.py --device "$DEV" \
+    ${DIST_ARGS:---world 2 --repeats 5 --svd-repeats 1} --out "$OUT/distributed-$DEV.json"
+fi
 cat "$OUT/stages.log"
