@@ -272,3 +272,51 @@ def test_a_failure_inside_a_block_stops_every_rank_at_once(tmp_path):
     assert [g[0] for g in got] == [3, 3], [g[2] for g in got]
     assert "FloatingPointError injected on rank 0" in got[0][2]
     assert "rank 0 stopped the job" in got[1][2] and "injected on rank 0" in got[1][2]
+
+
+def _pid_of_rank(rank, marker):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and marker.encode() in cmd \
+                and any(e.startswith(b"TORCHELASTIC_RUN_ID=") for e in env):
+            return int(pid)
+    return None
+
+
+def test_torchrun_max_restarts_with_resume_finishes_a_run_whose_rank_died(tmp_path):
+    args = ["--width", "16", "--epochs", "3", "--n-train", "512", "--k-top", "24",
+            "--k-bottom", "0", "--method", "lanczos", "--block", "4", "--backend", "fused",
+            "--png", "none", "--run-id", "k", "-q"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--max-restarts", "1", "--master-port", str(_port()), "-m", "tjac", "run"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(launcher + args + ["--store", "mr.zarr", "--resume"], cwd=tmp_path,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "mr.zarr/runs/k/state/top/zarr.json"
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 240 and p.poll() is None:
+            try:
+                if json.loads(state.read_text()).get("attributes", {}).get("step", 0) >= 2:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        victim = _pid_of_rank(1, "mr.zarr")
+        assert victim is not None and p.poll() is None, "the solve ended before the kill"
+        os.kill(victim, signal.SIGKILL)
+        _, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err[-3000:]
+    assert "rank 1 of 2 failed during" in err  # the first attempt's rank 0, before the restart
+    _serial(["run", *args, "--store", "ref.zarr"], tmp_path)
+    got = tjac.open(str(tmp_path / "mr.zarr")).run("k")
+    assert got.attrs["status"] == "complete"
+    np.testing.assert_array_equal(got.top().sigma,
+                                  tjac.open(str(tmp_path / "ref.zarr")).run("k").top().sigma)
