@@ -291,8 +291,11 @@ def test_torchrun_max_restarts_with_resume_finishes_a_run_whose_rank_died(tmp_pa
     args = ["--width", "16", "--epochs", "3", "--n-train", "512", "--k-top", "24",
             "--k-bottom", "0", "--method", "lanczos", "--block", "4", "--backend", "fused",
             "--png", "none", "--run-id", "k", "-q"]
+    # the c10d rendezvous: each restart is a new round with fresh keys (with the static one, a
+    # restarted rank could read the dead rank's address from the last round, seen under load)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--max-restarts", "1", "--master-port", str(_port()), "-m", "tjac", "run"]
+                "--max-restarts", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{_port()}", "-m", "tjac", "run"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen(launcher + args + ["--store", "mr.zarr", "--resume"], cwd=tmp_path,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -55,7 +55,8 @@ def _distributed_args(p) -> None:
     d.add_argument("--dist-backend", choices=["auto", "gloo", "nccl"], default="auto",
                    help="process-group backend (auto: nccl with CUDA, else gloo)")
     d.add_argument("--dist-timeout", type=_positive_float, default=1800.0, metavar="SECONDS",
-                   help="how long to wait for the rendezvous and for each message (default 1800)")
+                   help="how long to wait for the rendezvous (default 1800; once joined, a "
+                   "message waits as long as the work before it)")
 
 
 def _group(a):

@@ -91,6 +91,7 @@ class Group:
         self.seconds_waiting = 0.0
         self.blocks = 0
         self.dead: set[int] = set()  # ranks whose connection failed (never messaged again)
+        self.released: set[int] = set()  # workers sent STOP or ABORT (never messaged again)
 
     @property
     def is_driver(self) -> bool:
@@ -98,6 +99,11 @@ class Group:
 
     def describe(self) -> dict:
         return {"world_size": self.world_size, "backend": self.backend}
+
+    def traffic(self) -> dict:
+        """Counters of the products spread so far (subtract two of these for one job's share)."""
+        return {"bytes_moved": self.bytes_moved, "blocks": self.blocks,
+                "seconds_waiting": self.seconds_waiting}
 
     def __repr__(self) -> str:
         return f"Group(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r})"
@@ -156,12 +162,17 @@ class Group:
                 return False
             self._send(mine, 0, f"the {stage} check")
             return self._expect(GO, f"the {stage} check")
+        self.released.clear()  # every check opens a new phase: the workers listen again
         bad = []
-        for r in self.alive():
-            self._header(r, CHECK, what=f"the {stage} check")
-            got = self._recv((32,), torch.uint8, r, f"the {stage} check").cpu()
-            if not torch.equal(got, mine):
-                bad.append(r)
+        try:
+            for r in self.alive():
+                self._header(r, CHECK, what=f"the {stage} check")
+                got = self._recv((32,), torch.uint8, r, f"the {stage} check").cpu()
+                if not torch.equal(got, mine):
+                    bad.append(r)
+        except RankFailedError as e:  # a rank died: the others hear why
+            self.abort(str(e))
+            raise
         if bad:
             names = ", ".join(map(str, bad))
             msg = (f"rank{'s' if len(bad) > 1 else ''} {names} of {self.world_size} "
@@ -188,8 +199,9 @@ class Group:
                               f"{what}")
 
     def alive(self) -> list[int]:
-        """The workers not known to be dead."""
-        return [r for r in range(1, self.world_size) if r not in self.dead]
+        """The workers neither dead nor released."""
+        return [r for r in range(1, self.world_size)
+                if r not in self.dead and r not in self.released]
 
     def _abort_error(self, n: int) -> Exception:
         body = json.loads(self._recv_bytes(0, n, "rank 0's error").decode())
@@ -200,6 +212,7 @@ class Group:
         """Rank 0: tell every worker the job failed (best effort; dead ranks are skipped)."""
         payload = json.dumps({"kind": kind, "message": str(message)}).encode()
         for r in self.alive():
+            self.released.add(r)
             try:
                 self._header(r, ABORT, len(payload))
                 self._send_bytes(r, payload, "the error message")
@@ -209,6 +222,7 @@ class Group:
     def stop(self) -> None:
         """Rank 0: release every worker (they return from :func:`serve`)."""
         for r in self.alive():
+            self.released.add(r)
             try:
                 self._header(r, STOP)
             except RankFailedError:
@@ -239,11 +253,10 @@ class Group:
         self._send(torch.tensor([len(raw)], dtype=torch.int64), dst, what)
         self._send_bytes(dst, raw, what)
 
-    def recv_array(self, src: int, dtype, shape, what: str = "an array"):
-        import numpy as np
-
+    def recv_raw(self, src: int, what: str = "an array") -> bytes:
+        """The bytes :meth:`send_array` sent (length first)."""
         n = int(self._recv((1,), torch.int64, src, what).cpu()[0])
-        return np.frombuffer(self._recv_bytes(src, n, what), dtype=np.dtype(dtype)).reshape(shape)
+        return self._recv_bytes(src, n, what)
 
     # -- products ---------------------------------------------------------------------------------
     def split(self, k: int) -> list[int]:
@@ -263,15 +276,15 @@ class Group:
         for r in range(1, self.world_size):
             if not sizes[r]:
                 continue
-            blk = X[:, starts[r]:starts[r] + sizes[r]].T.contiguous().to(self.comm_device)
             try:
+                blk = X[:, starts[r]:starts[r] + sizes[r]].T.contiguous().to(self.comm_device)
                 self._header(r, kind, sizes[r], what)
-                pending.append((r, dist.isend(blk, r), blk))
-            except RankFailedError as e:
-                failure = failure or e
-                break
-            except RuntimeError as e:
-                failure = failure or self._lost(r, what, e)
+                try:
+                    pending.append((r, dist.isend(blk, r), blk))
+                except RuntimeError as e:
+                    raise self._lost(r, what, e) from None
+            except BaseException as e:  # noqa: BLE001 - raised below, once every answer is in
+                failure = e
                 break
         out = [None] * self.world_size
         try:
@@ -282,17 +295,19 @@ class Group:
         t = time.perf_counter()
         for r, h, _ in pending:  # every answer asked for is collected, whatever failed
             try:
-                h.wait()
+                try:
+                    h.wait()
+                except RuntimeError as e:
+                    raise self._lost(r, what, e) from None
                 status, n = (int(x) for x in self._recv((2,), torch.int64, r, what).cpu())
                 if status:
                     msg = self._recv_bytes(r, n, what).decode(errors="replace")
                     raise RankFailedError(f"rank {r} of {self.world_size} failed during {what}: "
                                           f"{msg}")
-                out[r] = self._recv((sizes[r], P), X.dtype, r, what).to(X.device).T
-            except RankFailedError as e:
+                got = self._recv((sizes[r], P), X.dtype, r, what)
+                out[r] = got.to(X.device).T
+            except BaseException as e:  # noqa: BLE001 - the first failure wins, the rest drain
                 failure = failure or e
-            except RuntimeError as e:
-                failure = failure or self._lost(r, what, e)
         if failure is not None:
             raise failure
         self.seconds_waiting += time.perf_counter() - t
@@ -347,6 +362,9 @@ def current() -> Group | None:
     return _CURRENT
 
 
+OP_TIMEOUT = datetime.timedelta(days=7)  # a message may wait for a whole share of a sweep
+
+
 def init(backend: str = "auto", *, timeout_s: float = 1800.0, required: bool = False) -> Group | None:
     """Join the process group torchrun describes in the environment (``RANK``, ``WORLD_SIZE``,
     ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), or use the one already initialised.
@@ -354,7 +372,11 @@ def init(backend: str = "auto", *, timeout_s: float = 1800.0, required: bool = F
     Outside a launcher returns None (nothing changes), or with ``required`` raises
     :class:`DistributedSetupError`. ``backend``: ``auto`` is NCCL when this machine has CUDA, else
     gloo. Under NCCL each rank takes GPU ``LOCAL_RANK`` (give the recipe ``device='cuda'``).
-    A rendezvous that cannot be reached within ``timeout_s`` raises one clear error."""
+    A rendezvous that cannot be reached within ``timeout_s`` raises one clear error. Once joined,
+    a message may wait as long as the work before it takes (``OP_TIMEOUT``, 7 days: a worker of a
+    sweep waits for rank 0's whole share): under gloo a rank that dies is noticed at once by its
+    closed connection, not by a timeout; NCCL's point-to-point calls do not notice a dead peer,
+    and there torchrun's agent, which watches every rank, ends the job."""
     import torch.distributed as dist
 
     if backend not in ("auto", "gloo", "nccl"):
@@ -376,8 +398,10 @@ def init(backend: str = "auto", *, timeout_s: float = 1800.0, required: bool = F
         local = int(os.environ.get("LOCAL_RANK", 0))
     except ValueError:
         raise DistributedSetupError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
-    if backend == "auto":  # NCCL when this rank has a GPU of its own
-        backend = "nccl" if torch.cuda.is_available() and local < torch.cuda.device_count() \
+    if backend == "auto":  # NCCL when every rank of this node has a GPU of its own (the same
+        # answer on every rank of a node: ranks that pick different backends could never meet)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        backend = "nccl" if torch.cuda.is_available() and per_node <= torch.cuda.device_count() \
             else "gloo"
     if backend == "nccl":
         if not torch.cuda.is_available():
@@ -390,8 +414,9 @@ def init(backend: str = "auto", *, timeout_s: float = 1800.0, required: bool = F
     if rank != 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         _reach(where, rank, world, backend, timeout_s)  # a clear line instead of c10d's dumps
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        op_timeout = max(OP_TIMEOUT, datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=op_timeout,
+                                store=_store(rank, world, timeout_s))
     except Exception as e:  # noqa: BLE001 - the store's connect/timeout errors vary by version
         raise DistributedSetupError(
             f"rank {rank} of {world} could not join the process group at {where} ({backend}, "
@@ -401,6 +426,22 @@ def init(backend: str = "auto", *, timeout_s: float = 1800.0, required: bool = F
     global _CURRENT
     _CURRENT = Group(rank, world, backend, local_rank=local, owned=True)
     return _CURRENT
+
+
+def _store(rank: int, world: int, timeout_s: float):
+    """The rendezvous store, under torchrun with keys of this restart only (torchrun may reuse one
+    store across ``--max-restarts``: seen here, a restarted rank 0 read the dead rank's address
+    from the last attempt and failed to join), else None (``env://``)."""
+    import torch.distributed as dist
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent hosts it
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=(not agent) and rank == 0,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"tjac/attempt_{attempt}", base)
 
 
 def _reach(where: str, rank: int, world: int, backend: str, timeout_s: float) -> None:

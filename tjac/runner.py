@@ -73,7 +73,7 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
                  tol: float | None = None, method: str = "auto", run_id: str | None = None,
                  resume: bool = False, overwrite: bool = False, checkpoint="all", argv=None,
                  progress=None, block: int | None = None, backend: str = "auto",
-                 group="auto") -> RunOutcome | None:
+                 group=None) -> RunOutcome | None:
     """Run the analysis of ``recipe`` into ``store_path`` (see module doc).
 
     ``backend`` (see :mod:`tjac.replay`): ``auto`` measures the candidates with
@@ -88,14 +88,14 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
     temporary directory beside the store (:mod:`tjac.linalg.spill`; that solve does not
     checkpoint: a killed run restarts it).
 
-    Under a process group (``torchrun``: ``group='auto'`` finds it, :func:`tjac.distributed.current`;
-    a :class:`tjac.distributed.Group`; None keeps this process alone) every
-    rank calls this with the same arguments: rank 0 trains, solves and writes the store with each
-    block's columns spread over the ranks; the other ranks train the same recipe, replay their
-    slices and return None. The ranks refuse to start when their arguments differ, or to go on
-    when their theta_0 or theta_T differ. The store never depends on the world size: a run
-    interrupted at any world size resumes at any other (1 included)."""
-    group = distributed.current() if isinstance(group, str) and group == "auto" else group
+    With ``group`` (a :class:`tjac.distributed.Group`, e.g. ``tjac.distributed.init()`` under
+    torchrun; None, the default, keeps this process alone) every rank calls this with the same
+    arguments: rank 0 trains, solves and writes the store with each block's columns spread over
+    the ranks; the other ranks train the same recipe, replay their slices and return None. The
+    ranks refuse to start when their arguments differ, or to go on when their theta_0 or theta_T
+    differ. What a run stores and resumes from does not depend on the world size (only the
+    provenance and the summary record it): a run interrupted at any world size resumes at any
+    other, 1 included."""
     kw = dict(k_top=k_top, k_bottom=k_bottom, tol=tol, method=method, run_id=run_id,
               resume=resume, overwrite=overwrite, checkpoint=checkpoint, argv=argv,
               progress=progress, block=block, backend=backend)
@@ -105,8 +105,13 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
         raise ValueError(f"--block {block} is narrower than the world size {group.world_size}: "
                          f"some ranks would have no columns; use --block >= {group.world_size} "
                          f"or fewer ranks")
-    problem = Problem(recipe)  # the same validation on every rank before any message
-    replay.resolve(problem, backend)
+    try:  # the same validation on every rank before any message
+        problem = Problem(recipe)
+        replay.resolve(problem, backend)
+    except BaseException as e:
+        if group.is_driver:  # (a worker that fails here exits; rank 0's check names it)
+            group.abort(str(e) or type(e).__name__, kind=_abort_kind(e))
+        raise
     group.agree({"recipe": recipe.to_json(), "k_top": k_top, "k_bottom": k_bottom, "tol": tol,
                  "method": method, "run_id": run_id, "resume": resume, "overwrite": overwrite,
                  "checkpoint": str(checkpoint), "block": block, "backend": backend}, "arguments")
@@ -168,6 +173,7 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
                 raise store.StoreError(f"run {run_id!r} in {store_path!r} is incomplete; pass "
                                        f"--resume to continue it or --overwrite to restart it")
         t0 = time.perf_counter()
+        traffic0 = group.traffic() if group is not None else {}
         op = TrainingJacobian(problem, checkpoint=checkpoint, backend=backend)
         op.distribute(group)  # (under a process group: the ranks compare theta_0 and theta_T)
         try:
@@ -245,11 +251,12 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
         summary = _summarize(run, run_id, op, check, time.perf_counter() - t0, tol)
         summary["products"] = products()
         summary["products_total"] = sum(summary["products"].values())
-        summary["replays"] = prior_replays + op.num_replays  # passes over training (solves only)
+        # passes over training by the solves (under a process group: rank 0's, each over its
+        # slice of a block; every other rank makes as many over its own slice)
+        summary["replays"] = prior_replays + op.num_replays
         summary["backend"], summary["block"] = op.backend, op.block_size
         summary["distributed"] = {"world_size": 1, "backend": None} if group is None else dict(
-            group.describe(), bytes_moved=group.bytes_moved, blocks=group.blocks,
-            seconds_waiting=group.seconds_waiting)
+            group.describe(), **{k: v - traffic0[k] for k, v in group.traffic().items()})
         w.finish(run, summary)
         return RunOutcome(run_id=run_id, store=store_path, summary=summary)
 

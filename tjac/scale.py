@@ -12,6 +12,7 @@ over every seed's point), and plotted.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -82,7 +83,10 @@ def _sweep_distributed(recipes, store_path, group, log, opts) -> list[dict]:
         if not group._expect(distributed.WORK, "the sweep's assignment"):
             return []
         mine = group.recv_json(0, "the sweep's assignment")
-        tmp = tempfile.mkdtemp(prefix=f"tjac-sweep-rank{group.rank}-")
+        here = os.path.dirname(os.path.abspath(store_path))  # beside the store where this node
+        # has its folder (room like the store's), else the temporary directory
+        tmp = tempfile.mkdtemp(prefix=f"tjac-sweep-rank{group.rank}-",
+                               dir=here if os.access(here, os.W_OK) else None)
         try:
             path, done, error = f"{tmp}/runs.zarr", {}, None
             for i in mine:
@@ -137,8 +141,17 @@ def _sweep_distributed(recipes, store_path, group, log, opts) -> list[dict]:
                     raise distributed.RankFailedError(f"rank {r} of {group.world_size} failed on "
                                                       f"run {run_id}: {got.get('error')}")
                 manifest = got["manifest"]
-                data = [group.recv_array(r, m["dtype"], m["shape"], f"run {run_id}")
-                        for m in manifest["arrays"]]
+                data, bad = [], None
+                for m in manifest["arrays"]:  # every array is received before any is checked
+                    raw = group.recv_raw(r, f"run {run_id}")
+                    try:
+                        data.append(np.frombuffer(raw, dtype=np.dtype(m["dtype"]))
+                                    .reshape(m["shape"]))
+                    except (TypeError, ValueError, KeyError) as e:
+                        bad = bad or e
+                if bad is not None:
+                    raise distributed.RankFailedError(f"rank {r} sent a malformed run {run_id}: "
+                                                      f"{bad}")
                 with store.Writer(store_path) as w:
                     w.import_run(run_id, manifest, data)
                 rows[i] = got["row"]

@@ -409,7 +409,8 @@ class Writer:
         zarr.consolidate_metadata(self.path)
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"^(?!zarr\.json$)(?!__)[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # no zarr
+# metadata file and no zarr-reserved "__" name: a group or array name, nothing else
 
 
 def export_run(root, run_id: str) -> tuple[dict, list]:
