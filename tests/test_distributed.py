@@ -131,20 +131,29 @@ def test_a_dense_run_over_two_ranks_stores_the_serial_spectrum(tmp_path):
     assert summ["world_size"] == 2 and summ["bytes_moved"] > 0 and summ["blocks"] >= 1
 
 
-def test_a_rank_killed_mid_solve_fails_the_job_by_name_and_resumes_on_one_process(tmp_path):
-    args = ["--width", "16", "--epochs", "3", "--n-train", "512", "--k-top", "24",
-            "--k-bottom", "0", "--method", "lanczos", "--block", "4", "--backend", "fused",
-            "--png", "none", "--run-id", "k"]
-    procs = _start([_tjac("run", *args, "--store", "k.zarr")] * 2, tmp_path)
-    state = tmp_path / "k.zarr/runs/k/state/top/zarr.json"
+# a top solve long enough (~5 s) to kill a rank in the middle of it
+LONG = ["--width", "16", "--epochs", "3", "--n-train", "512", "--k-top", "24", "--k-bottom", "0",
+        "--method", "lanczos", "--block", "4", "--backend", "fused", "--png", "none",
+        "--run-id", "k"]
+
+
+def _wait_for_lanczos_step(store_path, proc, step=2, limit=240):
+    """Until the run's Lanczos checkpoint holds ``step`` steps (or ``proc`` ends)."""
+    state = store_path / "runs/k/state/top/zarr.json"
     t0 = time.time()
-    while time.time() - t0 < 240 and procs[0].poll() is None:
+    while time.time() - t0 < limit and proc.poll() is None:
         try:
-            if json.loads(state.read_text()).get("attributes", {}).get("step", 0) >= 2:
-                break
+            if json.loads(state.read_text()).get("attributes", {}).get("step", 0) >= step:
+                return
         except (OSError, ValueError):
             pass
         time.sleep(0.05)
+
+
+def test_a_rank_killed_mid_solve_fails_the_job_by_name_and_resumes_on_one_process(tmp_path):
+    args = LONG
+    procs = _start([_tjac("run", *args, "--store", "k.zarr")] * 2, tmp_path)
+    _wait_for_lanczos_step(tmp_path / "k.zarr", procs[0])
     assert procs[0].poll() is None, "the solve ended before a rank could be killed"
     procs[1].send_signal(signal.SIGKILL)
     (rc0, _, err0), (rc1, _, _) = _finish(procs)
@@ -288,9 +297,7 @@ def _pid_of_rank(rank, marker):
 
 
 def test_torchrun_max_restarts_with_resume_finishes_a_run_whose_rank_died(tmp_path):
-    args = ["--width", "16", "--epochs", "3", "--n-train", "512", "--k-top", "24",
-            "--k-bottom", "0", "--method", "lanczos", "--block", "4", "--backend", "fused",
-            "--png", "none", "--run-id", "k", "-q"]
+    args = LONG + ["-q"]
     # the c10d rendezvous: each restart is a new round with fresh keys (with the static one, a
     # restarted rank could read the dead rank's address from the last round, seen under load)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -299,16 +306,8 @@ def test_torchrun_max_restarts_with_resume_finishes_a_run_whose_rank_died(tmp_pa
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen(launcher + args + ["--store", "mr.zarr", "--resume"], cwd=tmp_path,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    state = tmp_path / "mr.zarr/runs/k/state/top/zarr.json"
     try:
-        t0 = time.time()
-        while time.time() - t0 < 240 and p.poll() is None:
-            try:
-                if json.loads(state.read_text()).get("attributes", {}).get("step", 0) >= 2:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
+        _wait_for_lanczos_step(tmp_path / "mr.zarr", p)
         victim = _pid_of_rank(1, "mr.zarr")
         assert victim is not None and p.poll() is None, "the solve ended before the kill"
         os.kill(victim, signal.SIGKILL)
