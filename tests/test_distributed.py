@@ -316,7 +316,9 @@ def test_torchrun_max_restarts_with_resume_finishes_a_run_whose_rank_died(tmp_pa
         if p.poll() is None:
             p.kill()
     assert p.returncode == 0, err[-3000:]
-    assert "rank 1 of 2 failed during" in err  # the first attempt's rank 0, before the restart
+    # torchrun saw rank 1 die and restarted both (rank 0 may be stopped by the agent before it
+    # notices the loss itself, so its own message is not asserted here: see the test above)
+    assert "exitcode: -9" in err and "local_rank: 1" in err
     _serial(["run", *args, "--store", "ref.zarr"], tmp_path)
     got = tjac.open(str(tmp_path / "mr.zarr")).run("k")
     assert got.attrs["status"] == "complete"
