@@ -53,7 +53,8 @@ def _distributed_args(p) -> None:
                    help="require a process group (launched by torchrun); without the flag one "
                    "is joined whenever torchrun's RANK/WORLD_SIZE are set")
     d.add_argument("--dist-backend", choices=["auto", "gloo", "nccl"], default="auto",
-                   help="process-group backend (auto: nccl with CUDA, else gloo)")
+                   help="process-group backend (auto: nccl when every rank of the node has a GPU "
+                   "of its own, else gloo)")
     d.add_argument("--dist-timeout", type=_positive_float, default=1800.0, metavar="SECONDS",
                    help="how long to wait for the rendezvous (default 1800; once joined, a "
                    "message waits as long as the work before it)")
