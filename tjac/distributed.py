@@ -219,6 +219,13 @@ class Group:
             except RankFailedError:
                 pass
 
+    def fail(self, e: BaseException) -> None:
+        """Rank 0 failed with ``e``: abort every worker with its message, of the kind that makes
+        them exit as rank 0 does (bad input 2; ranks that disagree or a failure 1)."""
+        kind = ("disagree" if isinstance(e, RanksDisagreeError) else
+                "setup" if isinstance(e, (ValueError, MemoryError)) else "failed")
+        self.abort(str(e) or type(e).__name__, kind=kind)
+
     def stop(self) -> None:
         """Rank 0: release every worker (they return from :func:`serve`)."""
         for r in self.alive():
@@ -494,7 +501,7 @@ def drive(op, fn, group: Group | None = None):
     try:
         out = fn(op)
     except BaseException as e:
-        group.abort(f"{type(e).__name__}: {_first_line(e)}")
+        group.fail(e)
         raise
     finally:
         op.distribute(None)

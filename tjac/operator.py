@@ -166,11 +166,10 @@ class TrainingJacobian:
         return out
 
     def _products(self, X, kind):
-        group = getattr(self, "_group", None)
-        if group is not None and X.shape[1] > 1:
+        if self._group is not None and X.shape[1] > 1:
             from .distributed import JVP, VJP
 
-            return group.products(lambda Y: self.local_products(Y, kind), X,
+            return self._group.products(lambda Y: self.local_products(Y, kind), X,
                                   JVP if kind == "jvp" else VJP)
         return self.local_products(X, kind)
 
@@ -193,8 +192,8 @@ class TrainingJacobian:
         if group is None or group.world_size == 1:
             self._group = None
             return True
-        ok = group.agree({"theta0": _sha(self.trajectory.theta0),
-                          "thetaT": _sha(self.trajectory.thetaT), "P": self.shape[0],
+        ok = group.agree({"theta0": theta_sha256(self.trajectory.theta0),
+                          "thetaT": theta_sha256(self.trajectory.thetaT), "P": self.shape[0],
                           "dtype": str(self.dtype)}, "training (theta_0 or theta_T differ)",
                          kind="disagree")
         self._group = group if group.is_driver else None
@@ -224,9 +223,8 @@ class TrainingJacobian:
         check_fits(self.problem, checkpoint=self.trajectory.policy, block=int(tuned["block"]))
         self.block_size = int(tuned["block"])
         self.backend = tuned.get("backend", "auto")
-        group = getattr(self, "_group", None)
-        if group is not None:  # every rank replays with the same arithmetic
-            group.tune({"backend": self.backend, "block": self.block_size})
+        if self._group is not None:  # every rank replays with the same arithmetic
+            self._group.tune({"backend": self.backend, "block": self.block_size})
 
     @property
     def backend(self) -> str:
@@ -322,10 +320,11 @@ class TrainingJacobian:
         return CheckReport(True, True, rel, diff)
 
 
-def _sha(t: torch.Tensor) -> str:
+def theta_sha256(theta: torch.Tensor) -> str:
+    """SHA-256 of a parameter vector's bytes (provenance, resume and rank checks)."""
     import hashlib
 
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(theta.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _col(v):

@@ -18,14 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import hashlib
-
 from . import __version__, distributed, query, replay, store
 from .analysis import structural_ones
 from .checkpoint import LanczosCheckpoint
 from .linalg import Progress, default_tol, plan_solve, small_svd, svd
 from .linalg.plan import HEADROOM
-from .operator import TrainingJacobian
+from .operator import TrainingJacobian, theta_sha256
 from .recipe import Recipe
 from .problem import Problem
 
@@ -37,10 +35,6 @@ class RunOutcome:
     run_id: str
     store: str
     summary: dict
-
-
-def theta_sha256(theta: torch.Tensor) -> str:
-    return hashlib.sha256(theta.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def provenance(recipe: Recipe, op: TrainingJacobian, argv=None) -> dict:
@@ -110,7 +104,7 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
         replay.resolve(problem, backend)
     except BaseException as e:
         if group.is_driver:  # (a worker that fails here exits; rank 0's check names it)
-            group.abort(str(e) or type(e).__name__, kind=_abort_kind(e))
+            group.fail(e)
         raise
     group.agree({"recipe": recipe.to_json(), "k_top": k_top, "k_bottom": k_bottom, "tol": tol,
                  "method": method, "run_id": run_id, "resume": resume, "overwrite": overwrite,
@@ -123,18 +117,10 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
     try:
         out = _run_analysis(recipe, store_path, group=group, problem=problem, **kw)
     except BaseException as e:
-        group.abort(str(e) or type(e).__name__, kind=_abort_kind(e))
+        group.fail(e)
         raise
     group.stop()
     return out
-
-
-def _abort_kind(e: BaseException) -> str:
-    if isinstance(e, distributed.RanksDisagreeError):
-        return "disagree"
-    if isinstance(e, (ValueError, MemoryError)):
-        return "setup"  # bad input on rank 0: the workers exit as it does (2)
-    return "failed"
 
 
 def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, method, run_id,

@@ -157,8 +157,7 @@ def _sweep_distributed(recipes, store_path, group, log, opts) -> list[dict]:
                 rows[i] = got["row"]
                 log(format_row(rows[i], eps))
     except BaseException as e:
-        group.abort(str(e) or type(e).__name__,
-                    kind="setup" if isinstance(e, ValueError) else "failed")
+        group.fail(e)
         raise
     group.stop()
     return [rows[i] for i in range(len(recipes))]
