@@ -70,7 +70,8 @@ def one(width: int, k: int, method: str, block: int | None, spill_memory: int = 
             "max_certificate_rel": float(cert.max()), "sigma": [float(s) for s in r.S],
             "sigma_max": r.norm_estimate, "plan": r.plan,
             "seconds_per_product": seconds / max(r.num_matvecs + r.num_rmatvecs, 1),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            **({"dense_bottom": last} if r.plan.get("bottom_only") else {})}
 
 
 def main():

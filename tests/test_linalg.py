@@ -115,9 +115,11 @@ def test_auto_picks_dense_for_bottom_of_small_and_randomized_for_top():
     assert choose_method(9610, 32, "bottom", available_bytes=24 * 2**30) == "dense"
     from tjac.linalg import plan_solve
 
-    assert not plan_solve(9610, 32, "bottom", available_bytes=5 * 2**30, disk_bytes=2**29).fits
+    # J fits but not its full SVD: the bottom from J's QR (tests/test_dense_bottom.py)
+    assert plan_solve(9610, 32, "bottom", available_bytes=5 * 2**30).bottom_only
+    assert not plan_solve(40_000, 32, "bottom", available_bytes=5 * 2**30, disk_bytes=2**29).fits
     # with room on disk, the basis spills (tests/test_spill.py)
-    assert plan_solve(9610, 32, "bottom", available_bytes=5 * 2**30, disk_bytes=2**36).spill
+    assert plan_solve(40_000, 32, "bottom", available_bytes=5 * 2**30, disk_bytes=2**37).spill
 
 
 def test_plan_states_products_memory_and_time_and_refuses_what_cannot_fit(synth, monkeypatch):
@@ -127,8 +129,8 @@ def test_plan_states_products_memory_and_time_and_refuses_what_cannot_fit(synth,
     p = plan_solve(9610, 32, "bottom", available_bytes=24 * 2**30, seconds_per_product=0.01)
     assert p.method == "dense" and p.fits and p.estimate.products == 9610
     assert p.estimate.seconds == pytest.approx(96.1)
-    assert [a.method for a in p.alternatives] == ["lanczos"]
-    assert p.alternatives[0].products > p.estimate.products  # measured: 1.23 P for the bottom
+    assert [a.label() for a in p.alternatives] == ["dense (QR, bottom only)", "lanczos"]
+    assert all(a.products > p.estimate.products for a in p.alternatives)  # Lanczos: 1.23 P
     assert "dense, ~9,610 products" in p.describe() and "GiB" in p.describe()
     big = plan_solve(100_000, 32, "bottom", available_bytes=24 * 2**30, disk_bytes=50 * 2**30)
     assert not big.fits and big.reason == "nothing fits in memory"
@@ -137,8 +139,10 @@ def test_plan_states_products_memory_and_time_and_refuses_what_cannot_fit(synth,
     # svd refuses up front, with the estimate, before any product
     monkeypatch.setattr(_checks, "available_bytes", lambda device: 1_000_000)
     op = DenseOperator(synth[0])
-    with pytest.raises(MemoryError, match=r"bottom-6 of P = 400 does not fit: .*dense ~0.01 GiB, "
-                                          r"lanczos ~0.01 GiB; 0.00 GiB of memory available"):
+    with pytest.raises(MemoryError, match=r"bottom-6 of P = 400 does not fit: .*dense \(QR, "
+                                          r"bottom only\) ~0.00 GiB, dense ~0.01 GiB, lanczos "
+                                          r"~0.01 GiB, lanczos \(basis spilled to disk\) .*; "
+                                          r"0.00 GiB of memory available"):
         svd(op, 6, which="bottom")
     assert op.num_matvecs == 0
     r = svd(op, 3, which="top", method="randomized", tol=1e-6)  # 3 * 400 * 66 values fit in 1 MB?

@@ -113,6 +113,7 @@ def test_runner_spills_the_bottom_when_nothing_else_fits(tmp_path, monkeypatch, 
     from tjac import runner
 
     monkeypatch.setattr(plan_mod, "DENSE_FACTOR", 10**9)
+    monkeypatch.setattr(plan_mod, "DENSE_BOTTOM_FACTOR", 10**9)
     monkeypatch.setattr(plan_mod, "LANCZOS_BOTTOM_FACTOR", 10**9)
     caplog.set_level(logging.INFO)
     out = runner.run_analysis(tiny(), str(tmp_path / "r.zarr"), k_top=0, k_bottom=3)

@@ -8,6 +8,7 @@ import torch
 
 from tjac.linalg import DenseOperator, orthonormalize, plan_solve, svd
 from tjac.linalg import decomp
+from tjac.linalg import plan as plan_mod
 from tjac.linalg.banded import BandedB, bottom_triplets
 from tjac.linalg.lanczos import gkl
 from tjac.linalg.spill import DiskBasis, orthonormalize_streamed
@@ -160,33 +161,38 @@ def test_spilled_solve_refuses_a_checkpoint_and_a_restart(tmp_path):
     assert op.num_matvecs == 0
 
 
-def test_plan_spills_only_when_neither_dense_nor_the_ram_basis_fits(monkeypatch):
+def test_plan_spills_only_when_neither_dense_path_fits(monkeypatch):
     GiB = 2**30
-    # P = 19,210 (the paper's recipe at width 256) on a 24 GiB machine
+    # P = 19,210 (the paper's recipe at width 256) on a 24 GiB machine: J fits, its full SVD not
     p = plan_solve(19210, 16, "bottom", available_bytes=24 * GiB, disk_bytes=70 * GiB)
+    assert p.method == "dense" and p.bottom_only and not p.spill and p.fits
+    # P = 60,000: not even J (27 GiB) fits; the Lanczos basis goes to disk
+    p = plan_solve(60_000, 16, "bottom", available_bytes=24 * GiB, disk_bytes=200 * GiB)
     assert p.method == "lanczos" and p.spill and p.fits
-    assert [a.method for a in p.alternatives] == ["dense", "lanczos"]
-    assert all(a.bytes > 0.9 * 24 * GiB for a in p.alternatives)  # neither fits in RAM
-    assert p.estimate.bytes < 1 * GiB and 2 * GiB < p.estimate.disk_bytes < 8 * GiB
+    assert [a.label() for a in p.alternatives] == ["dense", "dense (QR, bottom only)", "lanczos"]
+    assert all(a.bytes > 0.9 * 24 * GiB for a in p.alternatives)  # none fits in RAM
+    assert p.estimate.bytes < 1 * GiB and 20 * GiB < p.estimate.disk_bytes < 100 * GiB
     assert "basis spilled to disk" in p.describe() and "GiB on disk" in p.describe()
     assert p.as_dict()["spill"] and p.as_dict()["expected_disk_bytes"] == p.estimate.disk_bytes
     # where the in-RAM paths fit, nothing changes
     assert not plan_solve(9610, 32, "bottom", available_bytes=24 * GiB, disk_bytes=70 * GiB).spill
     assert not plan_solve(19210, 16, "top", available_bytes=GiB // 4, disk_bytes=70 * GiB).spill
     # a full disk: nothing fits, and the refusal names each estimate
-    full = plan_solve(19210, 16, "bottom", available_bytes=24 * GiB, disk_bytes=GiB)
+    full = plan_solve(60_000, 16, "bottom", available_bytes=24 * GiB, disk_bytes=GiB)
     assert not full.fits and full.reason == "nothing fits in memory"
     assert "basis spilled to disk" in full.refusal() and "1.0 GiB free on disk" in full.refusal()
     # svd refuses before any product
     A, _, _, _ = operator(400)
     op = DenseOperator(A)
     monkeypatch.setattr(decomp, "_disk_free", lambda d: 1000)
+    monkeypatch.setattr(plan_mod, "DENSE_BOTTOM_FACTOR", 10**9)
     with pytest.raises(MemoryError, match=r"does not fit: .*lanczos \(basis spilled to disk\)"):
         svd(op, 8, which="bottom", max_memory=SPILL_BUDGET)
     assert op.num_matvecs == 0
 
 
-def test_auto_spills_the_bottom_under_a_tiny_budget(tmp_path):
+def test_auto_spills_the_bottom_under_a_tiny_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(plan_mod, "DENSE_BOTTOM_FACTOR", 10**9)  # (J itself does not fit either)
     A, s, _, _ = operator(400)
     r = svd(DenseOperator(A), 4, which="bottom", tol=1e-10, max_memory=SPILL_BUDGET,
             spill_dir=str(tmp_path))

@@ -21,7 +21,8 @@ import torch
 from . import __version__, distributed, query, replay, store
 from .analysis import structural_ones
 from .checkpoint import LanczosCheckpoint
-from .linalg import Progress, default_tol, plan_solve, small_svd, svd
+from .linalg import Progress, default_tol, fresh_residuals, plan_solve, small_svd, svd
+from .linalg.dense import dense_bottom
 from .linalg.plan import HEADROOM
 from .operator import TrainingJacobian, theta_sha256
 from .recipe import Recipe
@@ -188,7 +189,9 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
                                request=request)
         np_dtype = _to_np(op.theta0).dtype
         methods = {which: p.method for which, p in plans.items()}
-        if "dense" in methods.values():  # J is formed anyway: both ends come from it for free
+        # the full SVD does not fit: J's QR gives the bottom only, the top takes its own plan
+        bottom_only = "bottom" in plans and plans["bottom"].bottom_only
+        if "dense" in methods.values() and not bottom_only:  # J is formed: both ends for free
             methods = {which: "dense" for which in methods}
         ks = {"top": k_top, "bottom": k_bottom}
         prior = dict(run.attrs.get("products", {"matvecs": 0, "rmatvecs": 0}))
@@ -208,7 +211,13 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
                            converged=[bool(c) for c in r["conv"]])
             w.drop_state(run, which)
 
-        if "dense" in methods.values():
+        if bottom_only:
+            if not w.solve_committed(run, "bottom", k_bottom):
+                J = _dense_resumable(w, run, op, block=block or 128, progress=progress,
+                                     plan=plans["bottom"], host=True)
+                commit("bottom", _dense_bottom(op, J, k_bottom, tol))
+            w.drop_state(run, "dense")
+        elif "dense" in methods.values():
             todo = [which for which in methods if not w.solve_committed(run, which, ks[which])]
             if todo or not w.spectrum_committed(run):
                 J = _dense_resumable(w, run, op, block=block or 128, progress=progress,
@@ -346,9 +355,28 @@ def _residuals(J, U, S, V, block: int = 512) -> torch.Tensor:
     return torch.cat(out) if out else S.new_zeros((0, 2))
 
 
-def _dense_resumable(w, run, op, *, block: int = 128, progress=None, plan=None) -> torch.Tensor:
+def _dense_bottom(op, J: np.ndarray, k: int, tol: float) -> dict:
+    """The bottom k of the formed J (overwritten: :func:`tjac.linalg.dense.dense_bottom`),
+    certified by fresh products of ``op``."""
+    S, U, V, smax, info = dense_bottom(J, k, tol=tol, gen=torch.Generator().manual_seed(0))
+    del J
+    log.info("bottom-%d from J's QR: %d steps of inverse subspace iteration (block %d), "
+             "QR %.1f s, iteration %.1f s", k, info["steps"], info["block"],
+             info["factor_seconds"], info["iterate_seconds"])
+    back = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(op.device, op.dtype)  # noqa: E731
+    S, U, V = back(S), back(U), back(V)
+    res = fresh_residuals(op, S, U, V)
+    return dict(S=S, U=U, V=V, res=res, method="dense", smax=smax,
+                conv=res.max(1).values <= tol * smax)
+
+
+def _dense_resumable(w, run, op, *, block: int = 128, progress=None, plan=None,
+                     host: bool = False):
     """J column block by column block; rows of the state array are columns of J (= J e_i), the
-    group's ``n_committed`` (columns done) written after each block's rows."""
+    group's ``n_committed`` (columns done) written after each block's rows. Returns J as a torch
+    tensor on the operator's device, or (``host``) as a column-major numpy array of the
+    operator's dtype, read without a second copy (what :func:`tjac.linalg.dense.dense_bottom`
+    factorizes in place)."""
     P = op.shape[0]
     g = w.state_group(run, "dense")
     if "JT" not in g or tuple(g["JT"].shape) != (P, P):  # no columns yet: no stale counter either
@@ -372,6 +400,10 @@ def _dense_resumable(w, run, op, *, block: int = 128, progress=None, plan=None) 
             report.update(i + n - done)
     if bar:
         bar.close()
+    if host:  # the rows are J's columns: the transpose of the C-ordered read is J, column-major
+        JT = np.asarray(arr[:])
+        np_dtype = torch.empty((), dtype=op.dtype).numpy().dtype
+        return JT.T if JT.dtype == np_dtype else JT.T.astype(np_dtype, order="F")
     return torch.from_numpy(np.asarray(arr[:]).T.copy()).to(op.device, op.dtype)
 
 

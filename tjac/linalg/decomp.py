@@ -6,11 +6,12 @@ import logging
 import numbers
 import os
 
+import numpy as np
 import torch
 
 from .. import _checks
 from ._base import ConvergenceError, Counted, SVDResult, Timer, fresh_residuals
-from .dense import dense_svd
+from .dense import dense_bottom, dense_svd, materialize_host
 from .lanczos import gkl
 from .plan import plan_solve
 from .randomized import randomized
@@ -129,6 +130,11 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
     near-null cluster at the bottom of real training Jacobians). The result has exactly k
     triplets, all certified, or :class:`ConvergenceError` is raised.
 
+    The dense path forms J (P products in wide blocks) and takes its full SVD, or, when that does
+    not fit but J does, factorizes J in place and finds the bottom only
+    (:func:`tjac.linalg.dense.dense_bottom`; the plan says ``bottom_only``), certified by fresh
+    products.
+
     Parameters
     ----------
     op : operator with ``shape``, ``dtype``, ``matmat``, ``rmatmat`` (e.g. TrainingJacobian)
@@ -235,7 +241,12 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
     resume_state = checkpoint.load() if checkpoint is not None else None
     if resume_state is not None and "gen_state" in resume_state:
         gen.set_state(resume_state["gen_state"])
-    if method == "dense":
+    if method == "dense" and plan.bottom_only:  # J's QR in place: the bottom in ~P^2 memory
+        S, U, V, smax, info = dense_bottom(materialize_host(cop), k, tol=tol, gen=gen)
+        back = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(op.device, op.dtype)  # noqa: E731
+        S, U, V, history = back(S), back(U), back(V), (info,)
+        res = fresh_residuals(cop, S, U, V)
+    elif method == "dense":
         J, U, S, V = dense_svd(cop)
         smax, history = float(S[0]), ()  # (a second SVD for ||J||_2 cost as much as the first)
         idx = torch.arange(k) if which == "top" else torch.arange(P - 1, P - 1 - k, -1)

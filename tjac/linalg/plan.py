@@ -4,6 +4,9 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
 
 * ``dense``: P forward products in wide blocks. Memory: J (P^2) plus LAPACK gesdd's copy, U, V^T
   and workspace (measured peak 6.2 P^2 values above J at P = 3000): ``DENSE_FACTOR`` P^2 values.
+* ``dense``, bottom only (:func:`tjac.linalg.dense.dense_bottom`), when the full SVD does not fit:
+  J is overwritten by its QR and the bottom comes from inverse subspace iteration on R: ~P^2
+  values plus a few P x b blocks; P products plus 2k fresh ones for the certificates.
 * ``lanczos``, bottom: the basis must nearly exhaust the non-bulk values: measured 1.23 P products
   (block 16, k = 32, P = 9,610). Memory: both bases (2 P n), one more while a block is appended,
   and the full SVD of the n x n projected matrix at the end (like the dense path's): at n ~ P,
@@ -19,15 +22,19 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
 
 The bottom of a training Jacobian is a near-null cluster: product-only methods need about as many
 products as the dense path and (without spilling the basis) more memory, so ``auto`` takes the dense
-path for the bottom whenever it fits, then in-RAM Lanczos, then Lanczos with its basis spilled to
-disk when the disk (``disk_bytes`` free where it spills) holds it.
+path for the bottom whenever it fits (the full SVD, else the bottom only from J's QR), then
+Lanczos with its basis spilled to disk when the disk (``disk_bytes`` free where it spills) holds
+it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .dense import dense_bottom_block
+
 DENSE_FACTOR = 8            # values of P^2 at the dense path's peak (J, its copy, U, V^T, work)
+DENSE_BOTTOM_FACTOR = 1     # values of P^2 at the bottom-only dense path's peak (J, factorized in place)
 LANCZOS_BOTTOM_PRODUCTS = 1.25
 LANCZOS_BOTTOM_FACTOR = 10  # values of P^2 at long-basis Lanczos' peak
 RANDOMIZED_PASSES = 6
@@ -43,13 +50,17 @@ class Estimate:
     seconds: float | None
     disk_bytes: int = 0     # the spilled path's bases on disk
     spill: bool = False
+    bottom_only: bool = False  # dense: J's QR gives the bottom only (no full spectrum)
 
     def as_dict(self) -> dict:
         return {"method": self.method, "products": self.products, "bytes": self.bytes,
-                "seconds": self.seconds, "disk_bytes": self.disk_bytes, "spill": self.spill}
+                "seconds": self.seconds, "disk_bytes": self.disk_bytes, "spill": self.spill,
+                "bottom_only": self.bottom_only}
 
     def label(self) -> str:
-        return f"{self.method} (basis spilled to disk)" if self.spill else self.method
+        if self.spill:
+            return f"{self.method} (basis spilled to disk)"
+        return f"{self.method} (QR, bottom only)" if self.bottom_only else self.method
 
 
 @dataclass(frozen=True)
@@ -72,11 +83,17 @@ class SolvePlan:
         """The Lanczos basis goes to disk (:mod:`tjac.linalg.spill`)."""
         return self.estimate.spill
 
+    @property
+    def bottom_only(self) -> bool:
+        """The dense path factorizes J in place and finds the bottom only
+        (:func:`tjac.linalg.dense.dense_bottom`): no full spectrum."""
+        return self.estimate.bottom_only
+
     def as_dict(self) -> dict:
         return {"which": self.which, "k": self.k, "P": self.P, "method": self.method,
                 **{f"expected_{n}": v for n, v in self.estimate.as_dict().items()
                    if n not in ("method", "spill")},
-                "spill": self.spill, "available_bytes": self.available_bytes,
+                "spill": self.spill, "bottom_only": self.bottom_only, "available_bytes": self.available_bytes,
                 "disk_free_bytes": self.disk_free_bytes, "fits": self.fits,
                 "reason": self.reason, "alternatives": [a.as_dict() for a in self.alternatives]}
 
@@ -113,10 +130,20 @@ def _duration(s: float) -> str:
 
 def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, block: int | None = None,
              max_basis: int | None = None, seconds_per_product: float | None = None,
-             spill: bool = False) -> Estimate:
+             spill: bool = False, bottom_only: bool = False) -> Estimate:
     """Expected products and peak solver memory (bytes) of one method (see the module doc);
-    ``spill``: long-basis Lanczos for the bottom with its basis on disk (also disk bytes)."""
+    ``spill``: long-basis Lanczos for the bottom with its basis on disk (also disk bytes);
+    ``bottom_only``: the dense path's bottom from J's QR, in ~P^2 values."""
     disk = 0
+    if bottom_only:
+        if method != "dense" or which != "bottom":
+            raise ValueError("only the dense path's bottom comes from J's QR")
+        b = 2 * dense_bottom_block(k, P)  # (the block may double once on a wide cluster)
+        products = P + 2 * k
+        values = DENSE_BOTTOM_FACTOR * P * P + P * (8 * b + 128)
+        seconds = None if seconds_per_product is None else products * seconds_per_product
+        return Estimate(method=method, products=int(products), bytes=int(values * itemsize),
+                        seconds=seconds, bottom_only=True)
     if spill:
         if method != "lanczos" or which != "bottom":
             raise ValueError("only the bottom's Lanczos basis spills to disk")
@@ -177,6 +204,12 @@ def plan_solve(P: int, k: int, which: str, *, method: str = "auto", itemsize: in
     spills = which == "bottom" and 4 * k < P
     if method != "auto":
         e = estimate(method, P, k, which, **kw)
+        if method == "dense" and which == "bottom" and not fits(e):
+            q = estimate(method, P, k, which, bottom_only=True, **kw)
+            if fits(q):
+                return plan(q, True, "as asked; the full SVD does not fit in memory: the bottom "
+                            "only, from J's QR", [e])
+            return plan(e, False, "as asked", [q])
         if method == "lanczos" and spills and not fits(e):
             s = estimate(method, P, k, which, spill=True, **kw)
             if fits(s):
@@ -189,6 +222,8 @@ def plan_solve(P: int, k: int, which: str, *, method: str = "auto", itemsize: in
         return SolvePlan(which, k, P, "randomized", e, available_bytes, fits(e),
                          "top: randomized block Krylov (measured fastest)")
     cands = [estimate("dense", P, k, which, **kw)]
+    if which == "bottom":
+        cands.append(estimate("dense", P, k, which, bottom_only=True, **kw))
     if spills:
         cands.append(estimate("lanczos", P, k, which, **kw))
     ok = [e for e in cands if fits(e)]
@@ -197,7 +232,9 @@ def plan_solve(P: int, k: int, which: str, *, method: str = "auto", itemsize: in
         ok = [e for e in cands if fits(e)]
     if ok:
         pick = min(ok, key=lambda e: (e.products, e.bytes))
-        why = ("neither J nor the basis fits in memory: the basis spills to disk" if pick.spill
+        why = ("J does not fit in memory: the Lanczos basis spills to disk" if pick.spill
+               else "the full SVD does not fit in memory: the bottom only, from J's QR"
+               if pick.bottom_only
                else "the cheapest certified path that fits in memory" if len(cands) > 1
                else "k is a large share of P")
     else:
