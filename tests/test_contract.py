@@ -95,8 +95,9 @@ class FullDense(DenseOperator):
 # -- the operators under contract: family x backend x checkpoint policy ----------------------------
 # The backends each built-in family supports (test_matrix_is_every_supported_backend holds this to
 # tjac.replay.supported, so a new backend cannot be left out).
-FAMILY_BACKENDS = {"mlp": ("eager", "fused", "compiled"), "cnn": ("eager", "compiled"),
-                   "transformer": ("eager", "compiled")}
+FAMILY_BACKENDS = {"mlp": ("eager", "fused", "compiled", "double-backward"),
+                   "cnn": ("eager", "compiled", "double-backward"),
+                   "transformer": ("eager", "compiled", "double-backward")}
 # every kind TrainingJacobian(checkpoint=...) accepts; the int 3 splits T = 4 steps unevenly
 POLICIES = ("all", "sqrt", 3)
 

@@ -250,7 +250,7 @@ def test_bench_and_scale_commands(tmp_path):
     assert [r["P"] for r in rows] == [310, 460]
     assert all(r["exact_one"] == r["exact_one_predicted"] for r in rows)
     # the dense path (auto at this size) forms J in P / width replays, width <= 128
-    assert all(r["replays"] >= -(-r["P"] // 128) and r["backend"] in ("eager", "fused", "compiled")
+    assert all(r["replays"] >= -(-r["P"] // 128) and r["backend"] in ("eager", "fused", "compiled", "double-backward")
                for r in rows)
     assert set(open_store(tmp_path / "s.zarr").runs()) == {"mlp-w4-d1", "mlp-w6-d1"}
     out = json.loads(p.stdout)

@@ -92,6 +92,9 @@ def test_user_model_products_match_dense_jacobian(name, opt):
     scale = float(J.abs().max()) * float(V.abs().sum(0).max())
     assert float((op.matmat(V) - J @ V).abs().max()) <= 1e-10 * scale
     assert float((op.rmatmat(V) - J.T @ V).abs().max()) <= 1e-10 * scale
+    op.backend = "double-backward"  # HVPs by reverse-over-reverse: the same oracle
+    assert float((op.matmat(V) - J @ V).abs().max()) <= 1e-10 * scale
+    assert float((op.rmatmat(V) - J.T @ V).abs().max()) <= 1e-10 * scale
     if opt == "sgd_clip":  # the clip was active at some step (else this tests nothing new)
         prob = op.problem
         norms = [float(prob.grad(s[0], t).norm()) for t, s in op.trajectory.reversed_states()]

@@ -15,7 +15,7 @@ import sys
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
-BACKENDS = ("auto", "eager", "fused", "compiled")  # tjac.replay's, kept literal: no torch at parse time
+BACKENDS = ("auto", "eager", "fused", "compiled", "double-backward")  # tjac.replay's, kept literal: no torch at parse time
 
 
 class BadInput(Exception):
@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--blocks", default="1,8,32,128", help="comma-separated block sizes")
     b.add_argument("--backends", default="auto",
-                   help="comma-separated replay backends to measure (eager,fused,compiled) or auto")
+                   help="comma-separated replay backends to measure (eager,fused,compiled,"
+                        "double-backward) or auto")
     b.add_argument("--memory", action="store_true", help="also peak memory per checkpoint policy")
     b.add_argument("--json", help="write the results (with the environment) to this file")
 

@@ -176,8 +176,12 @@ class Problem:
     def grad(self, theta, t):
         return self.model.grad(theta, *self.at(t))
 
-    def grad_hvp(self, theta, V, t):
+    def grad_hvp(self, theta, V, t, *, reverse: bool = False):
+        """(g, H V) on step t's batch; ``reverse``: by double backward
+        (:meth:`tjac.models.base.Model.grad_hvp_reverse`) instead of forward-over-reverse."""
         x, y = self.at(t)
+        if reverse:
+            return self.model.grad_hvp_reverse(theta, x, y, V)
         return self.model.grad_hvp(theta, x, y, V)
 
     def step(self, state, t):

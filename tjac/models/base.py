@@ -172,6 +172,23 @@ class Model:
                      randomness="same")(self.params(V))
         return self._flat({n: t[0] for n, t in g.items()}), self._flat(hv, (V.shape[0],))
 
+    def grad_hvp_reverse(self, theta, x, y, V):
+        """(g, H V) as :meth:`grad_hvp`, by reverse-over-reverse: autograd's double backward, the
+        second one batched over the block (``is_grads_batched``). The same numbers to round-off
+        (H is symmetric); faster than forward-over-reverse where torch.func's batched tangents of
+        elementwise derivatives dominate (measured: plain-module MLPs and convolutions), slower
+        for attention. Used by the ``double-backward`` replay backend."""
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in self.unflatten(theta)]
+            params = {p.name: t for p, t in zip(self.layout, leaves)}
+            loss = self.loss_fn(functional_call(self._fmodule, params, (x,)), y)
+            g = torch.autograd.grad(loss, leaves, create_graph=True)
+            hv = torch.autograd.grad(g, leaves, self.unflatten(V), is_grads_batched=True,
+                                     allow_unused=True, materialize_grads=True)
+        k = V.shape[0]
+        return (torch.cat([t.detach().reshape(-1) for t in g]),
+                torch.cat([h.detach().reshape(k, -1) for h in hv], 1))
+
     # -- state carried alongside training ---------------------------------------------------------
     def initial_buffers(self) -> dict:
         return {n: b.clone() for n, b in self.running.items()}

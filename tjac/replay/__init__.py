@@ -21,6 +21,11 @@ path at ~1e-12 relative (they differ only in the order of floating-point sums).
     eager for the CNN and transformer (torch.func) JVPs. Its first product in each direction is
     checked against eager; a wrong graph (the transformer's VJP on torch 2.13) falls back to eager.
     Chosen only by :func:`autotune` (which measures it) or by name.
+``double-backward``
+    ``eager`` with every HVP by reverse-over-reverse (autograd's double backward, the second
+    backward batched over the block) instead of torch.func's forward-over-reverse: the same
+    products to round-off, faster for plain-module MLPs and convolutions, slower for attention.
+    Chosen by :func:`autotune` (measured at the best width of the others) or by name.
 
 :func:`make` builds one by name; ``"auto"`` is ``fused`` where it applies, else ``eager``.
 """
@@ -28,12 +33,13 @@ path at ~1e-12 relative (they differ only in the order of floating-point sums).
 from __future__ import annotations
 
 from .compiled import CompiledReplay
-from .eager import EagerReplay
+from .eager import DoubleBackwardReplay, EagerReplay
 from .fused import FusedMLPReplay
 from .support import (BACKENDS, CompileMismatch, Unsupported, _require, compiler_available,
                       supported)
 
-_CLASSES = {"eager": EagerReplay, "fused": FusedMLPReplay, "compiled": CompiledReplay}
+_CLASSES = {"eager": EagerReplay, "fused": FusedMLPReplay, "compiled": CompiledReplay,
+            "double-backward": DoubleBackwardReplay}
 
 
 def resolve(problem, name: str) -> str:
@@ -52,5 +58,5 @@ def make(problem, trajectory, name: str = "auto"):
 
 from .autotune import autotune  # noqa: E402 (autotune builds replays through make)
 
-__all__ = ["BACKENDS", "autotune", "EagerReplay", "FusedMLPReplay", "CompiledReplay", "CompileMismatch",
+__all__ = ["BACKENDS", "autotune", "DoubleBackwardReplay", "EagerReplay", "FusedMLPReplay", "CompiledReplay", "CompileMismatch",
            "Unsupported", "compiler_available", "make", "resolve", "supported"]

@@ -67,10 +67,16 @@ def autotune(prob, *, blocks=(1, 4, 8, 16, 32, 64, 128), backends=None, steps: i
         _sync(prob.device)
         return (time.perf_counter() - t) / (k * steps)
 
-    for name in [b for b in backends if b != "compiled"]:
+    at_best = ("compiled", "double-backward")  # measured at the best width of the others only
+    for name in [b for b in backends if b not in at_best]:
         table[name] = {str(k): measure(name, k) for k in blocks}
     best = min(((b, k) for b in table for k in table[b]), key=lambda bk: table[bk[0]][bk[1]],
                default=None)
+    if "double-backward" in backends:
+        k = best[1] if best else str(max(blocks))
+        table["double-backward"] = {k: measure("double-backward", int(k))}
+        if best is None or table["double-backward"][k] < table[best[0]][best[1]]:
+            best = ("double-backward", k)
     if "compiled" in backends:
         k = int(best[1]) if best else max(blocks)
         per_replay = table[best[0]][best[1]] * k * prob.num_steps if best else float("inf")

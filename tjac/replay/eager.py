@@ -10,6 +10,7 @@ from .support import _steps
 
 class EagerReplay:
     name = "eager"
+    reverse = False  # HVPs by forward-over-reverse (torch.func); True: double backward
 
     def __init__(self, problem, trajectory):
         self.problem, self.trajectory = problem, trajectory
@@ -21,7 +22,7 @@ class EagerReplay:
         ds = (V.contiguous(),) + tuple(torch.zeros_like(V) for _ in state[1:])
         with torch.no_grad():
             for t in range(_steps(prob, steps)):
-                g, hv = prob.grad_hvp(state[0], ds[0], t)
+                g, hv = prob.grad_hvp(state[0], ds[0], t, reverse=self.reverse)
                 state, ds = opt.jvp(state, g, ds, hv, t)
         return ds[0]
 
@@ -32,6 +33,14 @@ class EagerReplay:
             for t, state in self.trajectory.reversed_states():
                 g = prob.grad(state[0], t) if opt.needs_grad_for_vjp else None
                 bs, bg = opt.vjp(state, g, bs, t)
-                _, hbg = prob.grad_hvp(state[0], bg, t)
+                _, hbg = prob.grad_hvp(state[0], bg, t, reverse=self.reverse)
                 bs = (bs[0] + hbg,) + bs[1:]
         return bs[0]
+
+
+class DoubleBackwardReplay(EagerReplay):
+    """The eager replay with every HVP by reverse-over-reverse (autograd's double backward, the
+    second backward batched over the block): module-based models only."""
+
+    name = "double-backward"
+    reverse = True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-BACKENDS = ("eager", "fused", "compiled")
+BACKENDS = ("eager", "fused", "compiled", "double-backward")
 
 
 class Unsupported(ValueError):
