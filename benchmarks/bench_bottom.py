@@ -11,6 +11,7 @@ plan's estimate. For each method: bottom-k (default 16) at tol 1e-8 through
 expected products and bytes next to the measured ones. The sigma of the two methods are compared.
 
     python benchmarks/bench_bottom.py [--width 128] [--k 16] [--methods dense,lanczos] [--out PATH]
+    python benchmarks/bench_bottom.py --solver-peak 19210    # the QR path's own peak memory only
 
 Progress lines (tjac.linalg.Progress) go to stderr every 60 s.
 """
@@ -74,6 +75,31 @@ def one(width: int, k: int, method: str, block: int | None, spill_memory: int = 
             **({"dense_bottom": last} if r.plan.get("bottom_only") else {})}
 
 
+def solver_peak(P: int, k: int) -> dict:
+    """Peak memory of the bottom-only dense path's factorization and iteration alone
+    (tjac.linalg.dense.dense_bottom) on a Gaussian J of size P, in a fresh process: peak RSS minus
+    the RSS once J is held (what the plan's ``DENSE_BOTTOM_FACTOR`` P^2 + blocks should bound)."""
+    import numpy as np
+
+    from tjac.linalg.dense import dense_bottom
+
+    J = np.empty((P, P), order="F")
+    rng = np.random.default_rng(0)
+    for i in range(0, P, 512):
+        J[:, i:i + 512] = rng.standard_normal((P, min(512, P - i)))
+    held = _current_rss_mib()
+    t = time.perf_counter()
+    S, U, V, smax, info = dense_bottom(J, k, tol=1e-8)
+    return {"P": P, "k": k, "J_mib": P * P * 8 / 2**20, "rss_with_J_mib": held,
+            "peak_rss_mib": _rss_mib(), "peak_above_J_mib": _rss_mib() - held,
+            "seconds": time.perf_counter() - t, "info": info}
+
+
+def _current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--width", type=int, default=128)
@@ -84,9 +110,19 @@ def main():
     ap.add_argument("--spill-memory", type=int, default=2 * 2**30,
                     help="memory budget (bytes) that forces lanczos-spill to spill")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--solver-peak", type=int, default=0, metavar="P",
+                    help="only measure dense_bottom's peak memory on a Gaussian P x P J; print JSON")
     a = ap.parse_args()
+    if a.child == "solver-peak":
+        print(json.dumps(solver_peak(a.solver_peak, a.k)))
+        return
     if a.child:
         print(json.dumps(one(a.width, a.k, a.child, a.block, a.spill_memory)))
+        return
+    if a.solver_peak:
+        p = subprocess.run([sys.executable, __file__, "--child", "solver-peak", "--k", str(a.k),
+                            "--solver-peak", str(a.solver_peak)], stdout=subprocess.PIPE, text=True)
+        print(p.stdout.strip().splitlines()[-1])
         return
     results = {}
     for m in a.methods.split(","):

@@ -93,11 +93,14 @@ def dense_bottom(J: np.ndarray, k: int, *, tol: float = 1e-8, maxiter: int = 200
     if not 0 < k <= P:
         raise ValueError(f"k must be in 1..{P}, got {k}")
     A = J if J.flags.f_contiguous else np.asfortranarray(J)
-    geqrf, ormqr, trtrs = scipy.linalg.get_lapack_funcs(("geqrf", "ormqr", "trtrs"), (A,))
+    geqrf, geqrf_lwork, ormqr, trtrs = scipy.linalg.get_lapack_funcs(
+        ("geqrf", "geqrf_lwork", "ormqr", "trtrs"), (A,))
     trmm = scipy.linalg.get_blas_funcs("trmm", (A,))
     eps = float(np.finfo(A.dtype).eps)
     t0 = time.perf_counter()
-    lwork = int(geqrf(A, lwork=-1)[2][0])
+    # (the workspace query by size: geqrf(A, lwork=-1) would copy A, measured 2 P^2 at the peak)
+    work, info = geqrf_lwork(P, P)
+    lwork = int(work) if info == 0 else 64 * P
     qr, tau, _, info = geqrf(A, lwork=max(lwork, 1), overwrite_a=1)
     if info != 0:  # pragma: no cover (geqrf fails only on bad arguments)
         raise RuntimeError(f"LAPACK geqrf failed (info={info})")
