@@ -149,3 +149,40 @@ def test_no_copy_of_J_at_the_peak():
     finally:
         tracemalloc.stop()
     assert peak / (8 * P * P) < 0.3, peak / (8 * P * P)
+
+
+def test_runner_bottom_from_qr_in_float32(tmp_path, monkeypatch):
+    """J is read from the store's float64 columns into a float32 column-major array (the plan's
+    P^2 values of the operator's dtype) and the bottom certifies at float32's default tol."""
+    from tjac import runner
+
+    monkeypatch.setattr(plan_mod, "DENSE_FACTOR", 10**9)
+    r = tiny(width=8, dtype="float32")
+    out = runner.run_analysis(r, str(tmp_path / "r.zarr"), k_top=0, k_bottom=4)
+    run = tjac.open(str(tmp_path / "r.zarr")).run(out.run_id)
+    assert run.provenance["plans"]["bottom"]["bottom_only"]
+    J = materialize(tjac.TrainingJacobian(tjac.Problem(r))).double()
+    s = torch.linalg.svdvals(J)
+    b = run.bottom()
+    from tjac import store
+
+    assert bool(b.converged.all()) and store.solve_arrays(run._g, "bottom")[2].dtype == np.float32
+    torch.testing.assert_close(torch.as_tensor(b.sigma, dtype=torch.float64), s.flip(0)[:4],
+                               atol=1e-5 * float(s[0]), rtol=0)
+
+
+def test_the_qr_path_is_planned_against_host_memory():
+    """J's QR runs on the host: on a GPU operator its memory is the host's, not the device's."""
+    from tjac.linalg import plan_solve
+
+    GiB = 2**30
+    small_gpu = plan_solve(19210, 16, "bottom", available_bytes=2 * GiB, host_bytes=24 * GiB,
+                           disk_bytes=100 * GiB)
+    assert small_gpu.bottom_only and small_gpu.fits
+    small_host = plan_solve(19210, 16, "bottom", available_bytes=100 * GiB, host_bytes=GiB,
+                            disk_bytes=100 * GiB)
+    assert not small_host.bottom_only and small_host.method == "dense"  # the full path fits
+    # on the CPU the host is the device: the trajectory's reserve counts against J too
+    cpu = plan_solve(19210, 16, "bottom", available_bytes=4 * GiB, reserved_bytes=2 * GiB,
+                     disk_bytes=100 * GiB)
+    assert not cpu.bottom_only and cpu.spill

@@ -227,3 +227,31 @@ def test_user_model_compiled_backend_matches_eager(name):
     op.backend = "compiled"
     for a, b in ((op.matmat(V), jv), (op.rmatmat(V), jtw)):
         assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+
+
+class _UnusedAndLinear(torch.nn.Module):
+    """A trainable parameter the loss never uses, and one (a logit offset added after the last
+    nonlinearity) whose gradient enters the loss only linearly before softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(64, 10)
+        self.unused = torch.nn.Linear(3, 3)
+        self.offset = torch.nn.Parameter(torch.zeros(10))
+
+    def forward(self, x):
+        return torch.tanh(self.a(x.reshape(x.shape[0], -1))) + self.offset
+
+
+def test_double_backward_handles_unused_parameters_like_eager():
+    r = tjac.Recipe.paper(model=_UnusedAndLinear, epochs=1, n_train=128, batch_size=32)
+    op = tjac.TrainingJacobian(r, backend="eager")
+    V = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    jv, jtw = op.matmat(V), op.rmatmat(V)
+    op.backend = "double-backward"
+    for a, b in ((op.matmat(V), jv), (op.rmatmat(V), jtw)):
+        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+    # the unused parameter's block of J is the identity (theta_T = theta_0 there)
+    lay = {p.name: p for p in op.param_layout}["unused.weight"]
+    sl = slice(lay.offset, lay.offset + lay.size)
+    torch.testing.assert_close(op.matmat(V)[sl], V[sl], atol=0, rtol=0)

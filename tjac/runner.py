@@ -212,10 +212,10 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
             w.drop_state(run, which)
 
         if bottom_only:
-            if not w.solve_committed(run, "bottom", k_bottom):
-                J = _dense_resumable(w, run, op, block=block or 128, progress=progress,
-                                     plan=plans["bottom"], host=True)
-                commit("bottom", _dense_bottom(op, J, k_bottom, tol))
+            if not w.solve_committed(run, "bottom", k_bottom):  # (J is freed before the top)
+                commit("bottom", _dense_bottom(
+                    op, _dense_resumable(w, run, op, block=block or 128, progress=progress,
+                                         plan=plans["bottom"], host=True), k_bottom, tol))
             w.drop_state(run, "dense")
         elif "dense" in methods.values():
             todo = [which for which in methods if not w.solve_committed(run, which, ks[which])]
@@ -296,8 +296,10 @@ def _plans(problem, P: int, k_top: int, k_bottom: int, method: str, checkpoint, 
         disk = int(shutil.disk_usage(spill_dir).free)
     except OSError:  # no such directory: the store's writer refuses it, with its own message
         disk = None
+    host = None if problem.device.type == "cpu" else _checks.available_bytes("cpu")
     plans = {which: plan_solve(P, k, which, method=method, itemsize=item, available_bytes=have,
-                               reserved_bytes=reserved, disk_bytes=disk, block=block)
+                               reserved_bytes=reserved, disk_bytes=disk, block=block,
+                               host_bytes=host)
              for which, k in (("top", k_top), ("bottom", k_bottom)) if k}
     for which, p in plans.items():
         log.info("plan %s", p.describe())
@@ -400,10 +402,11 @@ def _dense_resumable(w, run, op, *, block: int = 128, progress=None, plan=None,
             report.update(i + n - done)
     if bar:
         bar.close()
-    if host:  # the rows are J's columns: the transpose of the C-ordered read is J, column-major
-        JT = np.asarray(arr[:])
-        np_dtype = torch.empty((), dtype=op.dtype).numpy().dtype
-        return JT.T if JT.dtype == np_dtype else JT.T.astype(np_dtype, order="F")
+    if host:  # the rows are J's columns: read block by block into J, column-major, of op's dtype
+        J = np.empty((P, P), dtype=torch.empty((), dtype=op.dtype).numpy().dtype, order="F")
+        for i in range(0, P, block):
+            J[:, i:i + block] = np.asarray(arr[i:i + block]).T
+        return J
     return torch.from_numpy(np.asarray(arr[:]).T.copy()).to(op.device, op.dtype)
 
 

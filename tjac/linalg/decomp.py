@@ -191,8 +191,9 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
     if spill_dir is not None and not os.path.isdir(spill_dir):
         raise ValueError(f"`spill_dir` must be an existing directory, got {spill_dir!r}")
     have = max_memory if max_memory is not None else _checks.available_bytes(op.device)
+    host = None if torch.device(op.device).type == "cpu" else _checks.available_bytes("cpu")
     plan = plan_solve(P, k, which, method=method, itemsize=itemsize, block=block,
-                      available_bytes=have, disk_bytes=_disk_free(spill_dir))
+                      available_bytes=have, disk_bytes=_disk_free(spill_dir), host_bytes=host)
     method = plan.method
     if not plan.fits:
         raise MemoryError(f"svd: {plan.describe()}: {plan.refusal()}")
@@ -245,7 +246,7 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
         S, U, V, smax, info = dense_bottom(materialize_host(cop), k, tol=tol, gen=gen)
         back = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(op.device, op.dtype)  # noqa: E731
         S, U, V, history = back(S), back(U), back(V), (info,)
-        res = fresh_residuals(cop, S, U, V)
+        res = verify(S, U, V, smax)  # (a tol below the round-off floor: ToleranceError)
     elif method == "dense":
         J, U, S, V = dense_svd(cop)
         smax, history = float(S[0]), ()  # (a second SVD for ||J||_2 cost as much as the first)

@@ -61,10 +61,11 @@ def dense_svd(op, *, block: int = 128):
 GROW_EVERY = 20  # steps of unsettled subspace iteration before the block doubles (to 4x at most)
 
 
-def dense_bottom_block(k: int, P: int) -> int:
+def dense_bottom_block(k: int, P: int, *, widest: bool = False) -> int:
     """Columns of :func:`dense_bottom`'s subspace iteration: k plus a margin (its convergence
-    goes like (sigma_k / sigma_{b+1})^2 per step)."""
-    return min(P, max(2 * k, k + 8))
+    goes like (sigma_k / sigma_{b+1})^2 per step); ``widest``: the most it widens to."""
+    b = min(P, max(2 * k, k + 8))
+    return min(P, max(8 * k, 4 * b)) if widest else b
 
 
 def dense_bottom(J: np.ndarray, k: int, *, tol: float = 1e-8, maxiter: int = 200,
@@ -72,19 +73,20 @@ def dense_bottom(J: np.ndarray, k: int, *, tol: float = 1e-8, maxiter: int = 200
     r"""The k smallest singular triplets of the square matrix ``J``, which is **overwritten**.
 
     ``J`` should be column-major (Fortran-ordered, as :func:`materialize_host` makes it); a
-    row-major array is factorized through its transpose's copy. Returns ``(S, U, V, smax, info)``:
+    row-major array is copied to column-major first (2 P^2 at the peak). Returns ``(S, U, V, smax, info)``:
     ``S`` ascending (the smallest first), ``U``/``V`` (P, k) numpy arrays, ``smax`` the norm used
     for the stopping rule (``smax`` if given, else a power-iteration estimate from R, a lower
     bound of ||J||), and ``info`` (steps, ``max_residual`` relative to smax, ``patched``: diagonal
     entries of R below eps ||J|| that were lifted to it for the solves only, a perturbation within
     round-off).
 
-    Subspace iteration with ``b`` = max(2k, k + 8) columns (doubled, up to max(8k, 4b), every
-    ``GROW_EVERY`` steps while the values have not settled: a cluster wider than the block
-    converges slowly) stops once the Ritz values moved by at most max(1e-10 s, eps smax) since the
-    previous step and every wanted pair's residuals ||R v - s u_R||, ||R^T u_R - s v|| are below
-    tol * smax / 10 or have not halved in ``GROW_EVERY`` steps (the round-off floor: a tol below it
-    is the caller's to refuse), or after ``maxiter`` steps. The caller certifies the triplets with fresh products of the operator (the
+    Subspace iteration with ``b`` = max(2k, k + 8) columns stops once the Ritz values moved by at
+    most max(1e-10 s, eps smax) since the previous step and every wanted pair's residuals
+    ||R v - s u_R||, ||R^T u_R - s v|| are below tol * smax / 10, or after ``maxiter`` steps. Every
+    ``GROW_EVERY`` steps in which the values have not settled or the residuals have not halved
+    (a cluster wider than the block converges slowly), the block doubles, up to max(8k, 4b);
+    residuals that stop halving at the widest block are the round-off floor (a tol below it is
+    the caller's to refuse) and end the iteration. The caller certifies the triplets with fresh products of the operator (the
     formed J is gone by then).
     """
     P = J.shape[0]
@@ -128,8 +130,8 @@ def dense_bottom(J: np.ndarray, k: int, *, tol: float = 1e-8, maxiter: int = 200
     t1 = time.perf_counter()
     b = dense_bottom_block(k, P)
     Y = np.linalg.qr(randn(b))[0]
-    b_max = min(P, max(8 * k, 4 * b))
-    before, history = None, []
+    b_max = dense_bottom_block(k, P, widest=True)
+    before, history, since_growth = None, [], 0
     steps = 0
     for steps in range(1, maxiter + 1):
         # one step of inverse iteration on each side: L = orth(R^{-T} Y), then Y = orth(R^{-1} L)
@@ -137,18 +139,20 @@ def dense_bottom(J: np.ndarray, k: int, *, tol: float = 1e-8, maxiter: int = 200
         S, Ub, Vb, res = _ritz(qr, L, Y, k, trmm, d, lift)
         worst = float(res.max())
         history.append(worst)
+        since_growth += 1
         settled = before is not None and bool(
             np.all(np.abs(S - before) <= np.maximum(1e-10 * S, eps * smax)))
-        # stalled: no halving over GROW_EVERY steps (the round-off floor, not slow convergence)
-        stalled = len(history) > GROW_EVERY and worst >= 0.5 * history[-1 - GROW_EVERY]
-        if settled and (worst <= 0.1 * tol * smax or stalled):
+        # stalled: no halving over GROW_EVERY steps (the round-off floor, or a cluster that the
+        # block cannot separate: widened first, accepted as the floor once the block is widest)
+        stalled = since_growth > GROW_EVERY and worst >= 0.5 * history[-1 - GROW_EVERY]
+        if settled and (worst <= 0.1 * tol * smax or (stalled and b >= b_max)):
             break
         before = S
         Y = _solve(trtrs, qr, L, trans=0)
-        if steps % GROW_EVERY == 0 and not settled and b < b_max:
+        if since_growth >= GROW_EVERY and (stalled or not settled) and b < b_max:
             b = min(b_max, 2 * b)  # a cluster wider than the block: widen it
             Y = np.asfortranarray(np.linalg.qr(np.hstack([Y, randn(b - Y.shape[1])]))[0])
-            before = None
+            before, since_growth = None, 0
     qr[lift, lift] = d[lift]
     # the left vectors of J: U = Q U_R, Q from the reflectors below R's diagonal
     lw = int(ormqr("L", "N", qr, tau, Ub, -1)[1][0])

@@ -22,7 +22,8 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
 
 The bottom of a training Jacobian is a near-null cluster: product-only methods need about as many
 products as the dense path and (without spilling the basis) more memory, so ``auto`` takes the dense
-path for the bottom whenever it fits (the full SVD, else the bottom only from J's QR), then
+path for the bottom whenever it fits (the full SVD, else the bottom only from J's QR; in-RAM
+Lanczos needs more products and more memory than either, so it is only taken when asked for), then
 Lanczos with its basis spilled to disk when the disk (``disk_bytes`` free where it spills) holds
 it.
 """
@@ -138,7 +139,7 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
     if bottom_only:
         if method != "dense" or which != "bottom":
             raise ValueError("only the dense path's bottom comes from J's QR")
-        b = 2 * dense_bottom_block(k, P)  # (the block may double once on a wide cluster)
+        b = dense_bottom_block(k, P, widest=True)  # (the block widens on a wide cluster)
         products = P + 2 * k
         values = DENSE_BOTTOM_FACTOR * P * P + P * (8 * b + 128)
         seconds = None if seconds_per_product is None else products * seconds_per_product
@@ -183,18 +184,23 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
 def plan_solve(P: int, k: int, which: str, *, method: str = "auto", itemsize: int = 8,
                block: int | None = None, seconds_per_product: float | None = None,
                available_bytes: int | None = None, reserved_bytes: int = 0,
-               disk_bytes: int | None = None) -> SolvePlan:
+               disk_bytes: int | None = None, host_bytes: int | None = None) -> SolvePlan:
     """The plan of one solve. ``auto`` picks randomized for the top (dense when 4k >= P), and for
     the bottom the cheapest path that fits in ``available_bytes`` minus ``reserved_bytes`` (the
     trajectory and the replay's own memory): dense, else Lanczos in RAM, else Lanczos with its
     basis spilled to disk when ``disk_bytes`` (free where it spills; None: unknown, no limit) hold
-    it. A named method is planned as asked (``lanczos`` for the bottom spills when only that
-    fits); ``fits`` says whether it is expected to fit."""
+    it. Between the full dense path and the spill: the bottom only from J's QR, which holds J on
+    the host (``host_bytes``: the host's free memory when the operator lives on a GPU; default:
+    ``available_bytes`` less ``reserved_bytes``). A named method is planned as asked (``lanczos``
+    for the bottom spills when only that fits, ``dense`` for the bottom falls back to J's QR);
+    ``fits`` says whether it is expected to fit."""
     budget = None if available_bytes is None else int(HEADROOM * available_bytes) - reserved_bytes
+    host_budget = budget if host_bytes is None else int(HEADROOM * host_bytes)
     kw = dict(itemsize=itemsize, block=block, seconds_per_product=seconds_per_product)
 
     def fits(e):
-        return ((budget is None or e.bytes <= budget)
+        room = host_budget if e.bottom_only else budget
+        return ((room is None or e.bytes <= room)
                 and (disk_bytes is None or e.disk_bytes <= HEADROOM * disk_bytes))
 
     def plan(pick, ok, why, alternatives=()):

@@ -178,16 +178,26 @@ class Model:
         (H is symmetric); faster than forward-over-reverse where torch.func's batched tangents of
         elementwise derivatives dominate (measured: plain-module MLPs and convolutions), slower
         for attention. Used by the ``double-backward`` replay backend."""
+        k = V.shape[0]
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for t in self.unflatten(theta)]
             params = {p.name: t for p, t in zip(self.layout, leaves)}
             loss = self.loss_fn(functional_call(self._fmodule, params, (x,)), y)
-            g = torch.autograd.grad(loss, leaves, create_graph=True)
-            hv = torch.autograd.grad(g, leaves, self.unflatten(V), is_grads_batched=True,
-                                     allow_unused=True, materialize_grads=True)
-        k = V.shape[0]
+            # a parameter the loss does not use has g = 0; one whose gradient does not depend on
+            # theta (a linear path) has a g without a graph: both contribute no H V
+            g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+            live = [i for i, gi in enumerate(g) if gi.requires_grad]
+            vs = self.unflatten(V)
+            hv = [None] * len(leaves)
+            if live:
+                got = torch.autograd.grad([g[i] for i in live], leaves, [vs[i] for i in live],
+                                          is_grads_batched=True, allow_unused=True)
+                hv = list(got)
         return (torch.cat([t.detach().reshape(-1) for t in g]),
-                torch.cat([h.detach().reshape(k, -1) for h in hv], 1))
+                torch.cat([(h.detach() if h is not None
+                            else V.new_zeros((k,) + tuple(t.shape))).reshape(k, -1)
+                           for h, t in zip(hv, leaves)], 1))
 
     # -- state carried alongside training ---------------------------------------------------------
     def initial_buffers(self) -> dict:
