@@ -132,7 +132,14 @@ def test_runner_bottom_from_qr_keeps_the_top_on_its_own_plan(tmp_path, monkeypat
                                rtol=0)
     torch.testing.assert_close(torch.as_tensor(top.sigma), s[:4], atol=1e-9 * smax, rtol=0)
     assert "state" not in run._g or "dense" not in run._g["state"]  # the columns are dropped
-    assert run.summary["spectrum"] is not None  # a partial spectrum: counts it knows, no more
+    # every sigma from a values-only SVD of a copy of J, with the round-off bound as certificate
+    spec = run.spectrum()
+    assert spec.sigma.shape == (J.shape[0],) and spec.source.startswith("round-off bound")
+    torch.testing.assert_close(torch.as_tensor(spec.sigma), s, atol=1e-13 * smax, rtol=0)
+    reg = run.regions(1e-3)
+    exact = int(((s - 1).abs() <= 1e-3).sum())
+    assert reg["bulk_min"] <= exact <= reg["bulk_max"]
+    assert reg["unknown"] == 0
 
 
 def test_no_copy_of_J_at_the_peak():

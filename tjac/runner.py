@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import __version__, distributed, query, replay, store
+from . import __version__, _checks, distributed, query, replay, store
 from .analysis import structural_ones
 from .checkpoint import LanczosCheckpoint
 from .linalg import Progress, default_tol, fresh_residuals, plan_solve, small_svd, svd
-from .linalg.dense import dense_bottom
+from .linalg.dense import dense_bottom, dense_values
 from .linalg.plan import HEADROOM
 from .operator import TrainingJacobian, theta_sha256
 from .recipe import Recipe
@@ -212,10 +212,19 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
             w.drop_state(run, which)
 
         if bottom_only:
-            if not w.solve_committed(run, "bottom", k_bottom):  # (J is freed before the top)
-                commit("bottom", _dense_bottom(
-                    op, _dense_resumable(w, run, op, block=block or 128, progress=progress,
-                                         plan=plans["bottom"], host=True), k_bottom, tol))
+            todo = not w.solve_committed(run, "bottom", k_bottom)
+            values = not w.spectrum_committed(run) and _values_fit(P, op.dtype)
+            if todo or values:
+                J = _dense_resumable(w, run, op, block=block or 128, progress=progress,
+                                     plan=plans["bottom"], host=True)
+                if values:  # every sigma, for the region counts (a copy of J; J stays intact)
+                    t_values = time.perf_counter()
+                    w.commit_spectrum(run, dense_values(J), None)
+                    log.info("all %d singular values (values only, from a copy of J) in %.1f s",
+                             P, time.perf_counter() - t_values)
+                if todo:
+                    commit("bottom", _dense_bottom(op, J, k_bottom, tol))
+                del J  # (before the top's solve)
             w.drop_state(run, "dense")
         elif "dense" in methods.values():
             todo = [which for which in methods if not w.solve_committed(run, which, ks[which])]
@@ -286,7 +295,6 @@ def _plans(problem, P: int, k_top: int, k_bottom: int, method: str, checkpoint, 
     trained or written. Returns the plans and the memory budget to hand each ``svd`` (so that its
     own plan is this one)."""
     import shutil
-    from . import _checks
     from .problem import memory_estimate
 
     item = torch.empty((), dtype=problem.dtype).element_size()
@@ -355,6 +363,18 @@ def _residuals(J, U, S, V, block: int = 512) -> torch.Tensor:
         out.append(torch.stack([(J @ V[:, sl] - U[:, sl] * S[sl]).norm(dim=0),
                                 (J.T @ U[:, sl] - V[:, sl] * S[sl]).norm(dim=0)], 1))
     return torch.cat(out) if out else S.new_zeros((0, 2))
+
+
+def _values_fit(P: int, dtype) -> bool:
+    """Whether a copy of J (for the values-only SVD of the bottom-only path) fits in the host's
+    free memory with the headroom plans keep; logged when it does not (the counts stay partial)."""
+    need = P * P * torch.empty((), dtype=dtype).element_size()
+    have = _checks.available_bytes("cpu")
+    if have is None or need <= HEADROOM * have:
+        return True
+    log.info("the full spectrum is skipped: a copy of J needs %.1f GiB, %.1f GiB available",
+             need / 2**30, have / 2**30)
+    return False
 
 
 def _dense_bottom(op, J: np.ndarray, k: int, tol: float) -> dict:

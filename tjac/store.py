@@ -306,13 +306,15 @@ class Writer:
         got = solve_arrays(run, which)
         return got is not None and (k is None or got[4]["n_committed"] == k)
 
-    def commit_spectrum(self, run, sigma: np.ndarray, residual: np.ndarray):
-        """All P singular values and the residual pair of each triplet; ``n_committed = P`` last."""
-        return self.commit_group(
-            run, "spectrum",
-            arrays={"sigma": (np.asarray(sigma, np.float64), ("index",), None),
-                    "residual": (np.asarray(residual, np.float64), ("index", "side"), None)},
-            attrs={}, counter=("n_committed", len(sigma)))
+    def commit_spectrum(self, run, sigma: np.ndarray, residual: np.ndarray | None):
+        """All P singular values and the residual pair of each triplet (None: values only, from
+        a values-only SVD; readers then use the round-off bound of a backward-stable SVD);
+        ``n_committed = P`` last."""
+        arrays = {"sigma": (np.asarray(sigma, np.float64), ("index",), None)}
+        if residual is not None:
+            arrays["residual"] = (np.asarray(residual, np.float64), ("index", "side"), None)
+        return self.commit_group(run, "spectrum", arrays=arrays, attrs={},
+                                 counter=("n_committed", len(sigma)))
 
     def commit_analysis(self, run, name: str, *, arrays: dict, attrs: dict):
         """Group ``analyses/<name>`` of a run: ``arrays`` maps an array name to (data, dimension
