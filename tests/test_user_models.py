@@ -220,13 +220,19 @@ def test_mse_regression_matches_a_closed_form_free_oracle():
 def test_user_model_compiled_backend_matches_eager(name):
     """torch.compile of functional_call steps, with clipping: the products (after the replay's own
     check against eager, which falls back on a wrong graph) equal eager's to 1e-12."""
-    r = tjac.Recipe.paper(**MODELS[name], clip_norm=0.05, **SMALL)
-    op = tjac.TrainingJacobian(r, backend="eager")
+    _agrees_with_eager(tjac.Recipe.paper(**MODELS[name], clip_norm=0.05, **SMALL), "compiled")
+
+
+def _agrees_with_eager(recipe, backend):
+    """The operator's products through ``backend`` equal eager's to 1e-12 (three columns, both
+    directions); returns the operator (now on ``backend``) and the columns."""
+    op = tjac.TrainingJacobian(recipe, backend="eager")
     V = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     jv, jtw = op.matmat(V), op.rmatmat(V)
-    op.backend = "compiled"
+    op.backend = backend
     for a, b in ((op.matmat(V), jv), (op.rmatmat(V), jtw)):
         assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+    return op, V
 
 
 class _UnusedAndLinear(torch.nn.Module):
@@ -244,13 +250,8 @@ class _UnusedAndLinear(torch.nn.Module):
 
 
 def test_double_backward_handles_unused_parameters_like_eager():
-    r = tjac.Recipe.paper(model=_UnusedAndLinear, epochs=1, n_train=128, batch_size=32)
-    op = tjac.TrainingJacobian(r, backend="eager")
-    V = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    jv, jtw = op.matmat(V), op.rmatmat(V)
-    op.backend = "double-backward"
-    for a, b in ((op.matmat(V), jv), (op.rmatmat(V), jtw)):
-        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+    op, V = _agrees_with_eager(tjac.Recipe.paper(model=_UnusedAndLinear, epochs=1, n_train=128,
+                                                 batch_size=32), "double-backward")
     # the unused parameter's block of J is the identity (theta_T = theta_0 there)
     lay = {p.name: p for p in op.param_layout}["unused.weight"]
     sl = slice(lay.offset, lay.offset + lay.size)
