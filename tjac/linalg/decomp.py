@@ -244,8 +244,9 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
         gen.set_state(resume_state["gen_state"])
     if method == "dense" and plan.bottom_only:  # J's QR in place: the bottom in ~P^2 memory
         S, U, V, smax, info = dense_bottom(materialize_host(cop), k, tol=tol, gen=gen)
-        back = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(op.device, op.dtype)  # noqa: E731
-        S, U, V, history = back(S), back(U), back(V), (info,)
+        S, U, V = (torch.from_numpy(np.ascontiguousarray(a)).to(op.device, op.dtype)
+                   for a in (S, U, V))
+        history = (info,)
         res = verify(S, U, V, smax)  # (a tol below the round-off floor: ToleranceError)
     elif method == "dense":
         J, U, S, V = dense_svd(cop)

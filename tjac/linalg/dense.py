@@ -3,16 +3,15 @@
 The oracle for tests and the cheapest certified path for the bottom of small nets (P products, all
 in wide blocks, against ~1.25 P single-width products for a Krylov method on a near-null cluster).
 
-Two variants:
-
 * :func:`dense_svd`: the full SVD (every sigma, both bases). Peak ~8 P^2 values (J, LAPACK's copy,
   U, V^T and gesdd's workspace).
 * :func:`dense_bottom`: the bottom k only, in ~P^2 values: J is overwritten by its Householder QR
-  (J = Q R, LAPACK geqrf), the bottom of R (= the bottom of J: sigma(J) = sigma(R), same right
-  vectors) comes from subspace iteration on (R^T R)^{-1} (two triangular solves per step, O(P^2 b)
-  flops) with a Rayleigh-Ritz step on R itself, and the left vectors are Q u_R (LAPACK ormqr, from
-  the reflectors stored in place). Householder QR is backward stable, so the bottom is as accurate
-  (to ~eps ||J||, the absolute scale of every certificate here) as the full SVD's.
+  (J = Q R, LAPACK geqrf); the bottom of R (sigma(J) = sigma(R), the same right vectors) comes
+  from inverse subspace iteration on both sides (two triangular solves per step, O(P^2 b) flops)
+  with a two-sided Rayleigh-Ritz step on R itself, and the left vectors are Q u_R (LAPACK ormqr,
+  from the reflectors stored in place). Householder QR is backward stable, so the bottom is as
+  accurate (to ~eps ||J||, the absolute scale of every certificate here) as the full SVD's.
+* :func:`dense_values`: every sigma without vectors (gesdd on a copy; ~P^2 values more).
 """
 
 from __future__ import annotations
@@ -82,12 +81,13 @@ def dense_bottom(J: np.ndarray, k: int, *, tol: float = 1e-8, maxiter: int = 200
     r"""The k smallest singular triplets of the square matrix ``J``, which is **overwritten**.
 
     ``J`` should be column-major (Fortran-ordered, as :func:`materialize_host` makes it); a
-    row-major array is copied to column-major first (2 P^2 at the peak). Returns ``(S, U, V, smax, info)``:
-    ``S`` ascending (the smallest first), ``U``/``V`` (P, k) numpy arrays, ``smax`` the norm used
-    for the stopping rule (``smax`` if given, else a power-iteration estimate from R, a lower
-    bound of ||J||), and ``info`` (steps, ``max_residual`` relative to smax, ``patched``: diagonal
-    entries of R below eps ||J|| that were lifted to it for the solves only, a perturbation within
-    round-off).
+    row-major array is copied to column-major first (2 P^2 at the peak). Returns
+    ``(S, U, V, smax, info)``: ``S`` ascending (the smallest first), ``U``/``V`` (P, k) numpy
+    arrays, ``smax`` the norm used for the stopping rule (``smax`` if given, else a
+    power-iteration estimate from R, a lower bound of ||J||), and ``info``: ``steps``, the final
+    ``block``, ``max_residual`` (relative to smax), ``patched`` (diagonal entries of R below
+    eps ||J||, lifted to it for the solves only: a perturbation within round-off),
+    ``factor_seconds`` (QR and norm estimate) and ``iterate_seconds``.
 
     Subspace iteration with ``b`` = max(2k, k + 8) columns stops once the Ritz values moved by at
     most max(1e-10 s, eps smax) since the previous step and every wanted pair's residuals
@@ -95,8 +95,8 @@ def dense_bottom(J: np.ndarray, k: int, *, tol: float = 1e-8, maxiter: int = 200
     ``GROW_EVERY`` steps in which the values have not settled or the residuals have not halved
     (a cluster wider than the block converges slowly), the block doubles, up to max(8k, 4b);
     residuals that stop halving at the widest block are the round-off floor (a tol below it is
-    the caller's to refuse) and end the iteration. The caller certifies the triplets with fresh products of the operator (the
-    formed J is gone by then).
+    the caller's to refuse) and end the iteration. The caller certifies the triplets with fresh
+    products of the operator (the formed J is gone by then).
     """
     P = J.shape[0]
     if J.ndim != 2 or J.shape[1] != P:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from .dense import dense_bottom_block
 
 DENSE_FACTOR = 8            # values of P^2 at the dense path's peak (J, its copy, U, V^T, work)
-DENSE_BOTTOM_FACTOR = 1     # values of P^2 at the bottom-only dense path's peak (J, factorized in place)
+DENSE_BOTTOM_FACTOR = 1     # values of P^2 at the bottom-only dense path's peak (J, in place)
 LANCZOS_BOTTOM_PRODUCTS = 1.25
 LANCZOS_BOTTOM_FACTOR = 10  # values of P^2 at long-basis Lanczos' peak
 RANDOMIZED_PASSES = 6
