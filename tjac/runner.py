@@ -22,7 +22,7 @@ from . import __version__, _checks, distributed, query, replay, store
 from .analysis import structural_ones
 from .checkpoint import LanczosCheckpoint
 from .linalg import Progress, default_tol, fresh_residuals, plan_solve, small_svd, svd
-from .linalg.dense import dense_bottom, dense_values
+from .linalg.dense import column_blocks, dense_bottom_torch, dense_values, numpy_dtype
 from .linalg.plan import HEADROOM
 from .operator import TrainingJacobian, theta_sha256
 from .recipe import Recipe
@@ -380,13 +380,12 @@ def _values_fit(P: int, dtype) -> bool:
 def _dense_bottom(op, J: np.ndarray, k: int, tol: float) -> dict:
     """The bottom k of the formed J (overwritten: :func:`tjac.linalg.dense.dense_bottom`),
     certified by fresh products of ``op``."""
-    S, U, V, smax, info = dense_bottom(J, k, tol=tol, gen=torch.Generator().manual_seed(0))
+    S, U, V, smax, info = dense_bottom_torch(J, k, tol=tol, gen=torch.Generator().manual_seed(0),
+                                             device=op.device, dtype=op.dtype)
     del J
     log.info("bottom-%d from J's QR: %d steps of inverse subspace iteration (block %d), "
              "QR %.1f s, iteration %.1f s", k, info["steps"], info["block"],
              info["factor_seconds"], info["iterate_seconds"])
-    back = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(op.device, op.dtype)  # noqa: E731
-    S, U, V = back(S), back(U), back(V)
     res = fresh_residuals(op, S, U, V)
     return dict(S=S, U=U, V=V, res=res, method="dense", smax=smax,
                 conv=res.max(1).values <= tol * smax)
@@ -410,11 +409,9 @@ def _dense_resumable(w, run, op, *, block: int = 128, progress=None, plan=None,
     report = Progress("dense J columns", expected_products=P - done, emit=log.info)
     if plan is not None:
         log.info("solve %s", plan.describe())
-    for i in range(done, P, block):
-        n = min(block, P - i)
-        E = torch.zeros(P, n, dtype=op.dtype, device=op.device)
-        E[torch.arange(i, i + n), torch.arange(n)] = 1.0
-        arr[i:i + n] = _to_np(op.matmat(E).T).astype(np.float64)
+    for i, cols in column_blocks(op, block=block, start=done):
+        n = cols.shape[1]
+        arr[i:i + n] = _to_np(cols.T).astype(np.float64)
         g.attrs["n_committed"] = i + n
         if bar:
             bar.update(n)
@@ -423,7 +420,7 @@ def _dense_resumable(w, run, op, *, block: int = 128, progress=None, plan=None,
     if bar:
         bar.close()
     if host:  # the rows are J's columns: read block by block into J, column-major, of op's dtype
-        J = np.empty((P, P), dtype=torch.empty((), dtype=op.dtype).numpy().dtype, order="F")
+        J = np.empty((P, P), dtype=numpy_dtype(op.dtype), order="F")
         for i in range(0, P, block):
             J[:, i:i + block] = np.asarray(arr[i:i + block]).T
         return J

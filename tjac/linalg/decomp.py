@@ -6,12 +6,11 @@ import logging
 import numbers
 import os
 
-import numpy as np
 import torch
 
 from .. import _checks
 from ._base import ConvergenceError, Counted, SVDResult, Timer, fresh_residuals
-from .dense import dense_bottom, dense_svd, materialize_host
+from .dense import dense_bottom_torch, dense_svd, materialize_host
 from .lanczos import gkl
 from .plan import plan_solve
 from .randomized import randomized
@@ -243,9 +242,8 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
     if resume_state is not None and "gen_state" in resume_state:
         gen.set_state(resume_state["gen_state"])
     if method == "dense" and plan.bottom_only:  # J's QR in place: the bottom in ~P^2 memory
-        S, U, V, smax, info = dense_bottom(materialize_host(cop), k, tol=tol, gen=gen)
-        S, U, V = (torch.from_numpy(np.ascontiguousarray(a)).to(op.device, op.dtype)
-                   for a in (S, U, V))
+        S, U, V, smax, info = dense_bottom_torch(materialize_host(cop), k, tol=tol, gen=gen,
+                                                 device=op.device, dtype=op.dtype)
         history = (info,)
         res = verify(S, U, V, smax)  # (a tol below the round-off floor: ToleranceError)
     elif method == "dense":

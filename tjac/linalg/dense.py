@@ -25,28 +25,34 @@ import torch
 from ._base import small_svd
 
 
+def column_blocks(op, *, block: int = 128, start: int = 0):
+    """``(i, J[:, i:i + n])`` for each block of J's columns from ``start``: J times identity
+    columns (one forward product per column)."""
+    P = op.shape[0]
+    for i in range(start, P, block):
+        n = min(block, P - i)
+        E = torch.zeros(P, n, dtype=op.dtype, device=op.device)
+        E[torch.arange(i, i + n), torch.arange(n)] = 1.0
+        yield i, op.matmat(E)
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype of a torch dtype (J on the host keeps the operator's)."""
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
 def materialize(op, *, block: int = 128) -> torch.Tensor:
     """The P x P matrix J, built column block by column block (P forward products)."""
-    P = op.shape[0]
-    cols = []
-    for i in range(0, P, block):
-        E = torch.zeros(P, min(block, P - i), dtype=op.dtype, device=op.device)
-        E[torch.arange(i, i + E.shape[1]), torch.arange(E.shape[1])] = 1.0
-        cols.append(op.matmat(E))
-    return torch.cat(cols, 1)
+    return torch.cat([cols for _, cols in column_blocks(op, block=block)], 1)
 
 
 def materialize_host(op, *, block: int = 128) -> np.ndarray:
     """J as a column-major (Fortran-ordered) numpy array on the host, filled in place block by
     block: P^2 values plus one block, no concatenated copy (what :func:`dense_bottom` takes)."""
     P = op.shape[0]
-    np_dtype = torch.empty((), dtype=op.dtype).numpy().dtype
-    J = np.empty((P, P), dtype=np_dtype, order="F")
-    for i in range(0, P, block):
-        n = min(block, P - i)
-        E = torch.zeros(P, n, dtype=op.dtype, device=op.device)
-        E[torch.arange(i, i + n), torch.arange(n)] = 1.0
-        J[:, i:i + n] = op.matmat(E).detach().cpu().numpy()
+    J = np.empty((P, P), dtype=numpy_dtype(op.dtype), order="F")
+    for i, cols in column_blocks(op, block=block):
+        J[:, i:i + cols.shape[1]] = cols.detach().cpu().numpy()
     return J
 
 
@@ -172,6 +178,15 @@ def dense_bottom(J: np.ndarray, k: int, *, tol: float = 1e-8, maxiter: int = 200
                                          "max_residual": float(res.max()) / smax,
                                          "factor_seconds": t1 - t0,
                                          "iterate_seconds": time.perf_counter() - t1}
+
+
+def dense_bottom_torch(J: np.ndarray, k: int, *, tol: float, gen: torch.Generator, device,
+                       dtype):
+    """:func:`dense_bottom` with S, U, V handed back as torch tensors on ``device`` in ``dtype``
+    (the operator's); returns ``(S, U, V, smax, info)``. ``J`` is overwritten."""
+    S, U, V, smax, info = dense_bottom(J, k, tol=tol, gen=gen)
+    S, U, V = (torch.from_numpy(np.ascontiguousarray(a)).to(device, dtype) for a in (S, U, V))
+    return S, U, V, smax, info
 
 
 def _solve(trtrs, R, X, *, trans):

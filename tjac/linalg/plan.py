@@ -94,7 +94,8 @@ class SolvePlan:
         return {"which": self.which, "k": self.k, "P": self.P, "method": self.method,
                 **{f"expected_{n}": v for n, v in self.estimate.as_dict().items()
                    if n not in ("method", "spill")},
-                "spill": self.spill, "bottom_only": self.bottom_only, "available_bytes": self.available_bytes,
+                "spill": self.spill, "bottom_only": self.bottom_only,
+                "available_bytes": self.available_bytes,
                 "disk_free_bytes": self.disk_free_bytes, "fits": self.fits,
                 "reason": self.reason, "alternatives": [a.as_dict() for a in self.alternatives]}
 

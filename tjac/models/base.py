@@ -189,11 +189,9 @@ class Model:
                                     materialize_grads=True)
             live = [i for i, gi in enumerate(g) if gi.requires_grad]
             vs = self.unflatten(V)
-            hv = [None] * len(leaves)
-            if live:
-                got = torch.autograd.grad([g[i] for i in live], leaves, [vs[i] for i in live],
-                                          is_grads_batched=True, allow_unused=True)
-                hv = list(got)
+            hv = (torch.autograd.grad([g[i] for i in live], leaves, [vs[i] for i in live],
+                                      is_grads_batched=True, allow_unused=True)
+                  if live else [None] * len(leaves))
         return (torch.cat([t.detach().reshape(-1) for t in g]),
                 torch.cat([(h.detach() if h is not None
                             else V.new_zeros((k,) + tuple(t.shape))).reshape(k, -1)
