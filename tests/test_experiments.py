@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import tjac
 from tjac import cli, cli_analyze, store
 from tjac import analyze as analyze_mod
+from tjac.analysis.experiments import regions_of
 from tjac.analysis import (AnalysisResult, Complement, movement, ood_kl, output_jacobian_null,
                            overlap_runs, perturbation_response, predict_bulk, restricted_sweep,
                            restricted_training, subspace_overlap)
@@ -409,3 +410,57 @@ def test_cli_bad_input_and_names(stored, capsys):
     assert "bulk: predicted" in out and "movement:" in out
     if "analyze" in cli.build_parser()._subparsers._group_actions[0].choices:  # once wired
         assert cli.main(["analyze", stored, "--run", "a", "--what", "bogus"]) == 2
+
+
+def test_reproduce_paper_script_runs_end_to_end(tmp_path):
+    """examples/reproduce_paper.py on a tiny recipe: every figure, the table, and the analyses in
+    the store; only the clean run solves for its bottom (the others' overlaps use their tops)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "paper"
+    p = subprocess.run([sys.executable, os.path.join(root, "examples", "reproduce_paper.py"),
+                        "--out", str(out), "--width", "4", "--epochs", "1", "--k", "2",
+                        "--bulk-widths", "4", "--threads", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = tjac.open(str(out / "paper.zarr"))
+    clean = res.run("clean")
+    assert len(clean.sigma("bottom")) == 2
+    for v in ("seed1", "shuffled", "noise", "adam"):
+        assert len(res.run(v).sigma("top")) == 2
+        with pytest.raises(KeyError):
+            res.run(v).sigma("bottom")
+    names = set(clean.analyses())
+    assert {"movement", "overlap-top", "restricted", "ood", "overlap-shuffled-top",
+            "variants"} <= names and "overlap-shuffled-bottom" not in names
+    md = (out / "results.md").read_text()
+    assert "| total (runs, experiments, figures) |" in md and "clean-w4" in md
+    pngs = {f.name for f in out.iterdir() if f.suffix == ".png"}
+    assert {"variants.png", "bulk-prediction.png", "restricted.png"} <= pngs
+    bad = subprocess.run([sys.executable, os.path.join(root, "examples", "reproduce_paper.py"),
+                          "--out", str(tmp_path / "x"), "--variants", "clean,bogus"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "unknown variant 'bogus'" in bad.stderr
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
+def test_known_regions_add_the_structural_ones_and_still_contain_the_truth(stored, dense):
+    from tjac.analysis.structural import structural_ones
+    from tjac.analyze import known_regions
+
+    op, _, S, _ = dense
+    run = tjac.open(stored).run("a")
+    n1 = structural_ones(op.problem).n_exact_singular
+    for eps in (1e-3, 1e-1):
+        plain, reg = run.regions(eps), known_regions(run, eps)
+        assert reg["structural_ones"] == n1 > plain["bulk_min"]
+        assert reg["bulk_min"] == n1
+        exact = dict(zip(("chaotic", "bulk", "stable"),
+                         np.bincount(regions_of(S, eps), minlength=3)))
+        for name, n in exact.items():
+            assert reg[f"{name}_min"] <= n <= reg[f"{name}_max"], (eps, name)
+            assert reg[f"{name}_max"] <= plain[f"{name}_max"]
+        assert reg["chaotic_max"] < plain["chaotic_max"]  # tightened, not only restated

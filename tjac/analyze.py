@@ -306,7 +306,7 @@ class _Ctx:
         if self.full is not None:
             measured = int((np.abs(self.full.sigma - 1) <= self.eps).sum())
         else:
-            measured = self.run.regions(self.eps)
+            measured = known_regions(self.run, self.eps)
         return predict_bulk(self.problem, self.eps, measured=measured)
 
 
@@ -445,6 +445,25 @@ def key_numbers(r: AnalysisResult) -> str:
     return f"{r.name}: " + ", ".join(f"{k}={v}" for k, v in a.items() if isinstance(v, (int, float)))
 
 
+def known_regions(run, eps: float) -> dict:
+    """:meth:`tjac.query.Run.regions` tightened by the structural sigma = 1 directions
+    (:mod:`tjac.analysis.structural`, exact whatever the solves found): the bulk holds at least
+    that many at any eps, so the other regions' upper bounds drop by what the bulk's lower bound
+    gains. Counts already exact are left alone; ``structural_ones`` says how many there are."""
+    from .analysis.structural import structural_ones
+    from .problem import Problem
+
+    reg = dict(run.regions(eps))
+    n1 = int(structural_ones(Problem(run.recipe)).n_exact_singular)
+    reg["structural_ones"] = n1
+    if reg.get("bulk") is None and n1 > reg["bulk_min"]:
+        reg["bulk_min"] = n1
+        for name, other in (("chaotic", "stable"), ("stable", "chaotic")):
+            reg[f"{name}_max"] = min(reg[f"{name}_max"],
+                                     run.P - n1 - reg[f"{other}_min"])
+    return reg
+
+
 # -- 7. variants side by side --------------------------------------------------------------------
 def spectra_side_by_side(runs: dict, eps: float = 1e-3, name: str = "variants") -> AnalysisResult:
     """The known spectra of several runs ({label: :class:`tjac.query.Run`}), NaN-padded, with
@@ -457,7 +476,7 @@ def spectra_side_by_side(runs: dict, eps: float = 1e-3, name: str = "variants") 
     S = np.full((len(sp), n), np.nan)
     for i, s in enumerate(sp.values()):
         S[i, :len(s.sigma)] = s.sigma
-    regions = {k: r.regions(eps) for k, r in runs.items()}
+    regions = {k: known_regions(r, eps) for k, r in runs.items()}
     reg = np.where(np.isfinite(S), regions_of(np.nan_to_num(S, nan=1.0), eps), -1)
     return AnalysisResult(name, {"sigma": (S, ("run", "index")),
                                  "distance_from_one": (np.abs(S - 1), ("run", "index")),
