@@ -104,13 +104,17 @@ def test_user_model_products_match_dense_jacobian(name, opt):
 
 def test_user_mlp_equals_the_builtin_fused_path():
     builtin = tjac.TrainingJacobian(tjac.Recipe.paper(width=4, **SMALL), backend="fused")
-    user = tjac.TrainingJacobian(tjac.Recipe.paper(**MODELS["plain_mlp"], **SMALL), builtin.theta0)
-    assert user.backend == "eager" and [p.name for p in user.param_layout] == \
-        [p.name for p in builtin.param_layout]
+    r = tjac.Recipe.paper(**MODELS["plain_mlp"], **SMALL)
+    user = tjac.TrainingJacobian(r, builtin.theta0)  # recognised as an MLP chain: fused
+    generic = tjac.TrainingJacobian(tjac.Problem(r, model_backend="func"), builtin.theta0)
+    assert user.problem.model.recognised and generic.backend == "eager"
+    assert [p.name for p in user.param_layout] == [p.name for p in builtin.param_layout]
     V = torch.randn(builtin.shape[0], 4, generator=torch.Generator().manual_seed(1),
                     dtype=torch.float64)
-    for a, b in ((user.matmat(V), builtin.matmat(V)), (user.rmatmat(V), builtin.rmatmat(V))):
-        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+    ref = builtin.matmat(V), builtin.rmatmat(V)
+    for op in (user, generic):
+        for a, b in ((op.matmat(V), ref[0]), (op.rmatmat(V), ref[1])):
+            assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
 
 
 def test_theta_is_the_trainable_parameters_in_order_and_init_is_the_modules_own():

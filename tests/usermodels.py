@@ -183,3 +183,47 @@ def inplace_momentum(lr=0.05, beta=0.9):
 def one_hot_mse(outputs, targets):
     """F.mse_loss has no forward-over-reverse rule: refused before training."""
     return torch.nn.functional.mse_loss(outputs, torch.nn.functional.one_hot(targets, 10).to(outputs))
+
+
+def sequential_mlp(width=4, act="tanh"):
+    """An MLP as nn.Sequential: Flatten, Linear, activation, Linear, activation, Linear."""
+    a = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": lambda: nn.GELU(approximate="tanh"),
+         "gelu_exact": nn.GELU}[act]
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), a(), nn.Linear(width, width), a(),
+                         nn.Linear(width, 10))
+
+
+class NotAChain(nn.Module):
+    """Almost an MLP; ``kind`` names what breaks the pattern."""
+
+    def __init__(self, kind, width=4):
+        super().__init__()
+        self.kind = kind
+        if kind == "reversed_registration":  # parameters registered last layer first
+            self.out = nn.Linear(width, 10)
+            self.inp = nn.Linear(64, width)
+        else:
+            self.inp = nn.Linear(64, width, bias=kind != "no_bias")
+            self.out = nn.Linear(width, 10)
+        if kind == "buffer":
+            self.register_buffer("scale", torch.ones(()))
+        if kind == "dropout":
+            self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        h = x.reshape(x.shape[0], -1)
+        z = self.inp(h)
+        if self.kind == "scaled":
+            z = 2.0 * z
+        a = torch.tanh(z)
+        if self.kind == "dropout":
+            a = self.drop(a)
+        if self.kind == "buffer":
+            a = a * self.scale
+        if self.kind == "residual":
+            a = a + z
+        return self.out(a)
+
+
+def not_a_chain(kind="scaled", width=4):
+    return NotAChain(kind, width)

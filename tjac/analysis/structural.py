@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models import CNN, MLP, Transformer
+from ..models.chain import mlp_chain
 from ..problem import Problem
 
 
@@ -62,11 +63,13 @@ def structural_ones(problem: Problem) -> StructuralOnes:
     module = problem.model.module
     cols = []
     zero = ()
-    if no_wd and isinstance(module, MLP):
+    mlp = isinstance(module, MLP) or getattr(problem.model, "recognised", False) or (
+        r.model.family == "module" and mlp_chain(module) is not None)  # a user's MLP
+    if no_wd and mlp:
         x = problem.data.x_train[: problem.order.per_epoch * r.batch_size] \
             if r.data.shuffle == "none" else problem.data.x_train
-        zero = tuple(int(j) for j in torch.nonzero((x == 0).all(0)).flatten())
-        W0 = layout["layers.0.weight"]
+        zero = tuple(int(j) for j in torch.nonzero((x.reshape(len(x), -1) == 0).all(0)).flatten())
+        W0 = problem.layout[0]  # an MLP's theta starts with the first weight (out, in)
         out_dim, in_dim = W0.shape
         for j in zero:
             for i in range(out_dim):
@@ -75,10 +78,15 @@ def structural_ones(problem: Problem) -> StructuralOnes:
                 cols.append(e)
     zb = torch.stack(cols, 1) if cols else torch.zeros(P, 0, dtype=dt, device=dev)
     shift = []
-    head = "head" if "head.weight" in layout else f"layers.{n_layers - 1}"
-    if (no_wd and isinstance(module, (MLP, CNN, Transformer)) and r.loss == "cross_entropy"
-            and f"{head}.weight" in layout):
-        Wl, bl = layout[f"{head}.weight"], layout[f"{head}.bias"]
+    head = None  # (last weight, last bias) of a net whose logits they produce
+    if mlp:  # an MLP's theta ends with them, whatever the user named them
+        head = problem.layout[-2], problem.layout[-1]
+    elif isinstance(module, (CNN, Transformer)):
+        name = "head" if "head.weight" in layout else f"layers.{n_layers - 1}"
+        if f"{name}.weight" in layout:
+            head = layout[f"{name}.weight"], layout[f"{name}.bias"]
+    if no_wd and head is not None and r.loss == "cross_entropy":
+        Wl, bl = head
         n_cls, n_hid = Wl.shape
         d = torch.zeros(P, dtype=dt, device=dev)
         d[bl.offset:bl.offset + n_cls] = n_cls ** -0.5

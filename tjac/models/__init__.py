@@ -15,6 +15,8 @@ from .base import Model, ModelError, ParamInfo, seed_dropouts
 from .imports import ImportPathError, resolve
 from .layers import SeededDropout, activation, activation_derivs, truncated_normal
 from .losses import cross_entropy, mse
+from .chain import matches as chain_matches
+from .chain import mlp_chain
 from .mlp import MLP, MLPModel
 from .zoo import CNN, Transformer
 from ..recipe import LIVE_MISSING
@@ -101,6 +103,14 @@ def build(recipe, data, *, dtype: torch.dtype, device, backend: str = "manual") 
               allow_downcast=recipe.model.family != "module")
     if isinstance(module, MLP) and recipe.loss == "cross_entropy":
         return MLPModel(module, backend=backend, **kw)
+    if recipe.model.family == "module" and recipe.loss == "cross_entropy" and backend == "manual":
+        found = mlp_chain(module)
+        if found is not None:  # a user's MLP: the hand-derived derivatives, once they agree
+            m = MLPModel(module, backend=backend, chain=found, **kw)
+            x = data.x_train[:64].to(device=m.device, dtype=m.dtype)
+            if chain_matches(m, x, m.theta0()):
+                return m
+            module = m.module
     return Model(module, losses.get(recipe.loss), **kw)
 
 

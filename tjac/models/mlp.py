@@ -47,12 +47,15 @@ class MLPModel(Model):
 
     ``backend="func"`` keeps the torch.func path of the base class (the oracle in tests)."""
 
-    def __init__(self, module: MLP, *, backend: str = "manual", **kw):
+    def __init__(self, module: nn.Module, *, backend: str = "manual", chain=None, **kw):
+        """``module`` a :class:`MLP`, or (``chain=(widths, activation)``) a user's module that
+        :func:`tjac.models.chain.mlp_chain` recognised as one."""
         if backend not in ("manual", "func"):
             raise ValueError(f"unknown MLP backend {backend!r}; expected 'manual' or 'func'")
         super().__init__(module, cross_entropy, **kw)
         self.backend = backend
-        self.widths, self.act = module.widths, module.act
+        self.widths, self.act = chain if chain is not None else (module.widths, module.act)
+        self.recognised = chain is not None
 
     def _masks(self, x):
         if not self.stochastic:

@@ -1,0 +1,95 @@
+"""A user's module that is an MLP chain gets the built-in MLP's hand-derived derivatives (and the
+fused backend); anything else stays on torch.func. Products of the recognised path against the
+torch.func path of the same module (Problem(model_backend="func")), which the user-model tests
+hold to a dense jacrev of a training loop."""
+import pytest
+import torch
+
+import tjac
+from tjac.analysis.structural import structural_ones
+from tjac.models import MLPModel, Model
+from tjac.models.chain import mlp_chain
+
+import usermodels
+
+SMALL = dict(epochs=2, n_train=64, batch_size=32)  # 4 steps
+
+
+def _ops(recipe, backend="auto"):
+    rec = tjac.TrainingJacobian(recipe, backend=backend)
+    gen = tjac.TrainingJacobian(tjac.Problem(recipe, model_backend="func"), backend="eager")
+    return rec, gen
+
+
+def _close(a, b, tol=1e-12):
+    return float((a - b).abs().max()) <= tol * float(b.abs().max())
+
+
+@pytest.mark.parametrize("model,kwargs,act", [
+    ("usermodels:plain_mlp", {"width": 4}, "gelu_tanh"),
+    ("usermodels:plain_mlp", {"width": 4, "depth": 2}, "gelu_tanh"),
+    ("usermodels:sequential_mlp", {"act": "tanh"}, "tanh"),
+    ("usermodels:sequential_mlp", {"act": "relu"}, "relu"),
+    ("usermodels:sequential_mlp", {"act": "gelu"}, "gelu_tanh"),
+])
+def test_mlp_chains_take_the_hand_derived_path_and_agree_with_torch_func(model, kwargs, act):
+    r = tjac.Recipe.paper(model=model, model_kwargs=kwargs, **SMALL)
+    rec, gen = _ops(r)
+    m = rec.problem.model
+    assert isinstance(m, MLPModel) and m.recognised and m.act == act
+    assert type(gen.problem.model) is Model  # the oracle stays on torch.func
+    assert rec.backend in ("auto", "fused") and tjac.replay.supported(rec.problem, "fused") is None
+    # the user's names, theta_0 and theta_T unchanged
+    assert [p.name for p in rec.param_layout] == [p.name for p in gen.param_layout]
+    assert torch.equal(rec.theta0, gen.theta0)
+    assert _close(rec.thetaT, gen.thetaT)
+    V = torch.randn(rec.shape[0], 3, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    for backend in ("fused", "eager"):
+        rec.backend = backend
+        assert _close(rec.matmat(V), gen.matmat(V)), backend
+        assert _close(rec.rmatmat(V), gen.rmatmat(V)), backend
+
+
+@pytest.mark.parametrize("kind", ["scaled", "residual", "no_bias", "reversed_registration",
+                                  "buffer", "dropout"])
+def test_modules_off_the_pattern_stay_on_torch_func(kind):
+    r = tjac.Recipe.paper(model="usermodels:not_a_chain", model_kwargs={"kind": kind}, **SMALL)
+    p = tjac.Problem(r)
+    assert type(p.model) is Model, kind
+    assert tjac.replay.supported(p, "fused") is not None
+
+
+def test_exact_gelu_mse_loss_and_frozen_parameters_are_not_recognised():
+    exact = tjac.Recipe.paper(model="usermodels:sequential_mlp", model_kwargs={"act": "gelu_exact"},
+                              **SMALL)
+    assert type(tjac.Problem(exact).model) is Model
+    X = torch.randn(96, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    Y = X[:, :10].clone()
+    mse = tjac.Recipe.paper(model="usermodels:plain_mlp", model_kwargs={"width": 4}, loss="mse",
+                            dataset=(X[:64], Y[:64], X[64:], Y[64:]), epochs=1, batch_size=32)
+    assert type(tjac.Problem(mse).model) is Model  # the hand-derived code is cross-entropy's
+    m = usermodels.plain_mlp(width=4)
+    assert mlp_chain(m) == ((64, 4, 10), "gelu_tanh")
+    m.layers[0].bias.requires_grad_(False)
+    assert mlp_chain(m) is None
+
+
+def test_a_chain_whose_numbers_differ_is_not_used(monkeypatch):
+    """The structural match is confirmed on the data before it is used."""
+    import tjac.models as models
+
+    monkeypatch.setattr(models, "chain_matches", lambda *a, **k: False)
+    r = tjac.Recipe.paper(model="usermodels:plain_mlp", model_kwargs={"width": 4}, **SMALL)
+    assert type(tjac.Problem(r).model) is Model
+
+
+def test_structural_ones_of_a_user_mlp_equal_the_builtin_mlps():
+    builtin = tjac.Problem(tjac.Recipe.paper(width=4, **SMALL))
+    for backend in ("manual", "func"):
+        user = tjac.Problem(tjac.Recipe.paper(model="usermodels:plain_mlp",
+                                              model_kwargs={"width": 4}, **SMALL),
+                            model_backend=backend)
+        a, b = structural_ones(user), structural_ones(builtin)
+        assert a.n_zero_input == b.n_zero_input > 0 and a.n_softmax_shift == b.n_softmax_shift
+        assert torch.equal(a.basis, b.basis)
