@@ -93,3 +93,56 @@ def test_structural_ones_of_a_user_mlp_equal_the_builtin_mlps():
         a, b = structural_ones(user), structural_ones(builtin)
         assert a.n_zero_input == b.n_zero_input > 0 and a.n_softmax_shift == b.n_softmax_shift
         assert torch.equal(a.basis, b.basis)
+
+
+@pytest.mark.parametrize("model,kwargs", [
+    ("usermodels:no_grad_first", {}),          # same outputs, other derivatives
+    ("usermodels:hooked_mlp", {}),             # a hook the trace does not see
+    ("usermodels:hooked_mlp", {"shift": True}),
+])
+def test_what_the_trace_cannot_see_keeps_a_module_off_the_chain(model, kwargs):
+    r = tjac.Recipe.paper(model=model, model_kwargs=kwargs, **SMALL)
+    for backend in ("manual", "func"):
+        p = tjac.Problem(r, model_backend=backend)
+        assert type(p.model) is Model and p.model.chain is None
+        s = structural_ones(p)  # no MLP directions claimed for it
+        assert s.n_zero_input == 0 and s.n_softmax_shift == 0
+
+
+def test_no_grad_inside_forward_is_caught_by_the_derivative_check():
+    """The structure alone passes (fx does not see no_grad); the gradient check refuses it."""
+    from tjac.models.chain import matches
+
+    m = usermodels.no_grad_first()
+    found = mlp_chain(m)
+    assert found == ((64, 4, 10), "tanh")
+    mm = MLPModel(m, chain=found)
+    p = tjac.Problem(tjac.Recipe.paper(width=4, **SMALL))
+    x, y = p.batch(0)
+    assert matches(mm, x, mm.theta0())           # the outputs agree ...
+    assert not matches(mm, x, mm.theta0(), y)    # ... the derivatives do not
+
+
+def test_float32_mlp_is_recognised():
+    r = tjac.Recipe.paper(model="usermodels:plain_mlp", model_kwargs={"width": 4},
+                          dtype="float32", **SMALL)
+    assert tjac.Problem(r).model.recognised
+
+
+def test_a_user_mlp_run_started_on_torch_func_resumes(tmp_path, monkeypatch):
+    """Runs started before MLP chains were recognised trained through torch.func; their theta_T
+    differs from the hand-derived one in the last bits, and the resume takes the same path."""
+    from tjac import runner, store
+
+    r = tjac.Recipe.paper(model="usermodels:plain_mlp", model_kwargs={"width": 4}, **SMALL)
+    path = str(tmp_path / "s.zarr")
+    old = tjac.Problem(r, model_backend="func")
+    with monkeypatch.context() as m:  # started as the code before recognition did
+        m.setattr(runner, "Problem", lambda recipe, **kw: tjac.Problem(recipe, model_backend="func"))
+        runner.run_analysis(r, path, k_top=2, k_bottom=0, run_id="a")
+    assert not torch.equal(tjac.TrainingJacobian(r).thetaT,
+                           tjac.TrainingJacobian(old).thetaT)  # not bit for bit
+    with store.Writer(path) as w:
+        w.set_attrs(w.run("a"), status="running")
+    out = runner.run_analysis(r, path, k_top=2, k_bottom=0, run_id="a", resume=True)
+    assert tjac.open(path).run("a").status == "complete" and out.summary["P"] == old.num_params

@@ -440,6 +440,13 @@ def test_reproduce_paper_script_runs_end_to_end(tmp_path):
     assert "| total (runs, experiments, figures) |" in md and "clean-w4" in md
     pngs = {f.name for f in out.iterdir() if f.suffix == ".png"}
     assert {"variants.png", "bulk-prediction.png", "restricted.png"} <= pngs
+    again = subprocess.run(  # into the same folder: complete runs are reused as they are
+        [sys.executable, os.path.join(root, "examples", "reproduce_paper.py"), "--out", str(out),
+         "--width", "4", "--epochs", "1", "--k", "2", "--bulk-widths", "", "--threads", "1",
+         "--bottom-runs", "all"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    with pytest.raises(KeyError):
+        tjac.open(str(out / "paper.zarr")).run("seed1").sigma("bottom")
     bad = subprocess.run([sys.executable, os.path.join(root, "examples", "reproduce_paper.py"),
                           "--out", str(tmp_path / "x"), "--variants", "clean,bogus"],
                          capture_output=True, text=True, timeout=600)

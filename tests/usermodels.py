@@ -227,3 +227,31 @@ class NotAChain(nn.Module):
 
 def not_a_chain(kind="scaled", width=4):
     return NotAChain(kind, width)
+
+
+class NoGradFirst(nn.Module):
+    """Outputs of an MLP, but the first layer is computed under torch.no_grad()."""
+
+    def __init__(self, width=4):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, width), nn.Linear(width, 10)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.a(x.reshape(x.shape[0], -1))
+        return self.b(torch.tanh(h))
+
+
+def no_grad_first(width=4):
+    return NoGradFirst(width)
+
+
+def hooked_mlp(width=4, shift=False):
+    """A Sequential MLP with a hook on its first Linear: detach its output (changes derivatives
+    only) or shift its input (changes outputs)."""
+    m = sequential_mlp(width, "tanh")
+    if shift:
+        m[1].register_forward_pre_hook(lambda mod, inp: (inp[0] + 1.0,))
+    else:
+        m[1].register_forward_hook(lambda mod, inp, out: out.detach())
+    return m

@@ -306,7 +306,7 @@ class _Ctx:
         if self.full is not None:
             measured = int((np.abs(self.full.sigma - 1) <= self.eps).sum())
         else:
-            measured = known_regions(self.run, self.eps)
+            measured = known_regions(self.run, self.eps, self.problem)
         return predict_bulk(self.problem, self.eps, measured=measured)
 
 
@@ -445,18 +445,31 @@ def key_numbers(r: AnalysisResult) -> str:
     return f"{r.name}: " + ", ".join(f"{k}={v}" for k, v in a.items() if isinstance(v, (int, float)))
 
 
-def known_regions(run, eps: float) -> dict:
+def known_regions(run, eps: float, problem=None) -> dict:
     """:meth:`tjac.query.Run.regions` tightened by the structural sigma = 1 directions
     (:mod:`tjac.analysis.structural`, exact whatever the solves found): the bulk holds at least
     that many at any eps, so the other regions' upper bounds drop by what the bulk's lower bound
-    gains. Counts already exact are left alone; ``structural_ones`` says how many there are."""
+    gains. ``structural_ones`` says how many there are (None when the run's recipe cannot be
+    rebuilt here, e.g. in-memory data: then the counts are the stored solves' alone). Counts
+    already exact are left alone; a structural count above the bulk's upper bound (the solves
+    certify more values outside the bulk than the derivation allows) is reported
+    (``structural_conflict``) and not applied."""
     from .analysis.structural import structural_ones
     from .problem import Problem
 
     reg = dict(run.regions(eps))
-    n1 = int(structural_ones(Problem(run.recipe)).n_exact_singular)
+    try:
+        n1 = int(structural_ones(problem if problem is not None
+                                 else Problem(run.recipe)).n_exact_singular)
+    except Exception as e:  # noqa: BLE001 - a recipe naming in-memory arrays or a live module
+        log.info("run %s: structural sigma = 1 directions not derived (%s)", run.id, e)
+        reg["structural_ones"] = None
+        return reg
     reg["structural_ones"] = n1
     if reg.get("bulk") is None and n1 > reg["bulk_min"]:
+        if n1 > reg["bulk_max"]:
+            reg["structural_conflict"] = True
+            return reg
         reg["bulk_min"] = n1
         for name, other in (("chaotic", "stable"), ("stable", "chaotic")):
             reg[f"{name}_max"] = min(reg[f"{name}_max"],

@@ -174,6 +174,18 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
             if tuned:  # tuned once per run; a resume reuses the pick (same arithmetic, same chunks)
                 op.apply_tuning(tuned)
             stored = np.asarray(run["thetaT"][:])
+            if (not np.array_equal(stored, _to_np(op.thetaT)) and group is None
+                    and getattr(problem.model, "recognised", False)):
+                # a user's MLP run started before MLP chains were recognised trained through
+                # torch.func (the same numbers to ~1e-16, not bit for bit): resume it that way
+                alt = TrainingJacobian(Problem(recipe, model_backend="func"),
+                                       checkpoint=checkpoint, backend=backend)
+                if np.array_equal(stored, _to_np(alt.thetaT)):
+                    log.info("run %s: resumed with torch.func derivatives (how it was started)",
+                             run_id)
+                    op, check = alt, alt.check()
+                    if tuned:
+                        op.apply_tuning(tuned)
             if not np.array_equal(stored, _to_np(op.thetaT)):
                 raise store.StoreError(f"run {run_id!r}: this machine's training does not reproduce "
                                        f"the stored thetaT bit for bit; cannot resume")

@@ -11,8 +11,9 @@ r"""Directions with singular value exactly 1 for structural reasons, found from 
   singular vector, and it is reported as such.
 
 Both are derived for the built-in families with cross-entropy and the built-in optimizers (gradient
-clipping keeps them: it rescales gradients that vanish, or are orthogonal to d). For a user's
-module or optimizer nothing is predicted (zero counts). Under ``param_filter`` the directions
+clipping keeps them: it rescales gradients that vanish, or are orthogonal to d), and for a user's
+module that :mod:`tjac.models.chain` recognised and verified as an MLP chain. For any other user
+module, and for a user's optimizer, nothing is predicted (zero counts). Under ``param_filter`` the directions
 supported inside the selected parameters are kept, restricted to them.
 """
 
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from ..models import CNN, MLP, Transformer
-from ..models.chain import mlp_chain
 from ..problem import Problem
 
 
@@ -63,8 +63,7 @@ def structural_ones(problem: Problem) -> StructuralOnes:
     module = problem.model.module
     cols = []
     zero = ()
-    mlp = isinstance(module, MLP) or getattr(problem.model, "recognised", False) or (
-        r.model.family == "module" and mlp_chain(module) is not None)  # a user's MLP
+    mlp = isinstance(module, MLP) or problem.model.chain is not None  # a user's verified MLP
     if no_wd and mlp:
         x = problem.data.x_train[: problem.order.per_epoch * r.batch_size] \
             if r.data.shuffle == "none" else problem.data.x_train

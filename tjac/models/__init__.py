@@ -103,15 +103,21 @@ def build(recipe, data, *, dtype: torch.dtype, device, backend: str = "manual") 
               allow_downcast=recipe.model.family != "module")
     if isinstance(module, MLP) and recipe.loss == "cross_entropy":
         return MLPModel(module, backend=backend, **kw)
-    if recipe.model.family == "module" and recipe.loss == "cross_entropy" and backend == "manual":
+    found = None
+    if recipe.model.family == "module" and recipe.loss == "cross_entropy":
         found = mlp_chain(module)
         if found is not None:  # a user's MLP: the hand-derived derivatives, once they agree
-            m = MLPModel(module, backend=backend, chain=found, **kw)
+            m = MLPModel(module, backend="manual", chain=found, **kw)
             x = data.x_train[:64].to(device=m.device, dtype=m.dtype)
-            if chain_matches(m, x, m.theta0()):
+            y = data.y_train[:64].to(device=m.device)
+            if not chain_matches(m, x, m.theta0(), y):
+                found = None
+            elif backend == "manual":
                 return m
             module = m.module
-    return Model(module, losses.get(recipe.loss), **kw)
+    model = Model(module, losses.get(recipe.loss), **kw)
+    model.chain = found  # verified: its structural sigma = 1 directions are the MLP's
+    return model
 
 
 __all__ = ["count_params", "CNN", "ImportPathError", "MLP", "MLPModel", "Model", "ModelError", "ParamInfo",

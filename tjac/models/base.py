@@ -87,6 +87,7 @@ class Model:
         if not isinstance(module, nn.Module):
             raise ModelError(f"expected a torch.nn.Module, got {type(module).__name__}")
         self.loss_fn, self.seed = loss, int(seed)
+        self.chain = None  # (widths, activation) of a verified MLP chain (tjac.models.chain)
         self.dtype, self.device = dtype, torch.device(device)
         self.dropouts = seed_dropouts(module)
         for name, p in module.named_parameters():

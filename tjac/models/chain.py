@@ -7,12 +7,15 @@ what the built-in MLP computes. Trained with cross-entropy, its gradients and bl
 come from :class:`~tjac.models.mlp.MLPModel`'s hand-derived code and its replays from the fused
 backend: products about 4x cheaper than torch.func's on the paper's net (BENCHMARKS.md).
 
-The forward is read with ``torch.fx.symbolic_trace``; anything the trace cannot read (control
-flow on values, unsupported calls) or any op outside the pattern leaves the module on the generic
-path. A match is then checked numerically on a batch of the training data (outputs of the
-module against the chain's to 1e-10 relative) before it is used; ``param_layout`` keeps the
-user's parameter names. ``Problem(recipe, model_backend="func")`` keeps torch.func derivatives for
-every module (the oracle in tests).
+The forward is read with ``torch.fx.symbolic_trace`` in train mode; anything the trace cannot read
+(control flow on values, unsupported calls), any op outside the pattern, and any module hook
+(which the trace does not see) leave the module on the generic path. A match is then checked
+numerically on a batch of the training data before it is used: the outputs, the gradient and a
+block Hessian-vector product of the hand-derived chain against the module's own through torch.func
+(a ``torch.no_grad`` block inside a forward changes derivatives but not outputs). ``param_layout``
+keeps the user's parameter names. ``Problem(recipe, model_backend="func")`` keeps torch.func
+derivatives for every module (the oracle in tests); a verified chain is still marked
+(``model.chain``) so that its structural sigma = 1 directions are derived.
 """
 
 from __future__ import annotations
@@ -75,15 +78,19 @@ def mlp_chain(module: nn.Module) -> tuple[tuple[int, ...], str] | None:
     Purely structural: :func:`matches` checks the numbers."""
     import torch.fx
 
-    if any(True for _ in module.buffers()):
+    if any(True for _ in module.buffers()) or _hooked(module):
         return None
     named = list(module.named_parameters())
     if not named or not all(p.requires_grad for _, p in named):
         return None
+    was = module.training
     try:
+        module.train()  # the mode training runs in
         gm = torch.fx.symbolic_trace(module)
     except Exception:  # noqa: BLE001 - anything fx cannot read stays on the generic path
         return None
+    finally:
+        module.train(was)
     mods = dict(gm.named_modules())
     nodes = [n for n in gm.graph.nodes]
     xs = [n for n in nodes if n.op == "placeholder"]
@@ -130,16 +137,55 @@ def mlp_chain(module: nn.Module) -> tuple[tuple[int, ...], str] | None:
     return widths, (acts[0] if acts else "tanh")
 
 
-def matches(model, x: torch.Tensor, theta: torch.Tensor, rtol: float = 1e-10) -> bool:
-    """Whether the hand-derived chain (``model`` an MLPModel) gives the module's outputs on x."""
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a hook (on any submodule, or global) or an overridden ``__call__`` could change
+    what the module computes behind the trace's back."""
+    from torch.nn.modules import module as M
+
+    if any(getattr(M, g, None) for g in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                          "_global_backward_hooks",
+                                          "_global_backward_pre_hooks")):
+        return True
+    for m in module.modules():
+        if type(m).__call__ is not nn.Module.__call__:
+            return True
+        if any(getattr(m, h, None) for h in _HOOKS):
+            return True
+    return False
+
+
+def _close(a, b, rtol) -> bool:
+    if a.shape != b.shape or not bool(torch.isfinite(a).all()):
+        return False
+    scale = float(b.abs().max()) or 1.0
+    return float((a - b).abs().max()) <= rtol * scale
+
+
+def matches(model, x: torch.Tensor, theta: torch.Tensor, y: torch.Tensor | None = None, *,
+            rtol: float | None = None) -> bool:
+    """Whether the hand-derived chain (``model`` an MLPModel) computes what the module does on a
+    batch x (labels y): its outputs, and with y its gradient and the HVPs of two random
+    directions, against torch.func's of the module. ``rtol`` defaults to 1e3 eps of the dtype."""
+    from .base import Model
+
+    if rtol is None:
+        rtol = 1e3 * torch.finfo(theta.dtype).eps
     try:
         with torch.no_grad():
             want = model.forward(theta, x)
             ps = model.unflatten(theta)
             got = model._forward(ps, x, [None] * (len(model.widths) - 2))[2]
+        if not _close(got, want, rtol):
+            return False
+        if y is None:
+            return True
+        gen = torch.Generator(device=theta.device).manual_seed(0)
+        V = torch.randn(2, theta.numel(), generator=gen, dtype=theta.dtype, device=theta.device)
+        g, hv = model.grad_hvp(theta, x, y, V)
+        g_ref, hv_ref = Model.grad_hvp(model, theta, x, y, V)  # torch.func, through the module
+        return _close(g, g_ref, rtol) and _close(hv, hv_ref, rtol)
     except Exception:  # noqa: BLE001 - shapes the chain does not fit: not an MLP after all
         return False
-    if want.shape != got.shape:
-        return False
-    scale = float(want.abs().max()) or 1.0
-    return float((want - got).abs().max()) <= rtol * scale

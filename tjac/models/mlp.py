@@ -56,6 +56,7 @@ class MLPModel(Model):
         self.backend = backend
         self.widths, self.act = chain if chain is not None else (module.widths, module.act)
         self.recognised = chain is not None
+        self.chain = (self.widths, self.act)
 
     def _masks(self, x):
         if not self.stochastic:
