@@ -22,10 +22,11 @@ reported bracket is [mean(lower) − t·se(lower), mean(upper) + t·se(upper)] w
 ``confidence`` (default 95%). The point estimate is the plain Gauss-rule count (nodes inside the
 interval), its ``stderr`` the probes' standard error.
 
-**Cost: resolution, not P.** The Gauss nodes near σ = 1 are spaced about π σ_max / m apart (the
+**Cost: resolution.** The Gauss nodes near σ = 1 are spaced about π σ_max / m apart (the
 spectrum of A spans [0, σ_max²]), so resolving a window 1 ± ε takes m ∝ σ_max / ε steps, 2 products
-each per probe, whatever P is (BENCHMARKS.md, "Interval counts": 0.13–0.15 σ_max/ε measured at
-P = 610; independence of P is the model's claim, not yet measured across sizes).
+each per probe, times a factor set by how crowded the σ are at the window's ends (BENCHMARKS.md,
+"Interval counts": 0.13–0.15 σ_max/ε at P = 610, ε = 0.1; 0.9 σ_max/ε for a 10% bracket on the
+paper's net, P = 4,810, ε = 1e-2, both ends inside the continuum around the bulk).
 Deflation helps when it lowers σ_max: ``deflate=(V, sigma)`` with certified right singular vectors (a computed top, the
 structural σ = 1 directions) restricts the probes and every Lanczos vector to the complement of V
 and adds V's values to the counts exactly. Steps stop when the quadrature part of the bracket is
