@@ -61,6 +61,17 @@ class FormedJ:
         return self.J.T @ Y
 
 
+def _progress(label, every=100):
+    """A slq callback printing the step count every ``every`` steps (long runs are not silent)."""
+    t0 = time.perf_counter()
+
+    def report(info):
+        if info["step"] % every == 0:
+            print(f"[{time.perf_counter() - t0:8.1f} s] {label}: step {info['step']}, "
+                  f"{info['active']} probes active, {info['products']} products", flush=True)
+    return report
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--widths", default="8,16")
@@ -94,7 +105,7 @@ def main():
             before = op.counters()
             t = time.perf_counter()
             q = slq(qop, probes=a.seeds * a.probes, steps=a.max_steps, seed=0, target=target,
-                    rtol=a.rtol, method="slq", check_every=10)
+                    rtol=a.rtol, method="slq", check_every=10, callback=_progress("all sets"))
             seconds = time.perf_counter() - t
             runs = []
             for g in groups(q, a.probes):
@@ -110,7 +121,7 @@ def main():
                      method="slq", check_every=10, deflate=(V[:, :k], S[:k]))
             cd = qd.count(*target)
             q1 = slq(op, probes=a.probes, steps=a.max_steps, seed=1, target=target, rtol=a.rtol,
-                     method="slq", check_every=10)  # through the replays, always
+                     method="slq", check_every=10, callback=_progress("one set, replays"))  # through the replays, always
             c1 = q1.count(*target)
             q1f = None
             if a.operator == "formed":  # the same probes through the formed J: same steps?
