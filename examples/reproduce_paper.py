@@ -29,7 +29,7 @@ import sys
 import time
 
 import tjac
-from tjac import runner
+from tjac import runner, store
 from tjac.analysis import overlap_runs, predict_bulk
 from tjac.analyze import analyze, known_regions, spectra_side_by_side
 from tjac.analysis.plots import analysis_figure, bulk_prediction_figure
@@ -89,8 +89,12 @@ def main(argv=None) -> int:
         r = tjac.Recipe.paper(width=a.width, epochs=a.epochs, **VARIANTS[name])
         kb = a.k if (a.dense or name in bottoms) else 0
         what = f"top/bottom {a.k}" if kb else f"top {a.k}"
-        timed(f"run {name} (train + {what}, {method})",
-              lambda r=r, name=name, kb=kb: _run(r, path, name, a.k, kb, a.tol, method))
+        try:
+            timed(f"run {name} (train + {what}, {method})",
+                  lambda r=r, name=name, kb=kb: _run(r, path, name, a.k, kb, a.tol, method))
+        except store.StoreError as e:  # e.g. another recipe under this run id in --out
+            print(f"reproduce_paper.py: error: {e}", file=sys.stderr)
+            return 2
     res = tjac.open(path)
     main_run = res.run("clean")
     other = "seed1" if "seed1" in variants else None
@@ -141,10 +145,12 @@ def main(argv=None) -> int:
 
 
 def _run(recipe, path, run_id, k, k_bottom, tol, method):
-    if os.path.exists(path):  # a complete run is reused whatever it solved for
+    if os.path.exists(path):  # a complete run of the same recipe is reused whatever it solved for
         res = tjac.open(path)
-        if run_id in res.runs() and res.run(run_id).status == "complete":
-            return None
+        if run_id in res.runs():
+            run = res.run(run_id)
+            if run.status == "complete" and run.attrs.get("recipe_hash") == recipe.hash():
+                return None  # (another recipe under this id: run_analysis refuses it, naming why)
     return runner.run_analysis(recipe, path, k_top=k, k_bottom=k_bottom, tol=tol, method=method,
                                run_id=run_id, resume=True)
 

@@ -447,6 +447,11 @@ def test_reproduce_paper_script_runs_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     with pytest.raises(KeyError):
         tjac.open(str(out / "paper.zarr")).run("seed1").sigma("bottom")
+    other = subprocess.run(  # another recipe under the same run ids: refused, not reused
+        [sys.executable, os.path.join(root, "examples", "reproduce_paper.py"), "--out", str(out),
+         "--width", "5", "--epochs", "1", "--k", "2", "--threads", "1"],
+        capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "error: run 'clean'" in other.stderr, other.stderr[-500:]
     bad = subprocess.run([sys.executable, os.path.join(root, "examples", "reproduce_paper.py"),
                           "--out", str(tmp_path / "x"), "--variants", "clean,bogus"],
                          capture_output=True, text=True, timeout=600)

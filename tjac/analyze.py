@@ -461,8 +461,9 @@ def known_regions(run, eps: float, problem=None) -> dict:
     try:
         n1 = int(structural_ones(problem if problem is not None
                                  else Problem(run.recipe)).n_exact_singular)
-    except Exception as e:  # noqa: BLE001 - a recipe naming in-memory arrays or a live module
-        log.info("run %s: structural sigma = 1 directions not derived (%s)", run.id, e)
+    except (ValueError, ImportError) as e:  # a recipe naming in-memory arrays, a live module, or
+        # code that does not import here (DataError, ModelError, ImportPathError)
+        log.warning("run %s: structural sigma = 1 directions not derived (%s)", run.id, e)
         reg["structural_ones"] = None
         return reg
     reg["structural_ones"] = n1

@@ -178,12 +178,20 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
                     and getattr(problem.model, "recognised", False)):
                 # a user's MLP run started before MLP chains were recognised trained through
                 # torch.func (the same numbers to ~1e-16, not bit for bit): resume it that way
-                alt = TrainingJacobian(Problem(recipe, model_backend="func"),
-                                       checkpoint=checkpoint, backend=backend)
-                if np.array_equal(stored, _to_np(alt.thetaT)):
+                try:  # (fused is the hand-derived path's: the torch.func one picks its own)
+                    alt = TrainingJacobian(Problem(recipe, model_backend="func"),
+                                           checkpoint=checkpoint,
+                                           backend="auto" if backend == "fused" else backend)
+                except replay.Unsupported:
+                    alt = None
+                if alt is not None and np.array_equal(stored, _to_np(alt.thetaT)):
                     log.info("run %s: resumed with torch.func derivatives (how it was started)",
                              run_id)
-                    op, check = alt, alt.check()
+                    try:
+                        check = alt.check()
+                    except ValueError as e:
+                        raise ComputationError(str(e)) from None
+                    op = alt
                     if tuned:
                         op.apply_tuning(tuned)
             if not np.array_equal(stored, _to_np(op.thetaT)):
