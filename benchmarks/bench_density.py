@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 import tjac  # noqa: E402
 from tjac.analysis.density import slq  # noqa: E402
-from tjac.linalg import dense_svd  # noqa: E402
+from tjac.linalg import DenseOperator, dense_svd  # noqa: E402
 
 
 def groups(q, n):
@@ -43,22 +43,6 @@ def groups(q, n):
         out.append(dataclasses.replace(q, nodes=q.nodes[sl], weights=q.weights[sl],
                                        exact=q.exact[sl], probes=n))
     return out
-
-
-class FormedJ:
-    """J formed once (the dense truth's own products) as the quadrature's operator: the same
-    linear map as the replays to round-off, each product a GEMM instead of a training replay. The
-    quadrature's steps, brackets and coverage are the replays'; its seconds are not (they are
-    projected from one probe set run through the replays, ``replay_set``)."""
-
-    def __init__(self, J):
-        self.J, self.shape, self.dtype, self.device = J, tuple(J.shape), J.dtype, J.device
-
-    def matmat(self, X):
-        return self.J @ X
-
-    def rmatmat(self, Y):
-        return self.J.T @ Y
 
 
 def _progress(label, every=100):
@@ -95,7 +79,8 @@ def main():
         t = time.perf_counter()
         J, U, S, V = dense_svd(op)
         dense_s = time.perf_counter() - t
-        qop = FormedJ(J) if a.operator == "formed" else op
+        # --operator formed: the J just formed as the quadrature's operator (module docstring)
+        qop = DenseOperator(J) if a.operator == "formed" else op
         if a.operator == "replay":
             del J
         sig = S.numpy()

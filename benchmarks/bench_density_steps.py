@@ -20,9 +20,8 @@ import _env  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tjac  # noqa: E402
-from bench_density import FormedJ  # noqa: E402
 from tjac.analysis.density import _ProbeLanczos  # noqa: E402
-from tjac.linalg import materialize  # noqa: E402
+from tjac.linalg import DenseOperator, materialize  # noqa: E402
 from tjac.linalg.dense import dense_values  # noqa: E402
 
 
@@ -52,7 +51,7 @@ def main():
     exact = int(((sig >= lo) & (sig <= hi)).sum())
     gen = torch.Generator().manual_seed(a.seed)
     Z = (torch.randint(0, 2, (P, a.probes), generator=gen, dtype=torch.float64) * 2 - 1)
-    run = _ProbeLanczos(FormedJ(J), Z, None)
+    run = _ProbeLanczos(DenseOperator(J), Z, None)
     rows, t0 = [], time.perf_counter()
     while run.m < min(a.max_steps, P):
         run.step()
