@@ -65,11 +65,11 @@ def main(argv=None) -> int:
     bad = [v for v in [*variants, *bottoms] if v not in VARIANTS]
     if bad:
         p.error(f"unknown variant {bad[0]!r}; expected some of {', '.join(VARIANTS)}")
+    if "clean" not in variants:
+        p.error("--variants must include 'clean' (the run the experiments are made on)")
     if bottoms - set(variants):
         p.error(f"--bottom-runs names {sorted(bottoms - set(variants))[0]!r}, which is not among "
                 f"--variants")
-    if "clean" not in variants:
-        p.error("--variants must include 'clean' (the run the experiments are made on)")
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
