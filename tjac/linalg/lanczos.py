@@ -26,7 +26,8 @@ from ._base import KrylovResult, orthonormalize, small_svd, values_unchanged
 log = logging.getLogger(__name__)
 
 # After the wanted triplets first certify with a block narrower than k, fresh directions are added
-# and the solve goes on for this many steps; it ends when the wanted values have not changed.
+# and the solve goes on for this many steps; it ends when the wanted values have not changed, with
+# the triplets certified then (their fresh residuals stand: no second round of 2k products).
 CONFIRM_STEPS = 3
 
 
@@ -59,7 +60,9 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
     res = None
     next_check = 0
     step0 = 0
-    confirm = None  # {"step", "values"} while looking for missed copies after a certification
+    # while looking for missed copies after a certification: {"step", "values", "basis" (the
+    # basis size then; None after a restart), "smax", "fresh" (the certified residuals)}
+    confirm = None
     if state is not None:
         Ub, Vb, B, pending, S_last = (state[n] for n in ("U", "V", "B", "pending", "S_last"))
         step0, next_check = int(state["step"]) + 1, int(state["next_check"])
@@ -98,12 +101,16 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
             res = torch.zeros_like(sig)
         want = _wanted(sig, k, which)
         conv = res[want] <= tol * smax
-        fresh, done = None, False
+        fresh, done, reuse = None, False, False
         if n >= k and bool(conv.all()):
             values = [float(x) for x in sig[want]]
             same = confirm is not None and values_unchanged(values, confirm["values"], tol, smax)
             ripe = same and step >= confirm["step"] + CONFIRM_STEPS
-            if confirm is None or not same or ripe:
+            if ripe and confirm.get("basis") is not None and confirm.get("fresh") is not None:
+                # no missed copy moved the values: the triplets certified by fresh products when
+                # the confirmation began stand (fresh products again would cost 2k)
+                done = reuse = True
+            elif confirm is None or not same or ripe:
                 if verify is not None:
                     fresh = verify(sig[want], Ub @ X[:, want], Vb @ Yt.T[:, want], smax)
                     conv = fresh.max(dim=1).values <= tol * smax
@@ -112,12 +119,22 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
                         done = True
                     else:  # certified: now look for copies a narrow block could not see
                         pending, S_last = _inject(pending, S_last, Vb, b, P - n, gen)
-                        confirm = {"step": step, "values": values}
+                        # (the certified triplets are B's leading n x n block's: kept by size)
+                        confirm = {"step": step, "values": values, "basis": n, "smax": smax,
+                                   "fresh": None if fresh is None else fresh.tolist()}
         record_check(history, {"step": step, "basis": n, "sigma_max": smax,
                                "max_residual": float(res[want].max() / smax),
                                "n_converged": int(conv.sum()) if n >= k else 0},
                      fresh, confirm, smax, callback)
         log.debug("GKL step %d: basis %d, %d/%d converged", step, n, history[-1]["n_converged"], k)
+        if reuse:  # the triplets certified when the confirmation began, recomputed from B
+            nc = confirm["basis"]
+            Xc, sc, Ytc = small_svd(B[:nc, :nc])
+            wc = _wanted(sc, k, which)
+            return KrylovResult(S=sc[wc], U=Ub[:, :nc] @ Xc[:, wc], V=Vb[:, :nc] @ Ytc.T[:, wc],
+                                residuals=torch.tensor(confirm["fresh"], dtype=sc.dtype,
+                                                       device=sc.device),
+                                fresh=True, history=tuple(history), smax=confirm["smax"])
         if done or pending is None:
             final_fresh = fresh if done else None
             break
@@ -128,6 +145,8 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
             keep = _wanted(sig, min(n - 1, k + b), which)
             Ub, Vb = Ub @ X[:, keep], Vb @ Yt.T[:, keep]
             B = torch.diag(sig[keep])
+            if confirm is not None:  # the certified triplets' basis is gone: verify again
+                confirm = {**confirm, "basis": None}
             # the pending block's coupling to the kept U is recovered when A V_pending is
             # orthogonalized against them at the next step
             log.debug("thick restart at basis %d, keeping %d", n, len(keep))
