@@ -362,3 +362,102 @@ def test_values_unchanged_is_the_confirmation_rule():
     assert not values_unchanged([1.0, 2.0], [1.0, 2.0 + 5e-8], 1e-8, 1.0)
     assert values_unchanged([10.0], [10.0 + 3e-7], 1e-8, 10.0)  # scaled by s_max
     assert not values_unchanged([1.0], None, 1e-8, 1.0)
+
+
+def test_narrow_block_lanczos_keeps_the_triplets_it_certified_before_confirming(synth):
+    """Block 1 < k: the wanted triplets certify (fresh products), fresh directions look for missed
+    copies for CONFIRM_STEPS steps, and when the values have not moved the solve ends with the
+    triplets certified then: one round of 2k fresh products, not two."""
+    from tjac.linalg.lanczos import gkl
+
+    A = synth[0]
+    op = DenseOperator(A)
+    calls = []
+
+    def verify(S, U, V, smax):
+        calls.append(S.clone())
+        return torch.stack([(A @ V - U * S).norm(dim=0), (A.T @ U - V * S).norm(dim=0)], 1)
+
+    r = gkl(op, 4, "top", tol=1e-10, maxiter=200, block=1, max_basis=200,
+            gen=torch.Generator().manual_seed(0), verify=verify)
+    assert len(calls) == 1 and r.fresh
+    assert any(h.get("confirming_since") is not None for h in r.history)  # it did confirm
+    assert torch.equal(r.S, calls[0])
+    # the returned triplets are the certified ones: their residuals, recomputed here, are the stored
+    fresh = verify(r.S, r.U, r.V, r.smax)
+    assert torch.allclose(fresh, r.residuals, rtol=0, atol=1e-12 * r.smax)
+    assert float(r.residuals.max()) <= 1e-10 * r.smax
+    exact = torch.linalg.svdvals(A)[:4]
+    assert torch.allclose(r.S, exact, rtol=1e-10)
+
+
+def test_a_copy_found_while_confirming_is_certified_afresh():
+    """A value of multiplicity 2 seen through a block of 1: the confirmation finds the copy, the
+    values change, and the new set is certified by fresh products (not the stale first set)."""
+    from tjac.linalg.lanczos import gkl
+
+    gen = torch.Generator().manual_seed(3)
+    P = 60
+    Q1, _ = torch.linalg.qr(torch.randn(P, P, generator=gen, dtype=torch.float64))
+    Q2, _ = torch.linalg.qr(torch.randn(P, P, generator=gen, dtype=torch.float64))
+    s = torch.logspace(-12, -14, P, dtype=torch.float64)  # (converged at once: 1e-12 < tol)
+    s[0] = s[1] = 10.0  # the top value twice: a block of 1 sees one copy
+    s[2] = 5.0
+    A = Q1 @ torch.diag(s) @ Q2.T
+    calls = []
+
+    def verify(S, U, V, smax):
+        calls.append([round(float(x), 6) for x in S])
+        return torch.stack([(A @ V - U * S).norm(dim=0), (A.T @ U - V * S).norm(dim=0)], 1)
+
+    r = gkl(DenseOperator(A), 2, "top", tol=1e-10, maxiter=200, block=1, max_basis=200,
+            gen=torch.Generator().manual_seed(0), verify=verify)
+    assert torch.allclose(r.S, torch.tensor([10.0, 10.0], dtype=torch.float64), rtol=1e-10)
+    assert calls[0] != [10.0, 10.0] and calls[-1] == [10.0, 10.0]  # the first set missed the copy
+    assert r.fresh and float(r.residuals.max()) <= 1e-10 * r.smax
+
+
+def test_auto_weighs_measured_replay_costs_for_the_top():
+    from tjac.linalg import plan_solve
+
+    # replays no cheaper per vector in blocks (a torch.func CNN): Lanczos at block 1
+    cnn = {1: 0.207, 4: 0.169, 24: 0.431}
+    p = plan_solve(105_962, 16, "top", vector_costs=cnn, replay_block=4)
+    assert (p.method, p.estimate.block) == ("lanczos", 1)
+    assert "block 1" in p.reason and [a.method for a in p.alternatives] == ["randomized"]
+    assert p.estimate.products < p.alternatives[0].products
+    # wide blocks much cheaper per vector (the fused MLP): randomized, as without costs
+    fused = {1: 0.63, 4: 0.3, 8: 0.2, 16: 0.14, 32: 0.09}
+    assert plan_solve(4810, 16, "top", vector_costs=fused, replay_block=32).method == "randomized"
+    # a block given by the caller, no costs, or costs that do not cover randomized's width: as before
+    assert plan_solve(105_962, 16, "top", vector_costs=cnn, replay_block=4,
+                      block=24).method == "randomized"
+    assert plan_solve(105_962, 16, "top").method == "randomized"
+    # a predicted saving below the margin (the 1e5 MLP's fused costs: 0.76x) keeps randomized
+    mlp = {1: 0.673, 8: 0.412, 32: 0.394}
+    assert plan_solve(112_810, 16, "top", vector_costs=mlp, replay_block=32).method == "randomized"
+    # an unmeasured width costs what the widest measured one below it does
+    assert plan_solve(105_962, 16, "top", vector_costs={1: 0.2}, replay_block=32).method == \
+        "lanczos"
+    assert plan_solve(105_962, 16, "top", vector_costs={4: 0.2}, replay_block=32).method == \
+        "randomized"  # (nothing measured at width 1; block 4 saves less than the margin)
+    # the block must not exceed k; the bottom ignores the costs
+    narrow = plan_solve(105_962, 2, "top", vector_costs={1: 9.0, 2: 0.1, 4: 0.1}, replay_block=4)
+    assert (narrow.method, narrow.estimate.block) == ("lanczos", 2)
+    assert plan_solve(4810, 16, "bottom", vector_costs=cnn, replay_block=4).method == "dense"
+
+
+def test_svd_auto_takes_single_vector_lanczos_when_the_operator_measured_it_cheaper():
+    """The operator's own autotune measurements decide (here a tuning as a CNN's would read); the
+    solve is then Lanczos at block 1 and agrees with the dense SVD."""
+    op = tjac.TrainingJacobian(tjac.Recipe.paper(width=4, epochs=1, n_train=64, batch_size=32),
+                               backend="eager")
+    assert op.vector_costs() is None
+    assert svd(op, 3, which="top", tol=1e-8).method == "randomized"
+    op.apply_tuning({"backend": "eager", "block": 4,
+                     "seconds_per_vector_step": {"eager": {"1": 0.2, "4": 0.17, "16": 0.4}}})
+    assert op.vector_costs() == {1: 0.2, 4: 0.17, 16: 0.4}
+    r = svd(op, 3, which="top", tol=1e-8)
+    assert r.method == "lanczos" and r.plan["expected_block"] == 1 and r.all_converged
+    exact = torch.linalg.svdvals(tjac.linalg.materialize(op))[:3]
+    assert torch.allclose(r.S, exact, rtol=1e-8)

@@ -286,3 +286,20 @@ def test_cli_refuses_an_unsupported_backend(tmp_path, capsys):
     assert not (tmp_path / "s.zarr").exists()
     assert main(["bench", "--backends", "eager,jit", "-q"]) == 2
     assert "--backends" in capsys.readouterr().err
+
+
+def test_autotune_stops_widening_where_blocks_stop_paying():
+    from tjac.replay.autotune import stop_widening
+
+    assert not stop_widening([0.63, 0.4, 0.3, 0.2, 0.09])          # the fused MLP: always falling
+    assert not stop_widening([0.207, 0.184])                        # too few widths to judge
+    assert not stop_widening([0.207, 0.184, 0.25])                  # one worse width: go on
+    assert stop_widening([0.207, 0.184, 0.25, 0.3])                 # two in a row > 1.25x the best
+    assert not stop_widening([0.2, 0.3, 0.35, 0.1])                 # a wide one wins again: go on
+    # on a real problem the measured widths are a prefix of the requested ones, in order, and
+    # any cut is explained
+    out = replay.autotune(Problem(tiny()), blocks=(8, 1, 2, 4), backends=["eager"], steps=1)
+    widths = [int(k) for k in out["seconds_per_vector_step"]["eager"]]
+    assert widths == [1, 2, 4, 8][:len(widths)]
+    if len(widths) < 4:
+        assert "not measured" in out["skipped"][f"eager wider than {widths[-1]}"]

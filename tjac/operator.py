@@ -88,6 +88,7 @@ class TrainingJacobian:
         self.trajectory = Trajectory(self.problem, theta0, checkpoint=checkpoint)
         self.time_trajectory = time.perf_counter() - t
         self._group = None  # a process group's rank 0 after distribute()
+        self._tuning = None  # the measurements of the last autotune applied
         self.backend = backend
         self._sel = self.problem.selection  # None, or the indices of theta that J acts on
         P = self.problem.num_params if self._sel is None else int(self._sel.numel())
@@ -223,8 +224,22 @@ class TrainingJacobian:
         check_fits(self.problem, checkpoint=self.trajectory.policy, block=int(tuned["block"]))
         self.block_size = int(tuned["block"])
         self.backend = tuned.get("backend", "auto")
+        self._tuning = tuned
         if self._group is not None:  # every rank replays with the same arithmetic
             self._group.tune({"backend": self.backend, "block": self.block_size})
+
+    def vector_costs(self) -> dict | None:
+        """Measured seconds per vector and step at each replay width, ``{width: s}``, for the
+        backend in use, from the last :meth:`autotune` applied (None before one). Widths autotune
+        measured only for another backend count at that backend's cost (``double-backward`` is
+        timed at one width and follows ``eager``'s per-vector cost). ``tjac.svd(method="auto")``
+        weighs them to choose the top's solver and block width."""
+        table = (self._tuning or {}).get("seconds_per_vector_step") or {}
+        out: dict = {}
+        for name in [self.backend] + sorted(n for n in table if n != self.backend):
+            for width, s in (table.get(name) or {}).items():
+                out.setdefault(int(width), float(s))
+        return out or None
 
     @property
     def backend(self) -> str:

@@ -197,8 +197,12 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
             if not np.array_equal(stored, _to_np(op.thetaT)):
                 raise store.StoreError(f"run {run_id!r}: this machine's training does not reproduce "
                                        f"the stored thetaT bit for bit; cannot resume")
+            plans = _plan_top_by_cost(plans, problem, P, k_top, method, checkpoint, spill_dir,
+                                      block, op)
         else:  # (replaces the debris of a creation that was killed before its status was written)
             tuned = op.autotune(backends=None if backend == "auto" else [backend])
+            plans = _plan_top_by_cost(plans, problem, P, k_top, method, checkpoint, spill_dir,
+                                      block, op)
             prov = provenance(recipe, op, argv)
             prov["autotune"] = tuned
             prov["distributed"] = (group.describe() if group is not None
@@ -270,7 +274,8 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
                 w.drop_state(run, which)
                 continue
             commit(which, _krylov_resumable(w, run, op, which, k, tol, methods[which], progress,
-                                            block, plan=plans[which], max_memory=budget,
+                                            block or plans[which].estimate.block,
+                                            plan=plans[which], max_memory=budget,
                                             spill_dir=spill_dir))
         summary = _summarize(run, run_id, op, check, time.perf_counter() - t0, tol)
         summary["products"] = products()
@@ -307,8 +312,22 @@ def _same_request(run, run_id: str, store_path: str, request: dict) -> None:
                                f"recompute it, or choose another --run-id")
 
 
+def _plan_top_by_cost(plans, problem, P, k_top, method, checkpoint, spill_dir, block, op):
+    """Once the operator's replay costs are measured (its autotune, or the one a resumed run
+    stored): the top's plan weighs them (:func:`tjac.linalg.plan_solve`'s ``vector_costs``), which
+    takes Lanczos at a narrow block where replays are not cheaper per vector in wide ones. Only
+    for ``method='auto'`` without a ``block``; the same stored measurements give a resumed run the
+    same pick (and so its Lanczos checkpoint)."""
+    if method != "auto" or block is not None or "top" not in plans \
+            or plans["top"].method != "randomized" or op.vector_costs() is None:
+        return plans
+    again, _ = _plans(problem, P, k_top, 0, method, checkpoint, spill_dir, block,
+                      vector_costs=op.vector_costs(), replay_block=op.block_size)
+    return {**plans, "top": again["top"]}
+
+
 def _plans(problem, P: int, k_top: int, k_bottom: int, method: str, checkpoint, spill_dir,
-           block=None):
+           block=None, *, vector_costs=None, replay_block=None):
     """The plan of each solve (:func:`tjac.linalg.plan_solve`) against the memory left once the
     trajectory and a replay block are held (and the disk free in ``spill_dir``); logged (shown
     with ``-v``), kept in the provenance, and a solve that cannot fit is refused before anything is
@@ -327,7 +346,8 @@ def _plans(problem, P: int, k_top: int, k_bottom: int, method: str, checkpoint, 
     host = None if problem.device.type == "cpu" else _checks.available_bytes("cpu")
     plans = {which: plan_solve(P, k, which, method=method, itemsize=item, available_bytes=have,
                                reserved_bytes=reserved, disk_bytes=disk, block=block,
-                               host_bytes=host)
+                               host_bytes=host, vector_costs=vector_costs,
+                               replay_block=replay_block)
              for which, k in (("top", k_top), ("bottom", k_bottom)) if k}
     for which, p in plans.items():
         log.info("plan %s", p.describe())

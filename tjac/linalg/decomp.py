@@ -139,7 +139,11 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
     op : operator with ``shape``, ``dtype``, ``matmat``, ``rmatmat`` (e.g. TrainingJacobian)
     k : int, 0 < k <= P
     which : 'top' | 'bottom'
-    method : 'auto' | 'lanczos' | 'randomized' | 'dense'
+    method : 'auto' | 'lanczos' | 'randomized' | 'dense'. ``auto`` for the top: randomized block
+        Krylov, unless the operator reports measured replay costs per width
+        (``op.vector_costs()``, a :class:`TrainingJacobian` after :meth:`autotune`) that make
+        narrow-block Lanczos at least 1.5x cheaper (blocks not cheaper per vector than single
+        products: Lanczos needs about half the products); then ``block`` defaults to its pick.
     tol : float > 0; default :func:`default_tol` of the operator's dtype (1e-8 in float64,
         1.2e-5 in float32). A tol below the operator's round-off floor raises
         :class:`ToleranceError`, naming the floor (:func:`roundoff_floor`, two replays): at once
@@ -191,9 +195,14 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
         raise ValueError(f"`spill_dir` must be an existing directory, got {spill_dir!r}")
     have = max_memory if max_memory is not None else _checks.available_bytes(op.device)
     host = None if torch.device(op.device).type == "cpu" else _checks.available_bytes("cpu")
+    costs = getattr(op, "vector_costs", None)  # measured seconds per vector at each replay width
+    costs = costs() if callable(costs) and method == "auto" and which == "top" else None
     plan = plan_solve(P, k, which, method=method, itemsize=itemsize, block=block,
-                      available_bytes=have, disk_bytes=_disk_free(spill_dir), host_bytes=host)
+                      available_bytes=have, disk_bytes=_disk_free(spill_dir), host_bytes=host,
+                      vector_costs=costs, replay_block=getattr(op, "block_size", None))
     method = plan.method
+    if block is None and plan.estimate.block is not None:
+        block = plan.estimate.block  # auto chose the width from the measured costs
     if not plan.fits:
         raise MemoryError(f"svd: {plan.describe()}: {plan.refusal()}")
     log.info("svd plan: %s", plan.describe())

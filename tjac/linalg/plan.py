@@ -15,6 +15,14 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
   bases' worth.
 * ``randomized``, top: l = k + 8 columns per pass, about ``RANDOMIZED_PASSES`` passes of 2 l
   products (measured 4-8 on the paper's spectra); memory three P x (passes l) blocks.
+* The top by cost: randomized needs the most products but in the widest blocks; single-vector
+  Lanczos the fewest (``LANCZOS_TOP_PRODUCTS``: top-16 at tol 1e-6 on the paper's net, Lanczos
+  at block 1/2/4/8 used 0.45/0.51/0.68/0.91 of randomized's products). Where replays do not get
+  cheaper per vector in blocks (measured: a 1e5-parameter BatchNorm CNN through torch.func, 6.6 s
+  per vector alone against 5.4 s at the best block), ``auto`` takes Lanczos at the block that
+  minimizes products x seconds per vector, given the operator's measured costs per block
+  (:meth:`tjac.TrainingJacobian.vector_costs`, from its autotune), when that is predicted at least
+  ``LANCZOS_TOP_MARGIN`` times cheaper.
 
 * ``lanczos`` spilled (bottom, :mod:`tjac.linalg.spill`): the same products; both bases on disk
   (2 P n values, n ~ products / 2), in RAM a read chunk, a few P x b blocks, the k Ritz vectors and
@@ -39,6 +47,12 @@ DENSE_BOTTOM_FACTOR = 1     # values of P^2 at the bottom-only dense path's peak
 LANCZOS_BOTTOM_PRODUCTS = 1.25
 LANCZOS_BOTTOM_FACTOR = 10  # values of P^2 at long-basis Lanczos' peak
 RANDOMIZED_PASSES = 6
+# products of top-k Lanczos at each block width, as a share of randomized block Krylov's (measured:
+# top-16, tol 1e-6, the paper's net: 272/308/408/544 against 600; BENCHMARKS.md "User models")
+LANCZOS_TOP_PRODUCTS = {1: 0.45, 2: 0.51, 4: 0.68, 8: 0.91}
+# ... and Lanczos is taken only where it is predicted this many times cheaper: the shares come from
+# one spectrum (on the 1e5 MLP's fused costs, 0.76x predicted: randomized stays, as measured there)
+LANCZOS_TOP_MARGIN = 1.5
 SPILL_CHUNK_BYTES = 64 * 2**20  # spill.CHUNK_BYTES: one read chunk of a spilled basis
 HEADROOM = 0.9              # share of the available memory a plan may use
 
@@ -52,11 +66,15 @@ class Estimate:
     disk_bytes: int = 0     # the spilled path's bases on disk
     spill: bool = False
     bottom_only: bool = False  # dense: J's QR gives the bottom only (no full spectrum)
+    block: int | None = None   # the solver's block width, when the plan chose it
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "products": self.products, "bytes": self.bytes,
-                "seconds": self.seconds, "disk_bytes": self.disk_bytes, "spill": self.spill,
-                "bottom_only": self.bottom_only}
+        out = {"method": self.method, "products": self.products, "bytes": self.bytes,
+               "seconds": self.seconds, "disk_bytes": self.disk_bytes, "spill": self.spill,
+               "bottom_only": self.bottom_only}
+        if self.block is not None:
+            out["block"] = self.block
+        return out
 
     def label(self) -> str:
         if self.spill:
@@ -182,11 +200,51 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
                     seconds=seconds)
 
 
+def _top_by_cost(P, k, kw, vector_costs, replay_block):
+    """Lanczos at the block width whose products x seconds per vector undercut randomized block
+    Krylov's by ``LANCZOS_TOP_MARGIN``, given measured seconds per vector at each replay width
+    (``vector_costs``: {width: s}; a solver block wider than the operator's replays runs at
+    ``replay_block``; an unmeasured width costs what the widest measured one below it does). None
+    when randomized is about as cheap, or the costs do not cover the widths compared."""
+    def cost(width):  # at the widest measured width the replays of `width` vectors would use
+        w = min(width, replay_block) if replay_block else width
+        below = [m for m in vector_costs if m <= w]
+        return vector_costs[max(below)] if below else None
+
+    l = min(P, k + 8)
+    c_r = cost(l)
+    if c_r is None or c_r <= 0:
+        return None
+    best = None
+    for b, share in LANCZOS_TOP_PRODUCTS.items():
+        c = cost(b)
+        if b <= k and c is not None and LANCZOS_TOP_MARGIN * share * c < c_r \
+                and (best is None or share * c < best[1]):
+            best = (b, share * c, c)
+    if best is None:
+        return None
+    b, _, c = best
+    r = estimate("randomized", P, k, "top", **kw)
+    lz = estimate("lanczos", P, k, "top", **kw)
+    products = max(2 * k, int(round(LANCZOS_TOP_PRODUCTS[b] * r.products)))
+    e = Estimate(method="lanczos", products=products, bytes=lz.bytes, block=b,
+                 seconds=None if kw.get("seconds_per_product") is None
+                 else products * kw["seconds_per_product"])
+    why = (f"top: Lanczos at block {b}, ~{LANCZOS_TOP_PRODUCTS[b]:.2f} of randomized's products; "
+           f"replays cost {c:.3g} s per vector and step at width {b}, {c_r:.3g} s at the width "
+           f"randomized's would run at")
+    return e, why, r
+
+
 def plan_solve(P: int, k: int, which: str, *, method: str = "auto", itemsize: int = 8,
                block: int | None = None, seconds_per_product: float | None = None,
                available_bytes: int | None = None, reserved_bytes: int = 0,
-               disk_bytes: int | None = None, host_bytes: int | None = None) -> SolvePlan:
-    """The plan of one solve. ``auto`` picks randomized for the top (dense when 4k >= P), and for
+               disk_bytes: int | None = None, host_bytes: int | None = None,
+               vector_costs: dict | None = None, replay_block: int | None = None) -> SolvePlan:
+    """The plan of one solve. ``auto`` picks randomized for the top (dense when 4k >= P) unless
+    ``vector_costs`` (measured seconds per vector at each replay width, {width: s}; replays of
+    at most ``replay_block`` vectors) say Lanczos is cheaper (:func:`_top_by_cost`; not when
+    ``block`` is given), and for
     the bottom the cheapest path that fits in ``available_bytes`` minus ``reserved_bytes`` (the
     trajectory and the replay's own memory): dense, else Lanczos in RAM, else Lanczos with its
     basis spilled to disk when ``disk_bytes`` (free where it spills; None: unknown, no limit) hold
@@ -225,6 +283,12 @@ def plan_solve(P: int, k: int, which: str, *, method: str = "auto", itemsize: in
             return plan(e, False, "as asked", [s])
         return plan(e, fits(e), "as asked")
     if which == "top" and 4 * k < P:
+        if vector_costs and block is None:
+            got = _top_by_cost(P, k, kw, {int(w): float(c) for w, c in vector_costs.items()},
+                               replay_block)
+            if got is not None:
+                e, why, r = got
+                return plan(e, fits(e), why, [r])
         e = estimate("randomized", P, k, which, **kw)
         return SolvePlan(which, k, P, "randomized", e, available_bytes, fits(e),
                          "top: randomized block Krylov (measured fastest)")
