@@ -12,16 +12,18 @@ Fewer epochs than the paper's 25 (costs per step, hence in units of R, do not de
 Target 2 (``cnn``): a CNN with BatchNorm (:func:`bn_cnn`, ~1.06e5 parameters) on MNIST-shaped
 synthetic arrays (2,048 train / 512 test, 1x28x28, class templates plus noise, fixed numpy seed),
 batch 128, 2 epochs (32 steps). R; per-vector JVP/VJP cost per backend at the solver's block
-(k + 8 = 24); certified top-16 (``tjac.svd(op, 16, which="top", tol=1e-6)``) under a wall-clock
-cap: when the cap is hit, the measured rate and a projection are recorded instead.
+(k + 8 = 24) and at blocks 1 and 4; certified top-16 (``tjac.svd(op, 16, which="top", tol=1e-6)``)
+under a wall-clock cap. ``--solver auto`` (the default) solves as users get it: the operator as its
+autotune left it and svd's own choice from the measured costs per block (Lanczos at block 1 when
+blocks are not cheaper per vector); ``randomized``/``lanczos`` force a method.
 
 Accuracy before timing: every backend's products against the reference's to ~1e-12 relative and
 the adjoint identity <J v, w> = <v, J^T w> on the timed blocks.
 
-    python benchmarks/bench_user.py [--quick] [--targets mlp,cnn] [--solve-minutes 30] [--out PATH]
+    python benchmarks/bench_user.py [--quick] [--targets mlp,cnn] [--solve-minutes 30]
+        [--solver auto|randomized|lanczos] [--solve-block B] [--out PATH]
 """
 import argparse
-import math
 import os
 import resource
 import sys
@@ -252,7 +254,7 @@ class _OutOfTime(Exception):
 
 
 def cnn_target(*, n_train, n_test, epochs, k, tol, block, backends, solve_minutes, autotune_steps,
-               log):
+               log, method="randomized", solve_block=None):
     t_all = time.perf_counter()
     data = mnist_like(n_train, n_test)
     r = tjac.Recipe.paper(model=bn_cnn, dataset=data, batch_size=128, epochs=epochs)
@@ -313,29 +315,41 @@ def cnn_target(*, n_train, n_test, epochs, k, tol, block, backends, solve_minute
                                                    row["vjp_rel_error_vs_eager"]) > 1e-10:
             raise RuntimeError(f"[{name}] inaccurate products: {row}")
     t = time.perf_counter()
-    tuned = op.autotune(blocks=(block,), backends=names, steps=autotune_steps,
+    sb = solve_block or (block if method == "randomized" else 1)  # the solver's block width
+    blocks = tuple(sorted({1, 4, sb, block})) if method != "randomized" else (block,)
+    tuned = op.autotune(blocks=blocks, backends=names, steps=autotune_steps,
                         compile_threshold_s=0.0)
     sps = tuned.get("seconds_per_vector_step", {})
     out["autotune"] = {"pick": {"backend": tuned["backend"], "block": tuned["block"]},
                        "steps": autotune_steps, "seconds": time.perf_counter() - t,
                        "seconds_per_vector_step": sps, "skipped": tuned.get("skipped")}
     for name in names:
-        s_ = (sps.get(name) or {}).get(str(block))
-        if s_ is not None:
-            out["backends"][name].update(jvp_seconds_per_vector_from_autotune=s_ * op.num_steps,
-                                         jvp_per_vector_R_from_autotune=s_ * op.num_steps / R)
-            log(f"[{name}] block {block} (autotune, {autotune_steps} steps): JVP "
+        for b_, s_ in sorted((sps.get(name) or {}).items(), key=lambda kv: int(kv[0])):
+            out["backends"][name].setdefault("jvp_seconds_per_vector_from_autotune", {})[b_] = \
+                s_ * op.num_steps
+            log(f"[{name}] block {b_} (autotune, {autotune_steps} steps): JVP "
                 f"{s_ * op.num_steps:.2f}s/vector ({s_ * op.num_steps / R:.2f} R)")
     log(f"autotune picked {tuned['backend']} / block {tuned['block']} "
         f"({out['autotune']['seconds']:.0f}s)")
-    fastest = tuned["backend"]
-    per_vs = (sps.get(fastest) or {}).get(str(block), 0.0) * op.num_steps
-    per_pass = 2 * block * per_vs  # J^T and J on a block, assuming VJP ~ JVP
-    op.backend, op.block_size = fastest, block
+    # the solve's backend: the fastest per vector at the solver's block; its replays (the fresh
+    # residuals' blocks of k too) at the block that backend runs fastest per vector
+    cand = {n: (sps.get(n) or {}).get(str(sb)) for n in names}
+    cand = {n: c for n, c in cand.items() if c is not None}
+    fastest = min(cand, key=cand.get) if cand else tuned["backend"]
+    per_b = {int(b_): s_ for b_, s_ in (sps.get(fastest) or {}).items() if int(b_) >= sb}
+    if method == "auto":  # as users get it: the operator as autotune left it, svd's own choice
+        fastest = op.backend
+    else:
+        op.backend = fastest
+        op.block_size = min(per_b, key=per_b.get) if per_b else sb
+    per_vs = (sps.get(fastest) or {}).get(str(sb), 0.0) * op.num_steps
+    per_pass = 2 * sb * per_vs  # J^T and J on one solver block, assuming VJP ~ JVP
     out["solve_backend"] = fastest
+    out["solve_replay_block"] = op.block_size
     tm0, tr0 = op.time_matvec, op.time_rmatvec
-    log(f"solve: top-{k}, tol {tol}, randomized (block {block}) on {fastest}: one pass "
-        f"(J^T then J on {block} vectors) ~{per_pass:.0f}s measured; cap {solve_minutes} min")
+    log(f"solve: top-{k}, tol {tol}, {method} (block {sb}) on {fastest} (replays of up to "
+        f"{op.block_size}): one step (J and J^T on {sb} vectors) ~{per_pass:.0f}s measured; "
+        f"cap {solve_minutes} min")
     history, t0 = [], time.perf_counter()
     r0, p0 = op.num_replays, op.num_matvecs + op.num_rmatvecs
     mv0, rv0 = op.num_matvecs, op.num_rmatvecs
@@ -344,41 +358,39 @@ def cnn_target(*, n_train, n_test, epochs, k, tol, block, backends, solve_minute
     def on_pass(h):
         h = dict(h, elapsed_s=time.perf_counter() - t0, replays=op.num_replays - r0,
                  products=op.num_matvecs + op.num_rmatvecs - p0)
-        history.append(h)
-        log(f"  pass {h['iteration']}: basis {h['basis']}, sigma_max {h['sigma_max']:.4g}, max "
-            f"residual {h['max_residual']:.1e}, {h['n_converged']}/{k} converged, "
-            f"{h['elapsed_s']:.0f}s, {h['replays']} replays")
+        h.pop("expected_products", None)
+        if h.get("checked", True):  # Lanczos: steps with a Ritz extraction; randomized: all
+            history.append(h)
+            log(f"  step {h.get('iteration', h.get('step'))}: basis {h['basis']}, sigma_max "
+                f"{h['sigma_max']:.4g}, max residual {h['max_residual']:.1e}, "
+                f"{h['n_converged']}/{k} converged, {h['elapsed_s']:.0f}s, {h['products']} "
+                f"products")
         if h["n_converged"] < k and h["elapsed_s"] + per_pass > cap:
             raise _OutOfTime
-    solve = {"k": k, "tol": tol, "method": "randomized", "block": block, "cap_minutes": solve_minutes}
+    solve = {"k": k, "tol": tol, "method": method, "block": sb, "replay_block": op.block_size,
+             "backend": fastest, "cap_minutes": solve_minutes}
     try:
-        s = tjac.svd(op, k, which="top", tol=tol, method="randomized", block=block, callback=on_pass)
+        s = tjac.svd(op, k, which="top", tol=tol, method=method, callback=on_pass,
+                     **({} if method == "auto" else {"block": sb}))
         cert = s.certificate / float(s.S[0])
+        solve.update(plan=s.plan, chosen_method=s.method)
+        log(f"plan: {s.plan['method']} ({s.plan['reason']})")
         solve.update(status="certified" if bool(s.converged.all()) else "not converged",
                      wall_seconds=s.wall_time, sigma=[float(x) for x in s.S],
                      max_residual_rel=float(s.residuals.max() / s.S[0]),
                      max_certificate_rel=float(cert.max()), converged=int(s.converged.sum()),
                      products=s.num_matvecs + s.num_rmatvecs)
-        log(f"certified top-{k} in {s.wall_time:.0f}s; sigma {[round(x, 4) for x in solve['sigma']]};"
-            f" max residual {solve['max_residual_rel']:.1e}")
+        log(f"certified top-{k} in {s.wall_time:.0f}s ({solve['products']} products); sigma "
+            f"{[round(x, 4) for x in solve['sigma']]}; max residual {solve['max_residual_rel']:.1e}")
     except _OutOfTime:
         el = time.perf_counter() - t0
-        rate = el / max(1, len(history))
-        # log-linear extrapolation of the max residual over the last passes
+        rate = el / max(1, history[-1]["products"] if history else 1)  # seconds per product
         rs = [h["max_residual"] for h in history if h["max_residual"] > 0]
-        proj = None
-        if len(rs) >= 2 and rs[-1] < rs[0]:
-            n = min(4, len(rs))
-            slope = (math.log(rs[-1]) - math.log(rs[-n])) / (n - 1)
-            if slope < 0:
-                more = math.ceil((math.log(tol) - math.log(rs[-1])) / slope)
-                proj = el + more * rate + 2 * per_pass / 2  # + the fresh-residual products (k each)
-        solve.update(status="stopped at the wall-clock cap", wall_seconds=el, passes=len(history),
-                     seconds_per_pass=rate, projected_total_seconds=proj,
+        solve.update(status="stopped at the wall-clock cap", wall_seconds=el,
+                     seconds_per_product=rate,
                      last_sigma_max=history[-1]["sigma_max"] if history else None,
                      last_max_residual=rs[-1] if rs else None)
-        log(f"stopped after {el:.0f}s ({len(history)} passes, {rate:.0f}s each); projected "
-            f"{'n/a' if proj is None else f'{proj / 60:.0f} min'} to certify")
+        log(f"stopped after {el:.0f}s ({rate:.1f}s per product)")
     except tjac.linalg.ConvergenceError as e:  # partial result carried by the error
         s = e.result
         solve.update(status="ConvergenceError", message=str(e), sigma=[float(x) for x in s.S],
@@ -393,7 +405,7 @@ def cnn_target(*, n_train, n_test, epochs, k, tol, block, backends, solve_minute
                    solve_vjp_seconds_per_vector=solve["vjp_seconds"] / nv,
                    solve_jvp_per_vector_R=solve["jvp_seconds"] / nj / R,
                    solve_vjp_per_vector_R=solve["vjp_seconds"] / nv / R)
-        log(f"[{fastest}] in the solve (block {block}): JVP {solve['jvp_seconds'] / nj:.2f}s/vector "
+        log(f"[{fastest}] in the solve (block {sb}): JVP {solve['jvp_seconds'] / nj:.2f}s/vector "
             f"({solve['jvp_seconds'] / nj / R:.2f} R), VJP {solve['vjp_seconds'] / nv:.2f}s/vector "
             f"({solve['vjp_seconds'] / nv / R:.2f} R)")
     out["solve"] = solve
@@ -413,6 +425,12 @@ def main():
                     help="wall-clock cap on the top-16 solve (then: rate and projection)")
     ap.add_argument("--autotune-steps", type=int, default=2,
                     help="steps per candidate in the CNN's op.autotune (which picks the solve's backend)")
+    ap.add_argument("--solver", default="auto", choices=("auto", "randomized", "lanczos"),
+                    help="the CNN's top-k solver (auto: tjac.svd's choice from the operator's "
+                         "autotune measurements, as users get it)")
+    ap.add_argument("--solve-block", type=int, default=None,
+                    help="the solver's block width (default: k + 8 for randomized, 1 for "
+                         "lanczos; auto chooses its own)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -437,7 +455,8 @@ def main():
         kw = dict(n_train=256, n_test=64, epochs=1, k=4, block=12) if a.quick else \
             dict(n_train=2048, n_test=512, epochs=2, k=16, block=24)
         res["results"]["cnn"] = cnn_target(tol=1e-6, backends=backends, solve_minutes=a.solve_minutes,
-                                           autotune_steps=a.autotune_steps, log=log, **kw)
+                                           autotune_steps=a.autotune_steps, log=log,
+                                           method=a.solver, solve_block=a.solve_block, **kw)
     res["peak_rss_mib"] = _rss_mib()
     res["wall_seconds"] = time.perf_counter() - t0
     _write(out, res)
