@@ -7,7 +7,8 @@ prints the region counts and writes the figure. The module is an ordinary ``nn.M
 it through ``torch.func.functional_call``, carries BatchNorm's running statistics alongside
 training (J is with respect to the parameters only) and replays dropout with the same masks.
 From the command line the same model is ``tjac run --model own_model:small_cnn`` (run in this
-folder: the working directory is importable).
+folder: the working directory is importable; the default digits arrive as 64-pixel rows, which the
+forward reshapes).
 """
 import sys
 import tempfile
@@ -32,8 +33,8 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(channels * 16, 10)
         self.c = channels
 
-    def forward(self, x):                      # x: (B, 1, 8, 8)
-        h = torch.tanh(self.bn(self.conv(x)))
+    def forward(self, x):                      # x: (B, 1, 8, 8), or the digits' (B, 64) rows
+        h = torch.tanh(self.bn(self.conv(x.reshape(-1, 1, 8, 8))))
         h = h.reshape(-1, self.c, 4, 2, 4, 2).mean((3, 5))     # 2x2 average pool
         return self.head(self.drop(h).reshape(h.shape[0], -1))
 

@@ -94,6 +94,19 @@ def test_user_model_and_data_through_the_cli(tmp_path, capsys):
     assert "usermodels:bn_cnn" in capsys.readouterr().out
 
 
+def test_own_model_example_runs_from_the_command_line(tmp_path, capsys, monkeypatch):
+    """examples/own_model.py's docstring: `tjac run --model own_model:small_cnn` in that folder, on
+    the default digits (64-pixel rows, reshaped by the forward)."""
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "examples"))
+    store = str(tmp_path / "s.zarr")
+    args = ["run", "--model", "own_model:small_cnn", "--model-kwargs", '{"channels": 2}',
+            "--n-train", "64", "--store", store, *SMALL]
+    assert main(args) == 0, capsys.readouterr().err
+    res = open_store(store)
+    run = res.run(res.runs()[0])
+    assert run.recipe.model.factory == "own_model:small_cnn" and run.top(2).converged.all()
+
+
 def test_store_written_by_0_1_0_resumes_to_the_same_sigma(tmp_path):
     store = tmp_path / "old.zarr"
     shutil.copytree(FIXTURE, store)

@@ -132,9 +132,25 @@ def test_theta_is_the_trainable_parameters_in_order_and_init_is_the_modules_own(
     assert torch.equal(op.theta0, expect)
     assert [p.name for p in op.param_layout] == [n for n, _ in ref.named_parameters()]
     assert op.thetaT.shape == op.theta0.shape == (op.shape[0],)
-    # frozen parameters are not part of theta
-    frozen = tjac.Recipe.paper(model="usermodels:plain_mlp", model_kwargs={"width": 4}, **SMALL)
-    assert tjac.TrainingJacobian(frozen).shape[0] == 64 * 4 + 4 + 4 * 10 + 10
+
+
+def test_frozen_parameters_are_constants_of_j():
+    """A module with a frozen layer: theta is the trainable head only, the frozen weights stay as
+    built, and J (of the head) matches a dense jacrev of a loop that keeps the frozen layer fixed."""
+    r = tjac.Recipe.paper(model="usermodels:partly_frozen", model_kwargs={"width": 8}, **SMALL)
+    op = tjac.TrainingJacobian(r)
+    assert [p.name for p in op.param_layout] == ["head.weight", "head.bias"]
+    assert op.shape == (8 * 10 + 10, 8 * 10 + 10)
+    built = usermodels.partly_frozen(width=8).double()
+    module = op.problem.model.module
+    assert torch.equal(module.embed.weight, built.embed.weight)  # not trained
+    run = reference_training(r, op)
+    assert torch.allclose(run(op.theta0), op.thetaT, rtol=0, atol=1e-13)
+    J = jacrev(run)(op.theta0)
+    V = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scale = float(J.abs().max()) * float(V.abs().sum(0).max())
+    assert float((op.matmat(V) - J @ V).abs().max()) <= 1e-10 * scale
+    assert float((op.rmatmat(V) - J.T @ V).abs().max()) <= 1e-10 * scale
 
 
 def test_batchnorm_running_statistics_are_carried_like_torch():

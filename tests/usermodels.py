@@ -255,3 +255,25 @@ def hooked_mlp(width=4, shift=False):
     else:
         m[1].register_forward_hook(lambda mod, inp, out: out.detach())
     return m
+
+
+class PartlyFrozen(nn.Module):
+    """A frozen random feature layer (a fixed generator: the same in every build) under a
+    trainable head: theta is the head only."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.embed = nn.Linear(64, width)
+        gen = torch.Generator().manual_seed(11)
+        with torch.no_grad():  # float32 draws: the same values whatever dtype the module is built in
+            for p in self.embed.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) / 8)
+        self.embed.requires_grad_(False)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x.reshape(x.shape[0], -1))))
+
+
+def partly_frozen(width=8):
+    return PartlyFrozen(width)
