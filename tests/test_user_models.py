@@ -276,3 +276,17 @@ def test_double_backward_handles_unused_parameters_like_eager():
     lay = {p.name: p for p in op.param_layout}["unused.weight"]
     sl = slice(lay.offset, lay.offset + lay.size)
     torch.testing.assert_close(op.matmat(V)[sl], V[sl], atol=0, rtol=0)
+
+
+def test_a_live_module_is_used_as_given_and_refused_once_changed_in_place():
+    module = usermodels.plain_mlp(width=4).double()
+    r = tjac.Recipe.paper(model=module, **SMALL)
+    assert r.model.factory.startswith("live:PlainMLP@")
+    op = tjac.TrainingJacobian(r)
+    assert torch.equal(op.theta0, torch.cat([p.detach().reshape(-1) for p in module.parameters()]))
+    other = usermodels.plain_mlp(width=4).double()
+    assert tjac.Recipe.paper(model=other, **SMALL).hash() != r.hash()  # other weights, other run
+    with torch.no_grad():
+        module.layers[0].weight[0, 0] += 1.0  # the recipe's name (and hash) no longer describe it
+    with pytest.raises(tjac.models.ModelError, match="changed after the recipe was made"):
+        tjac.TrainingJacobian(r)

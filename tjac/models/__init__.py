@@ -59,6 +59,13 @@ def build_module(recipe, data, dtype: torch.dtype) -> nn.Module:
                          f"(Recipe.paper(model=...))")
     elif spec.live is not None:
         if isinstance(spec.live, nn.Module):
+            from ..recipe import _live_name
+
+            if _live_name(spec.live, recipe.seed, str(dtype)) != spec.factory:
+                raise ModelError(f"the live module {type(spec.live).__qualname__!r} changed after "
+                                 f"the recipe was made (its parameters or buffers no longer match "
+                                 f"{spec.factory!r}, the recipe's name for it): make the recipe "
+                                 f"again (Recipe.paper(model=...))")
             return copy.deepcopy(spec.live)  # theta_0 = its parameters as given
         make, name = spec.live, spec.factory
     else:
