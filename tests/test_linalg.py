@@ -445,6 +445,10 @@ def test_auto_weighs_measured_replay_costs_for_the_top():
     narrow = plan_solve(105_962, 2, "top", vector_costs={1: 9.0, 2: 0.1, 4: 0.1}, replay_block=4)
     assert (narrow.method, narrow.estimate.block) == ("lanczos", 2)
     assert plan_solve(4810, 16, "bottom", vector_costs=cnn, replay_block=4).method == "dense"
+    # Lanczos' basis needs more memory than randomized's blocks: where only randomized fits, it
+    roomy = plan_solve(10**7, 16, "top", vector_costs=cnn, replay_block=4,
+                       available_bytes=50 * 2**30)
+    assert roomy.method == "randomized" and roomy.fits
 
 
 def test_svd_auto_takes_single_vector_lanczos_when_the_operator_measured_it_cheaper():
@@ -461,3 +465,10 @@ def test_svd_auto_takes_single_vector_lanczos_when_the_operator_measured_it_chea
     assert r.method == "lanczos" and r.plan["expected_block"] == 1 and r.all_converged
     exact = torch.linalg.svdvals(tjac.linalg.materialize(op))[:3]
     assert torch.allclose(r.S, exact, rtol=1e-8)
+    # arguments whose meaning depends on the method keep the plan that ignores costs
+    assert svd(op, 3, which="top", tol=1e-8, maxiter=40).method == "randomized"
+    # costs measured for another backend are not this one's
+    op.apply_tuning({"backend": "eager", "block": 4,
+                     "seconds_per_vector_step": {"double-backward": {"1": 0.1, "4": 0.4}}})
+    assert op.vector_costs() is None
+    assert svd(op, 3, which="top", tol=1e-8).method == "randomized"

@@ -230,16 +230,11 @@ class TrainingJacobian:
 
     def vector_costs(self) -> dict | None:
         """Measured seconds per vector and step at each replay width, ``{width: s}``, for the
-        backend in use, from the last :meth:`autotune` applied (None before one). Widths autotune
-        measured only for another backend count at that backend's cost (``double-backward`` is
-        timed at one width and follows ``eager``'s per-vector cost). ``tjac.svd(method="auto")``
-        weighs them to choose the top's solver and block width."""
-        table = (self._tuning or {}).get("seconds_per_vector_step") or {}
-        out: dict = {}
-        for name in [self.backend] + sorted(n for n in table if n != self.backend):
-            for width, s in (table.get(name) or {}).items():
-                out.setdefault(int(width), float(s))
-        return out or None
+        backend in use, from the last :meth:`autotune` applied (None before one, or when it did
+        not time this backend). ``tjac.svd(method="auto")`` weighs them to choose the top's
+        solver and block width."""
+        table = ((self._tuning or {}).get("seconds_per_vector_step") or {}).get(self.backend)
+        return {int(w): float(s) for w, s in table.items()} if table else None
 
     @property
     def backend(self) -> str:

@@ -144,6 +144,8 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
         (``op.vector_costs()``, a :class:`TrainingJacobian` after :meth:`autotune`) that make
         narrow-block Lanczos at least 1.5x cheaper (blocks not cheaper per vector than single
         products: Lanczos needs about half the products); then ``block`` defaults to its pick.
+        Not when ``maxiter``, ``v0``, ``max_basis``, ``checkpoint`` or ``spill_dir`` is given
+        (their meaning depends on the method).
     tol : float > 0; default :func:`default_tol` of the operator's dtype (1e-8 in float64,
         1.2e-5 in float32). A tol below the operator's round-off floor raises
         :class:`ToleranceError`, naming the floor (:func:`roundoff_floor`, two replays): at once
@@ -196,7 +198,9 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
     have = max_memory if max_memory is not None else _checks.available_bytes(op.device)
     host = None if torch.device(op.device).type == "cpu" else _checks.available_bytes("cpu")
     costs = getattr(op, "vector_costs", None)  # measured seconds per vector at each replay width
-    costs = costs() if callable(costs) and method == "auto" and which == "top" else None
+    specific = (maxiter, v0, max_basis, checkpoint, spill_dir)  # their meaning depends on the method
+    costs = (costs() if callable(costs) and method == "auto" and which == "top"
+             and all(x is None for x in specific) else None)
     plan = plan_solve(P, k, which, method=method, itemsize=itemsize, block=block,
                       available_bytes=have, disk_bytes=_disk_free(spill_dir), host_bytes=host,
                       vector_costs=costs, replay_block=getattr(op, "block_size", None))

@@ -48,9 +48,9 @@ def autotune(prob, *, blocks=(1, 4, 8, 16, 32, 64, 128), backends=None, steps: i
     """Pick the replay backend and block width with the lowest measured cost per vector-step.
 
     Each (backend, block) pair runs ``steps`` JVP steps on the recipe's first batches (after one
-    warm-up pass). ``double-backward`` is measured only at the best width of ``eager``/``fused``
-    (its cost per vector follows eager's; a model autograd cannot differentiate twice is skipped
-    with the reason). ``compiled`` is measured only at the best width found for the others, only
+    warm-up pass). ``double-backward`` is measured only at the best width of ``eager``/``fused``,
+    and at width 1 when that is asked for (single-vector solves weigh that cost); a model autograd
+    cannot differentiate twice is skipped with the reason. ``compiled`` is measured only at the best width found for the others, only
     when a C++ compiler is present, and only when one replay of the best so far is projected above
     ``compile_threshold_s`` (below that its compile time, 20-70 s here, can't pay off). Returns
     ``{"backend", "block", "seconds_per_vector_step": {backend: {block: s}}, "skipped": {...}}``;
@@ -102,15 +102,17 @@ def autotune(prob, *, blocks=(1, 4, 8, 16, 32, 64, 128), backends=None, steps: i
                default=None)
     if "double-backward" in backends:
         k = best[1] if best else str(max(blocks))
-        try:
-            table["double-backward"] = {k: measure("double-backward", int(k))}
+        try:  # (and alone, where asked for: what single-vector solves cost on it)
+            ks = sorted({int(k)} | ({1} if 1 in blocks else set()))
+            table["double-backward"] = {str(w): measure("double-backward", w) for w in ks}
         except Exception as e:  # noqa: BLE001 - a model autograd cannot differentiate twice
             if backends == ["double-backward"]:  # asked for by name: the reason is the error
                 raise
             skipped["double-backward"] = f"double backward failed: {type(e).__name__}: {e}"[:300]
         else:
-            if best is None or table["double-backward"][k] < table[best[0]][best[1]]:
-                best = ("double-backward", k)
+            for w, c in table["double-backward"].items():
+                if best is None or c < table[best[0]][best[1]]:
+                    best = ("double-backward", w)
     if "compiled" in backends:
         k = int(best[1]) if best else max(blocks)
         per_replay = table[best[0]][best[1]] * k * prob.num_steps if best else float("inf")
