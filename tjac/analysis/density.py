@@ -25,8 +25,9 @@ interval), its ``stderr`` the probes' standard error.
 **Cost: resolution.** The Gauss nodes near σ = 1 are spaced about π σ_max / m apart (the
 spectrum of A spans [0, σ_max²]), so resolving a window 1 ± ε takes m ∝ σ_max / ε steps, 2 products
 each per probe, times a factor set by how crowded the σ are at the window's ends (BENCHMARKS.md,
-"Interval counts": 0.13–0.15 σ_max/ε at P = 610, ε = 0.1; 0.9 σ_max/ε for a 10% bracket on the
-paper's net, P = 4,810, ε = 1e-2, both ends inside the continuum around the bulk).
+"Interval counts": 0.13–0.15 σ_max/ε at P = 610, ε = 0.1; for a 10% bracket at ε = 1e-2 on the
+paper's recipe, both ends inside the continuum around the bulk, the steps grow with P instead,
+about 20 √P: 700 / 1,200 / 1,400 / 2,000 steps at P = 1,210 / 2,410 / 4,810 / 9,610).
 Deflation helps when it lowers σ_max: ``deflate=(V, sigma)`` with certified right singular vectors (a computed top, the
 structural σ = 1 directions) restricts the probes and every Lanczos vector to the complement of V
 and adds V's values to the counts exactly. Steps stop when the quadrature part of the bracket is
@@ -348,7 +349,9 @@ def steps_needed(sigma_max: float, half_width: float, *, factor: float | None = 
     return int(math.ceil(f * sigma_max / half_width))
 
 
-STEPS_FACTOR = 0.1  # steps * half-width / sigma_max: 0.13-0.15 measured at P = 610 (BENCHMARKS.md)
+# steps * half-width / sigma_max: 0.13-0.15 measured at P = 610, eps = 0.1; 0.22-1.64 for a 10%
+# bracket at eps = 1e-2 from P = 1,210 to 9,610 (BENCHMARKS.md): an optimistic lower figure
+STEPS_FACTOR = 0.1
 
 
 class ResolutionError(ValueError):
