@@ -154,3 +154,20 @@ def test_resume_on_changed_data_is_refused_naming_the_file(tmp_path, capsys):
                  "--store", store, "--resume", "-q", "--png", "none"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "d.npz" in err and "changed" in err and len(err.splitlines()) == 1
+
+
+def test_a_run_id_started_from_another_recipe_is_refused(tmp_path, capsys):
+    """Under an explicit run id, other settings (here the epochs) are another recipe: neither
+    reported as complete nor resumed, one line, exit 2, the stored run untouched."""
+    store = str(tmp_path / "s.zarr")
+    base = ["run", "--width", "4", "--n-train", "64", "--batch-size", "32", "--k-top", "2",
+            "--k-bottom", "0", "--run-id", "mine", "--store", store, "-q", "--png", "none"]
+    assert main([*base, "--epochs", "1"]) == 0, capsys.readouterr().err
+    sigma = open_store(store).run("mine").top(2).sigma
+    capsys.readouterr()
+    for extra in ([], ["--resume"]):
+        code = main([*base, "--epochs", "2", *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "another recipe" in err and len(err.splitlines()) == 1, err
+    run = open_store(store).run("mine")
+    assert run.recipe.epochs == 1 and (run.top(2).sigma == sigma).all()

@@ -360,9 +360,10 @@ def _plans(problem, P: int, k_top: int, k_bottom: int, method: str, checkpoint, 
 
 
 def _same_inputs(run, run_id: str, problem) -> None:
-    """Refuse to resume (or to report as complete) a run whose theta_0 or data differ from the ones
-    it was started on: SHA-256 of theta_0, of each data file, or of the arrays. Runs written before
-    these digests were stored carry none (their resume still checks theta_T bit for bit)."""
+    """Refuse to resume (or to report as complete) a run whose recipe, theta_0 or data differ from
+    the ones it was started on: the recipe's hash, SHA-256 of theta_0, of each data file, or of the
+    arrays. Runs written before these digests were stored carry none (their resume still checks
+    theta_T bit for bit)."""
     prov = run.attrs.get("provenance", {})
     sha = prov.get("model", {}).get("theta0_sha256")
     if sha and sha != theta_sha256(problem.init_theta()):
@@ -370,6 +371,11 @@ def _same_inputs(run, run_id: str, problem) -> None:
                                f"{prov['model'].get('class')!r} initialises differently now); "
                                f"cannot resume it")
     _same_data(run, run_id, problem.data.sources)
+    stored_hash, now = run.attrs.get("recipe_hash"), problem.recipe.hash()
+    if stored_hash and stored_hash != now:  # (another epochs, lr, seed, ... under an explicit id)
+        raise store.StoreError(f"run {run_id!r} was started from another recipe (hash "
+                               f"{stored_hash}, not {now}); repeat its settings to resume it, pass "
+                               f"--overwrite to recompute it, or choose another --run-id")
 
 
 def _same_data(run, run_id: str, sources: dict) -> None:
