@@ -296,10 +296,8 @@ def test_autotune_stops_widening_where_blocks_stop_paying():
     assert not stop_widening([0.207, 0.184, 0.25])                  # one worse width: go on
     assert stop_widening([0.207, 0.184, 0.25, 0.3])                 # two in a row > 1.25x the best
     assert not stop_widening([0.2, 0.3, 0.35, 0.1])                 # a wide one wins again: go on
-    # on a real problem the measured widths are a prefix of the requested ones, in order, and
-    # any cut is explained
+    # where every width is cheap to measure all are, in order (no stop: the pick stays the same
+    # from run to run whatever the timing noise)
     out = replay.autotune(Problem(tiny()), blocks=(8, 1, 2, 4), backends=["eager"], steps=1)
-    widths = [int(k) for k in out["seconds_per_vector_step"]["eager"]]
-    assert widths == [1, 2, 4, 8][:len(widths)]
-    if len(widths) < 4:
-        assert "not measured" in out["skipped"][f"eager wider than {widths[-1]}"]
+    assert list(out["seconds_per_vector_step"]["eager"]) == ["1", "2", "4", "8"]
+    assert not [k for k in out["skipped"] if "wider than" in k]

@@ -32,6 +32,7 @@ def _sync(device):
 # alone, 0.18 at 4, 0.43 at 24) the widest ones take minutes and the memory of a wide block's
 # activations; where they pay (the fused MLP) the cost falls with every width and all are measured
 WORSE, WORSE_IN_A_ROW = 1.25, 2
+WIDEN_SECONDS = 5.0  # ... and only when measuring the next width would take longer than this
 
 
 def stop_widening(costs) -> bool:
@@ -56,7 +57,8 @@ def autotune(prob, *, blocks=(1, 4, 8, 16, 32, 64, 128), backends=None, steps: i
     ``{"backend", "block", "seconds_per_vector_step": {backend: {block: s}}, "skipped": {...}}``;
     the widths of a backend are measured from narrow to wide and stop after ``WORSE_IN_A_ROW``
     in a row cost more than ``WORSE`` times its best per vector (:func:`stop_widening`; skipped
-    with the reason); the runner stores it in the run's provenance and reuses it on resume;
+    with the reason) when measuring the next would take over ``WIDEN_SECONDS``; the runner
+    stores it in the run's provenance and reuses it on resume;
     :meth:`tjac.TrainingJacobian.autotune` applies it to an operator."""
     skipped: dict = {}
     if backends is None:
@@ -93,7 +95,10 @@ def autotune(prob, *, blocks=(1, 4, 8, 16, 32, 64, 128), backends=None, steps: i
         widths = sorted(set(int(k) for k in blocks))
         for i, k in enumerate(widths):
             table[name][str(k)] = measure(name, k)
-            if stop_widening(list(table[name].values())) and i + 1 < len(widths):
+            # (cheap widths are all measured: a stop there would only add timing noise to the pick)
+            nxt = widths[i + 1] if i + 1 < len(widths) else None
+            if nxt is not None and stop_widening(list(table[name].values())) \
+                    and 2 * table[name][str(k)] * nxt * steps > WIDEN_SECONDS:
                 skipped[f"{name} wider than {k}"] = (
                     f"not measured: {', '.join(map(str, widths[i + 1:]))} (the last "
                     f"{WORSE_IN_A_ROW} widths cost more than {WORSE:g}x the best per vector)")
