@@ -41,7 +41,8 @@ def groups(q, n):
     for g in range(len(q.nodes) // n):
         sl = slice(g * n, (g + 1) * n)
         out.append(dataclasses.replace(q, nodes=q.nodes[sl], weights=q.weights[sl],
-                                       exact=q.exact[sl], probes=n))
+                                       exact=q.exact[sl], probes=n,
+                                       jacobi=None if q.jacobi is None else q.jacobi[sl]))
     return out
 
 
@@ -68,6 +69,10 @@ def main():
     ap.add_argument("--operator", choices=("replay", "formed"), default="replay",
                     help="the all-sets quadrature through training replays, or through the formed "
                          "J of the dense truth (same map; one set still runs through replays)")
+    ap.add_argument("--check", type=int, default=10, help="check the resolution every N steps")
+    ap.add_argument("--skip-extra", action="store_true",
+                    help="only the all-sets quadrature: no deflated set, no set through replays "
+                         "(both measured before: same steps and counts as the formed J)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rows = []
@@ -87,10 +92,10 @@ def main():
         for eps in [float(x) for x in a.eps.split(",")]:
             exact = int((np.abs(sig - 1) <= eps).sum())
             target = (1 - eps, 1 + eps)
-            before = op.counters()
+
             t = time.perf_counter()
             q = slq(qop, probes=a.seeds * a.probes, steps=a.max_steps, seed=0, target=target,
-                    rtol=a.rtol, method="slq", check_every=10, callback=_progress("all sets"))
+                    rtol=a.rtol, method="slq", check_every=a.check, callback=_progress("all sets"))
             seconds = time.perf_counter() - t
             runs = []
             for g in groups(q, a.probes):
@@ -100,6 +105,28 @@ def main():
                              "contains": c.lower <= exact <= c.upper,
                              "rel_width": (c.upper - c.lower) / exact,
                              "rel_error": (c.estimate - exact) / exact})
+            row = {
+                "width": w, "P": P, "eps": eps, "exact": exact, "sigma_max": float(sig[0]),
+                "dense_seconds": dense_s, "dense_products": P, "probes_per_set": a.probes,
+                "sets": a.seeds, "rtol": a.rtol, "steps": q.steps,
+                "steps_eps_over_sigma_max": q.steps * eps / float(sig[0]),
+                "products_all_sets": q.products, "products_per_set": q.products // a.seeds,
+                "seconds_all_sets": seconds, "bracket": "gauss-radau (markov-krein)",
+                "contained": int(sum(r["contains"] for r in runs)),
+                "max_rel_width": max(r["rel_width"] for r in runs),
+                "median_rel_width": float(np.median([r["rel_width"] for r in runs])),
+                "max_abs_rel_error": max(abs(r["rel_error"]) for r in runs),
+                "pooled_estimate": q.count(*target).estimate, "runs": runs,
+                "operator": a.operator}
+            if a.skip_extra:
+                rows.append(row)
+                print("summary", json.dumps({k2: v for k2, v in row.items() if k2 != "runs"}),
+                      flush=True)
+                _env.write(out, {"environment": _env.environment(), "rows": rows,
+                                 "torch_threads": torch.get_num_threads(),
+                                 "note": "one quadrature over sets x probes Rademacher probes, "
+                                         "split into independent sets"})
+                continue
             k = min(a.deflate_k, P // 4)
             t = time.perf_counter()
             qd = slq(qop, probes=a.probes, steps=a.max_steps, seed=1, target=target, rtol=a.rtol,
@@ -112,19 +139,7 @@ def main():
             if a.operator == "formed":  # the same probes through the formed J: same steps?
                 q1f = slq(qop, probes=a.probes, steps=a.max_steps, seed=1, target=target,
                           rtol=a.rtol, method="slq", check_every=10)
-            rows.append({
-                "width": w, "P": P, "eps": eps, "exact": exact, "sigma_max": float(sig[0]),
-                "dense_seconds": dense_s, "dense_products": P, "probes_per_set": a.probes,
-                "sets": a.seeds, "rtol": a.rtol, "steps": q.steps,
-                "steps_eps_over_sigma_max": q.steps * eps / float(sig[0]),
-                "products_all_sets": q.products, "products_per_set": q.products // a.seeds,
-                "seconds_all_sets": seconds,
-                "contained": int(sum(r["contains"] for r in runs)),
-                "max_rel_width": max(r["rel_width"] for r in runs),
-                "median_rel_width": float(np.median([r["rel_width"] for r in runs])),
-                "max_abs_rel_error": max(abs(r["rel_error"]) for r in runs),
-                "pooled_estimate": q.count(*target).estimate, "runs": runs,
-                "operator": a.operator,
+            rows.append({**row,
                 "one_set": {"steps": q1.steps, "products": q1.products,
                             "seconds": q1.seconds, "operator": "replay",
                             "seconds_per_product": q1.seconds / max(q1.products, 1),

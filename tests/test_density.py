@@ -57,6 +57,71 @@ def test_per_probe_quadrature_bounds_contain_each_probes_exact_measure():
             assert np.all(exact <= up + 1e-8), (steps, lo, hi, exact, up)
 
 
+def _jacobi_of(lam, w, m):
+    """The first m Lanczos coefficients (alpha, beta) of the discrete measure sum w_i delta(lam_i):
+    Lanczos on diag(lam) from sqrt(w)/norm, fully reorthogonalized (exact to round-off)."""
+    q = np.sqrt(w) / np.sqrt(w.sum())
+    Q, alpha, beta = [q], [], []
+    for _ in range(m):
+        r = lam * Q[-1]
+        alpha.append(Q[-1] @ r)
+        B = np.array(Q)
+        for _ in range(2):
+            r = r - B.T @ (B @ r)
+        beta.append(np.linalg.norm(r))
+        Q.append(r / beta[-1])
+    return np.array(alpha), np.array(beta)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_radau_bounds_hold_for_every_measure_point_and_beat_the_gauss_gap(seed):
+    """Markov-Krein: the Gauss-Radau rule through t brackets F(t - 0) and F(t) of the measure,
+    at atoms, between atoms and beyond its ends, and its bracket (the Christoffel function) is
+    never wider than the Gauss rule's two-node gap, and narrower on average."""
+    from tjac.analysis.density import _radau_bounds
+
+    rng = np.random.default_rng(seed)
+    n = 60
+    lam = np.sort(np.concatenate([rng.uniform(0, 4, n - 10), 1 + 1e-3 * rng.standard_normal(10)]))
+    w = rng.uniform(0.2, 2.0, n)
+    ts = np.concatenate([lam[::3], rng.uniform(-0.5, 4.5, 40), [lam[0] - 1, lam[-1] + 1]])
+    narrower = []
+    for m in (3, 8, 20):
+        alpha, beta = _jacobi_of(lam, w, m)
+        th, ev = np.linalg.eigh(np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1))
+        gw = ev[0] ** 2 * w.sum()
+        c = np.concatenate([[0.0], np.cumsum(gw)])
+        for t in ts:
+            lo, hi = _radau_bounds(alpha, beta, w.sum(), float(t))
+            below, upto = w[lam < t].sum(), w[lam <= t].sum()
+            assert lo - 1e-9 <= below <= upto <= hi + 1e-9, (m, t, lo, below, upto, hi)
+            p = int(np.searchsorted(th, t, side="right"))      # Gauss nodes <= t
+            gauss = c[min(p + 1, m)] - c[max(p - 1, 0)]
+            assert hi - lo <= gauss + 1e-9, (m, t, hi - lo, gauss)
+            narrower.append((hi - lo) / max(gauss, 1e-300))
+    assert np.mean(narrower) < 0.75
+
+
+def test_counts_use_the_radau_bracket_and_fall_back_to_gauss_without_coefficients():
+    """A quadrature from slq carries its Lanczos coefficients: its count's bracket is the Radau
+    one, narrower than the same rules' Gauss bracket, and both contain the exact count."""
+    import dataclasses
+
+    s = spectrum()
+    op, _ = planted(s)
+    q = slq(op, probes=6, steps=40, seed=1, method="slq")
+    assert q.jacobi is not None and len(q.jacobi) == 6
+    g = dataclasses.replace(q, jacobi=None)
+    for lo, hi in [(0.99, 1.01), (0.3, 0.9), (2.0, math.inf)]:
+        _, rl, ru = q.probe_counts(lo, hi)
+        _, gl, gu = g.probe_counts(lo, hi)
+        assert np.all(rl >= gl - 1e-9) and np.all(ru <= gu + 1e-9)
+        assert (ru - rl).sum() < (gu - gl).sum()
+        n = true_count(s, lo, hi)
+        for c in (q.count(lo, hi, confidence=0.99), g.count(lo, hi, confidence=0.99)):
+            assert c.lower <= n <= c.upper, (lo, hi, c, n)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_bracket_contains_the_true_count_on_planted_spectra(seed):
     s = spectrum(seed)
@@ -352,3 +417,19 @@ def test_analyze_density_refuses_bad_input(tmp_path, capsys):
     c = tjac.open(path).run("a").counts()
     assert c["info"]["method"] == "dense" and c[0.01]["bulk"]["lower"] == c[0.01]["bulk"]["upper"]
     assert main(["analyze", path, "--run", "a", "--what", "density,bogus"]) == 2
+
+
+def test_resolution_checks_are_spaced_by_a_share_of_the_steps():
+    """Checks run every ``check_every`` steps but at least 5% of the steps apart (each costs
+    O(m^2) per probe), so a long run makes few of them; stopping still happens at a check."""
+    from tjac.analysis.density import CHECK_SPACING
+
+    s = spectrum()
+    op, _ = planted(s)
+    q = slq(op, probes=3, steps=150, seed=0, method="slq", target=(0.995, 1.005), rtol=1e-9,
+            check_every=2, min_steps=20)
+    m = [h[0] for h in q.history]
+    assert m[0] == 20 and len(m) >= 10
+    gaps = np.diff(m)
+    assert all(g == max(2, int(CHECK_SPACING * a)) for a, g in zip(m[:-1], gaps))
+    assert any(g > 2 for g in gaps)   # the spacing grew past check_every

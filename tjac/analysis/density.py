@@ -10,29 +10,37 @@ reorthogonalized in full (twice, classical Gram–Schmidt) in the operator's dty
 default: a float32 operator gives float32 rules, with the breakdown test at 1e3 eps), so T_m is
 the exact Gauss rule to round-off: no ghost copies of the large values.
 
-**A bracket you can defend.** The Chebyshev–Markov–Stieltjes inequalities bound the distribution
-function F of μ_z between the Gauss rule's partial sums: Σ_{j<p} τ_j ≤ F(θ_p − 0) and
-F(θ_p) ≤ Σ_{j≤p} τ_j, hence for θ_p ≤ t < θ_{p+1}
+**A bracket you can defend.** The m Lanczos steps fix the first 2m + 1 moments of μ_z (the
+coefficients α_1…α_m, β_1…β_m). Among all measures with those moments, the distribution function
+at a point t is confined by the Markov–Krein theorem (the Chebyshev–Markov–Stieltjes inequalities
+for the canonical representation through t): the Gauss–Radau rule with a node fixed at t (m + 1
+nodes, exact to degree 2m) puts mass L_t below t and ρ_t at t, and
 
-    Σ_{j<p} τ_j ≤ F(t) ≤ Σ_{j≤p+1} τ_j,
+    L_t ≤ F(t − 0) ≤ F(t) ≤ L_t + ρ_t,
 
-so each probe's count lies in a guaranteed [lower_i, upper_i] (the quadrature's part of the error:
-it shrinks as nodes crowd the interval's ends). The sampling part is the spread across probes: the
-reported bracket is [mean(lower) − t·se(lower), mean(upper) + t·se(upper)] with Student's t at
-``confidence`` (default 95%). The point estimate is the plain Gauss-rule count (nodes inside the
-interval), its ``stderr`` the probes' standard error.
+where ρ_t, the Christoffel function at t, is the narrowest bracket those moments allow. A count
+over [a, b] is F(b) − F(a − 0), so each probe's count lies in a guaranteed
+[L_b − L_a − ρ_a, L_b + ρ_b − L_a] (the quadrature's part of the error: it shrinks as nodes crowd
+the interval's ends). This is about half as wide as the bracket the Gauss rule's own partial sums
+give (Σ_{j<p} τ_j ≤ F(t) ≤ Σ_{j≤p+1} τ_j for θ_p ≤ t < θ_{p+1}: two nodes' weights per end),
+which is used for a :class:`Quadrature` that carries no coefficients. The sampling part is the
+spread across probes: the reported bracket is [mean(lower) − t·se(lower), mean(upper) + t·se(upper)]
+with Student's t at ``confidence`` (default 95%). The point estimate is the plain Gauss-rule count
+(nodes inside the interval), its ``stderr`` the probes' standard error.
 
 **Cost: resolution.** The Gauss nodes near σ = 1 are spaced about π σ_max / m apart (the
 spectrum of A spans [0, σ_max²]), so resolving a window 1 ± ε takes m ∝ σ_max / ε steps, 2 products
 each per probe, times a factor set by how crowded the σ are at the window's ends (BENCHMARKS.md,
 "Interval counts": 0.13–0.15 σ_max/ε at P = 610, ε = 0.1; for a 10% bracket at ε = 1e-2 on the
-paper's recipe, both ends inside the continuum around the bulk, the steps grow with P instead,
-about 20 √P: 700 / 1,200 / 1,400 / 2,000 steps at P = 1,210 / 2,410 / 4,810 / 9,610).
-Deflation helps when it lowers σ_max: ``deflate=(V, sigma)`` with certified right singular vectors (a computed top, the
-structural σ = 1 directions) restricts the probes and every Lanczos vector to the complement of V
-and adds V's values to the counts exactly. Steps stop when the quadrature part of the bracket is
-below ``rtol`` of the count (checked every ``check_every`` steps) or a probe's Krylov space closes
-(then its rule is exact).
+paper's recipe, both ends inside the continuum around the bulk, the steps grow with P instead:
+about 20 √P with the Gauss bracket, 700 / 1,200 / 1,400 / 2,000 steps at P = 1,210 / 2,410 /
+4,810 / 9,610, and 500 / 850 / 1,100 at P = 1,210 / 2,410 / 4,810 with the Gauss–Radau bracket).
+Deflation helps when it lowers σ_max: ``deflate=(V, sigma)`` with certified right singular
+vectors (a computed top, the structural σ = 1 directions) restricts the probes and every Lanczos
+vector to the complement of V and adds V's values to the counts exactly. Steps stop when the
+quadrature part of the bracket is below ``rtol`` of the count (checked every ``check_every``
+steps, and at least 5% of the steps apart) or a probe's Krylov space closes (then its rule is
+exact).
 
 When the dense path is cheaper (the expected SLQ products exceed P, measured after the first
 steps) and J fits in memory, ``method="auto"`` counts from the dense singular values instead; the
@@ -68,6 +76,7 @@ REORTH_PASSES = 2
 # (measured 2e-10 lambda_max with five distinct values spread over 3.7 decades)
 BREAKDOWN = 1e-8            # float64; in a lower precision 1e3 eps of the operator's dtype
 DENSE_MEMORY_SHARE = 0.5   # the dense fallback may use this share of the available memory
+CHECK_SPACING = 0.05       # resolution checks at least this share of the steps apart (overshoot)
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,10 @@ class Quadrature:
     deflated_sigma: np.ndarray = field(default_factory=lambda: np.zeros(0))
     method: str = "slq"
     history: list = field(default_factory=list)  # (steps, bracket width, count) per check
+    # per probe: the Lanczos coefficients (alpha (m,), beta (m,), the last beta included) that
+    # give the Gauss-Radau rules through the interval's ends (the tightest bracket); None: the
+    # Gauss rule's looser bracket
+    jacobi: list | None = None
 
     # -- counts ------------------------------------------------------------------------------------
     def probe_counts(self, lo: float, hi: float):
@@ -134,13 +147,23 @@ class Quadrature:
         excluded); a probe whose Krylov space closed has an exact rule (lower = upper)."""
         a, b = lo * lo, hi * hi
         est, low, up = [], [], []
-        for x, w, exact in zip(self.nodes, self.weights, self.exact):
+        jac = self.jacobi or [None] * len(self.nodes)
+        for x, w, exact, ab, z2 in zip(self.nodes, self.weights, self.exact, jac,
+                                       self._masses()):
             c = np.concatenate([[0.0], np.cumsum(w)])          # c[p] = sum of the first p weights
             inside = (x >= a) & (x <= b)
             est.append(float(w[inside].sum()))
             if exact:  # the Krylov space closed: the rule is the probe's measure itself
                 low.append(est[-1])
                 up.append(est[-1])
+                continue
+            if ab is not None and ab[1][-1] > 0:
+                # Markov-Krein: F(t - 0) in [L_t, L_t + rho_t] and F(t) in the same, from the
+                # Gauss-Radau rule through t (L_t: its mass below t, rho_t: its mass at t)
+                Fa = (0.0, 0.0) if a <= 0.0 else _radau_bounds(*ab, z2, a)
+                Fb = (c[-1], c[-1]) if b == math.inf else _radau_bounds(*ab, z2, b)
+                low.append(max(0.0, Fb[0] - Fa[1]))
+                up.append(max(0.0, Fb[1] - Fa[0]))
                 continue
             pb = int(np.searchsorted(x, b, side="right"))      # nodes <= b: indices < pb
             pa = int(np.searchsorted(x, a, side="left"))       # nodes < a: indices < pa
@@ -175,6 +198,9 @@ class Quadrature:
         return IntervalCount(lo, hi, float(est.mean()) + dfl, lower, upper, se(est), confidence,
                              "slq", self.P, N, self.steps, self.products, self.seconds,
                              self.sigma_max, float((up - low).mean()), dfl, resolved)
+
+    def _masses(self):
+        return [float(np.sum(w)) for w in self.weights]
 
     @property
     def closed(self) -> bool:
@@ -273,6 +299,7 @@ def slq(op, *, probes: int = 16, steps: int = 200, seed: int = 0, deflate=None,
         Z = Z - V @ (V.T @ Z)
     run = _ProbeLanczos(op, Z, V)
     history = []  # (steps, quadrature bracket width, count) at each check of ``target``
+    next_check = max(min_steps, check_every)
     while run.m < steps:
         run.step()
         if callback is not None:
@@ -286,7 +313,11 @@ def slq(op, *, probes: int = 16, steps: int = 200, seed: int = 0, deflate=None,
             q.products += products0
             q.seconds = time.perf_counter() - t0
             return q
-        if target is not None and run.m >= min_steps and run.m % check_every == 0:
+        if target is not None and run.m >= next_check:
+            # checks every ``check_every`` steps and at least CHECK_SPACING of the steps apart: a
+            # check costs O(m^2) per probe (three tridiagonal eigenproblems), so late checks
+            # would otherwise outweigh the products on cheap operators
+            next_check = run.m + max(check_every, int(CHECK_SPACING * run.m))
             q = run.quadrature(P, dsig, t0)
             c = q.count(*target)
             history.append((run.m, c.resolution, c.estimate - c.deflated))
@@ -460,10 +491,11 @@ class _ProbeLanczos:
         import scipy.linalg
 
         A, B = np.array(self.alpha), np.array(self.beta)
-        nodes, weights = [], []
+        nodes, weights, jacobi = [], [], []
         for i in range(A.shape[1]):
             m = int(self.length[i])
             d, e = A[:m, i], B[:m - 1, i]
+            jacobi.append((d.copy(), B[:m, i].copy()))
             if m == 1:
                 th, ev = d.copy(), np.ones((1, 1))
             else:
@@ -474,7 +506,7 @@ class _ProbeLanczos:
         if len(dsig):
             smax = max(smax, float(dsig.max()))
         return Quadrature(nodes, weights, P, len(nodes), int(self.length.max()), self.products,
-                          time.perf_counter() - t0, smax, list(self.exact), dsig)
+                          time.perf_counter() - t0, smax, list(self.exact), dsig, jacobi=jacobi)
 
 
 class _Basis:
@@ -501,6 +533,40 @@ class _Basis:
         for c, a in zip(self.chunks, coefs):
             w = w - torch.bmm(c, a)
         return w.squeeze(2).T
+
+
+def _radau_bounds(alpha, beta, mass, t):
+    """(L, L + rho): bounds on F(t - 0) and F(t) for every measure of total ``mass`` whose
+    Lanczos coefficients begin with ``alpha`` (m,) and ``beta`` (m,; beta[-1] > 0), i.e. that
+    shares its first 2m + 1 moments. The Gauss-Radau rule with a node fixed at t (m + 1 nodes,
+    exact to degree 2m) puts mass L below t and rho at t, and by the Markov-Krein theorem (the
+    Chebyshev-Markov-Stieltjes inequalities for the canonical representation through t)
+    L <= F(t - 0) <= F(t) <= L + rho; rho, the Christoffel function at t, is the narrowest such
+    bracket the moments allow (about half of the Gauss rule's two-node gap)."""
+    import scipy.linalg
+
+    m = len(alpha)
+    # the last diagonal entry that makes t an eigenvalue: alpha' = t + delta_m with
+    # (T_m - t I) delta = beta_m^2 e_m (Golub 1973)
+    ab = np.zeros((3, m))
+    ab[0, 1:] = beta[:m - 1]
+    ab[1] = alpha - t
+    ab[2, :m - 1] = beta[:m - 1]
+    rhs = np.zeros(m)
+    rhs[-1] = beta[-1] ** 2
+    try:
+        delta = scipy.linalg.solve_banded((1, 1), ab, rhs, check_finite=False)[-1]
+    except (np.linalg.LinAlgError, ValueError):
+        delta = np.inf
+    if not np.isfinite(delta):  # t is a Gauss node: the Gauss rule is the canonical one
+        th, ev = scipy.linalg.eigh_tridiagonal(alpha, beta[:m - 1]) if m > 1 else \
+            (alpha.copy(), np.ones((1, 1)))
+    else:
+        th, ev = scipy.linalg.eigh_tridiagonal(np.append(alpha, t + delta), beta)
+    w = ev[0] ** 2 * mass
+    j = int(np.argmin(np.abs(th - t)))
+    lower = float(w[th < th[j]].sum())
+    return lower, lower + float(w[j])
 
 
 def _dense(op, V, dsig) -> Quadrature:
