@@ -50,3 +50,21 @@ def test_fit_power_recovers_a_planted_exponent_and_its_error():
     a, se = scale.fit_power(P, y)
     assert abs(a - 0.75) < 3 * se and 0 < se < 0.05
     assert math.isnan(scale.fit_power([1e3], [1.0])[0])
+
+
+def test_spread_is_the_seed_to_seed_mean_and_sd_at_each_p():
+    def row(P, seed, bulk, smax):
+        return {"run": f"r{P}-{seed}", "P": P, "seed": seed, "seconds": 1.0, "sigma_max": smax,
+                "exact_one": 5, "counts": {"0.01": {n: {"estimate": bulk, "lower": bulk - 1,
+                                                        "upper": bulk + 1, "exact": None}
+                                                    for n in ("chaotic", "bulk", "stable")}}}
+    rows = [row(100, 0, 30.0, 2.0), row(100, 1, 34.0, 3.0), row(100, 2, 35.0, 4.0),
+            row(400, 0, 150.0, 1.5)]
+    sp = scale.spread(rows, 0.01)
+    b = sp["bulk_0.01"]
+    assert [x["P"] for x in b] == [100, 400] and [x["n"] for x in b] == [3, 1]
+    assert math.isclose(b[0]["mean"], 33.0) and math.isclose(b[0]["sd"], np.std([30, 34, 35],
+                                                                                  ddof=1))
+    assert math.isnan(b[1]["sd"]) and math.isclose(b[1]["mean"], 150.0)
+    assert math.isclose(sp["sigma_max"][0]["cv"], 1.0 / 3.0)
+    assert math.isclose(sp["bulk_fraction_0.01"][0]["mean"], 0.33)

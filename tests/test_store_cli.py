@@ -259,6 +259,9 @@ def test_bench_and_scale_commands(tmp_path):
             b = r["counts"][e]["bulk"]
             assert b["exact"] is not None and b["lower"] <= b["exact"] <= b["upper"]
     assert {"bulk_0.01", "bulk_fraction_0.01", "sigma_max", "seconds"} <= set(out["fits"])
+    sp = out["spread"]["bulk_0.01"]  # one seed per size: the mean is the count, no sd
+    assert [(x["P"], x["n"]) for x in sp] == [(310, 1), (460, 1)]
+    assert [x["mean"] for x in sp] == [r["counts"]["0.01"]["bulk"]["estimate"] for r in rows]
     p = tjac_cli("scale", "--widths", "4,x")
     assert p.returncode == 2 and "comma-separated list" in p.stderr
     p = tjac_cli("scale", "--widths", "4", "--eps", "0,1e-2")

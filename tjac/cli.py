@@ -600,10 +600,17 @@ def cmd_scale(a):
     png = a.png or os.path.splitext(os.path.abspath(a.store))[0] + "-scaling.png"
     expo = scale.plot_scaling(rows, png, eps=eps[0])
     fitted = scale.fits(rows, eps[0])
+    spread = scale.spread(rows, eps[0])
     if a.json:
-        print(json.dumps({"rows": rows, "cost_exponent": expo, "fits": fitted, "png": png},
-                         indent=2))
+        print(json.dumps({"rows": rows, "cost_exponent": expo, "fits": fitted, "spread": spread,
+                          "png": png}, indent=2))
     elif not a.quiet:
+        if a.seeds > 1:
+            print(f"seed-to-seed spread ({a.seeds} seeds): mean ± sd at each P")
+            for n, pts in spread.items():
+                if n != "seconds":
+                    print(f"  {n}: " + "; ".join(f"P={x['P']} {x['mean']:.4g} ± {x['sd']:.2g}"
+                                                 for x in pts))
         for n, f in fitted.items():
             err = f" ± {f['stderr']:.2f}" if math.isfinite(f["stderr"]) else ""
             if math.isfinite(f["exponent"]):

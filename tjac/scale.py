@@ -260,6 +260,25 @@ def quantities(rows, eps=EPSILONS[0]) -> dict:
     return out
 
 
+def spread(rows, eps=EPSILONS[0]) -> dict:
+    """name -> one entry per P: the seed-to-seed ``mean``, standard deviation ``sd`` (ddof 1; nan
+    with one seed), relative ``cv`` = sd / mean and the number of seeds ``n``."""
+    out = {}
+    for name, (P, y) in quantities(rows, eps).items():
+        by = {}
+        for p, v in zip(P, y):
+            if v is not None and np.isfinite(v):
+                by.setdefault(int(p), []).append(float(v))
+        out[name] = []
+        for p in sorted(by):
+            v = np.array(by[p])
+            sd = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+            mean = float(v.mean())
+            out[name].append({"P": p, "n": len(v), "mean": mean, "sd": sd,
+                              "cv": sd / abs(mean) if mean else float("nan")})
+    return out
+
+
 def fits(rows, eps=EPSILONS[0]) -> dict:
     return {n: dict(zip(("exponent", "stderr"), fit_power(P, y)))
             for n, (P, y) in quantities(rows, eps).items()}
