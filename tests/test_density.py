@@ -433,3 +433,23 @@ def test_resolution_checks_are_spaced_by_a_share_of_the_steps():
     gaps = np.diff(m)
     assert all(g == max(2, int(CHECK_SPACING * a)) for a, g in zip(m[:-1], gaps))
     assert any(g > 2 for g in gaps)   # the spacing grew past check_every
+
+
+def test_interval_ends_on_converged_singular_values_keep_the_atom_inside_the_bracket():
+    """An end of the interval exactly at a singular value the Lanczos rule has converged onto:
+    the Gauss-Radau rule then has two nodes within round-off of the end, and the bracket must
+    count both as the mass at the end (else the atom's weight falls on one side at random)."""
+    f = dict(dtype=torch.float64)
+    s = torch.logspace(-3, 1.5, 100, **f)
+    op, V = planted(s, seed=4)
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randint(0, 2, (100, 4), generator=g, dtype=torch.float64) * 2 - 1
+    w = ((V.T @ Z) ** 2).numpy()
+    for steps in (20, 40, 60):
+        q = slq(op, probes=4, steps=steps, seed=0, method="slq")
+        for lo, hi in [(float(s[85]), 40.0), (1.0, float(s[90])), (float(s[95]), float(s[98])),
+                       (float(s[99]), math.inf), (float(s[60]), float(s[99]))]:
+            exact = (((s >= lo) & (s <= hi)).double()[:, None].numpy() * w).sum(0)
+            _, low, up = q.probe_counts(lo, hi)
+            assert np.all(low <= exact + 1e-8) and np.all(exact <= up + 1e-8), \
+                (steps, lo, hi, low, exact, up)

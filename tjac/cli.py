@@ -607,9 +607,10 @@ def cmd_scale(a):
     elif not a.quiet:
         if a.seeds > 1:
             print(f"seed-to-seed spread ({a.seeds} seeds): mean ± sd at each P")
+            sd = (lambda x: "n/a" if x is None else f"{x:.2g}")  # noqa: E731
             for n, pts in spread.items():
                 if n != "seconds":
-                    print(f"  {n}: " + "; ".join(f"P={x['P']} {x['mean']:.4g} ± {x['sd']:.2g}"
+                    print(f"  {n}: " + "; ".join(f"P={x['P']} {x['mean']:.4g} ± {sd(x['sd'])}"
                                                  for x in pts))
         for n, f in fitted.items():
             err = f" ± {f['stderr']:.2f}" if math.isfinite(f["stderr"]) else ""

@@ -261,7 +261,7 @@ def quantities(rows, eps=EPSILONS[0]) -> dict:
 
 
 def spread(rows, eps=EPSILONS[0]) -> dict:
-    """name -> one entry per P: the seed-to-seed ``mean``, standard deviation ``sd`` (ddof 1; nan
+    """name -> one entry per P: the seed-to-seed ``mean``, standard deviation ``sd`` (ddof 1; None
     with one seed), relative ``cv`` = sd / mean and the number of seeds ``n``."""
     out = {}
     for name, (P, y) in quantities(rows, eps).items():
@@ -272,10 +272,10 @@ def spread(rows, eps=EPSILONS[0]) -> dict:
         out[name] = []
         for p in sorted(by):
             v = np.array(by[p])
-            sd = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+            sd = float(v.std(ddof=1)) if len(v) > 1 else None   # None: strict JSON
             mean = float(v.mean())
             out[name].append({"P": p, "n": len(v), "mean": mean, "sd": sd,
-                              "cv": sd / abs(mean) if mean else float("nan")})
+                              "cv": sd / abs(mean) if (sd is not None and mean) else None})
     return out
 
 

@@ -77,6 +77,7 @@ REORTH_PASSES = 2
 BREAKDOWN = 1e-8            # float64; in a lower precision 1e3 eps of the operator's dtype
 DENSE_MEMORY_SHARE = 0.5   # the dense fallback may use this share of the available memory
 CHECK_SPACING = 0.05       # resolution checks at least this share of the steps apart (overshoot)
+RADAU_STEP_OFF = 4         # times a Radau end may step off a Gauss node (1e-9 scale, then x10)
 
 
 @dataclass(frozen=True)
@@ -535,17 +536,23 @@ class _Basis:
         return w.squeeze(2).T
 
 
-def _radau_bounds(alpha, beta, mass, t):
+def _radau_bounds(alpha, beta, mass, t, _depth=0):
     """(L, L + rho): bounds on F(t - 0) and F(t) for every measure of total ``mass`` whose
     Lanczos coefficients begin with ``alpha`` (m,) and ``beta`` (m,; beta[-1] > 0), i.e. that
     shares its first 2m + 1 moments. The Gauss-Radau rule with a node fixed at t (m + 1 nodes,
     exact to degree 2m) puts mass L below t and rho at t, and by the Markov-Krein theorem (the
     Chebyshev-Markov-Stieltjes inequalities for the canonical representation through t)
     L <= F(t - 0) <= F(t) <= L + rho; rho, the Christoffel function at t, is the narrowest such
-    bracket the moments allow (about half of the Gauss rule's two-node gap)."""
+    bracket the moments allow (about half of the Gauss rule's two-node gap).
+
+    Round-off: when t sits on a converged Ritz value the rule has two nodes within round-off of
+    t, and the mass at t is split between them, so every node within ``tol`` of t counts as at
+    t; when t is (numerically) a Gauss node, the last diagonal entry blows up, so the bounds are
+    taken at t -/+ eta instead (F is monotone: F(t - 0) >= F(t - eta), F(t) <= F(t + eta))."""
     import scipy.linalg
 
     m = len(alpha)
+    scale = max(float(np.max(np.abs(alpha))) + 2 * float(np.max(np.abs(beta))), abs(t), 1e-300)
     # the last diagonal entry that makes t an eigenvalue: alpha' = t + delta_m with
     # (T_m - t I) delta = beta_m^2 e_m (Golub 1973)
     ab = np.zeros((3, m))
@@ -555,18 +562,20 @@ def _radau_bounds(alpha, beta, mass, t):
     rhs = np.zeros(m)
     rhs[-1] = beta[-1] ** 2
     try:
-        delta = scipy.linalg.solve_banded((1, 1), ab, rhs, check_finite=False)[-1]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            delta = float(scipy.linalg.solve_banded((1, 1), ab, rhs, check_finite=False)[-1])
     except (np.linalg.LinAlgError, ValueError):
-        delta = np.inf
-    if not np.isfinite(delta):  # t is a Gauss node: the Gauss rule is the canonical one
-        th, ev = scipy.linalg.eigh_tridiagonal(alpha, beta[:m - 1]) if m > 1 else \
-            (alpha.copy(), np.ones((1, 1)))
-    else:
-        th, ev = scipy.linalg.eigh_tridiagonal(np.append(alpha, t + delta), beta)
+        delta = math.inf
+    if _depth < RADAU_STEP_OFF and not abs(delta) <= 1e6 * scale:
+        eta = 1e-9 * scale * 10 ** _depth
+        return (_radau_bounds(alpha, beta, mass, t - eta, _depth + 1)[0],
+                _radau_bounds(alpha, beta, mass, t + eta, _depth + 1)[1])
+    if not math.isfinite(delta):   # no Radau rule at all: the trivial bounds
+        return 0.0, float(mass)
+    th, ev = scipy.linalg.eigh_tridiagonal(np.append(alpha, t + delta), beta)
     w = ev[0] ** 2 * mass
-    j = int(np.argmin(np.abs(th - t)))
-    lower = float(w[th < th[j]].sum())
-    return lower, lower + float(w[j])
+    tol = 1e3 * np.finfo(np.float64).eps * max(scale, abs(delta))
+    return float(w[th < t - tol].sum()), float(w[th <= t + tol].sum())
 
 
 def _dense(op, V, dsig) -> Quadrature:
