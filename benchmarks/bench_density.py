@@ -92,7 +92,6 @@ def main():
         for eps in [float(x) for x in a.eps.split(",")]:
             exact = int((np.abs(sig - 1) <= eps).sum())
             target = (1 - eps, 1 + eps)
-
             t = time.perf_counter()
             q = slq(qop, probes=a.seeds * a.probes, steps=a.max_steps, seed=0, target=target,
                     rtol=a.rtol, method="slq", check_every=a.check, callback=_progress("all sets"))
@@ -118,42 +117,35 @@ def main():
                 "max_abs_rel_error": max(abs(r["rel_error"]) for r in runs),
                 "pooled_estimate": q.count(*target).estimate, "runs": runs,
                 "operator": a.operator}
-            if a.skip_extra:
-                rows.append(row)
-                print("summary", json.dumps({k2: v for k2, v in row.items() if k2 != "runs"}),
-                      flush=True)
-                _env.write(out, {"environment": _env.environment(), "rows": rows,
-                                 "torch_threads": torch.get_num_threads(),
-                                 "note": "one quadrature over sets x probes Rademacher probes, "
-                                         "split into independent sets"})
-                continue
-            k = min(a.deflate_k, P // 4)
-            t = time.perf_counter()
-            qd = slq(qop, probes=a.probes, steps=a.max_steps, seed=1, target=target, rtol=a.rtol,
-                     method="slq", check_every=10, deflate=(V[:, :k], S[:k]))
-            cd = qd.count(*target)
-            q1 = slq(op, probes=a.probes, steps=a.max_steps, seed=1, target=target, rtol=a.rtol,
-                     method="slq", check_every=10, callback=_progress("one set, replays"))  # through the replays, always
-            c1 = q1.count(*target)
-            q1f = None
-            if a.operator == "formed":  # the same probes through the formed J: same steps?
-                q1f = slq(qop, probes=a.probes, steps=a.max_steps, seed=1, target=target,
-                          rtol=a.rtol, method="slq", check_every=10)
-            rows.append({**row,
-                "one_set": {"steps": q1.steps, "products": q1.products,
-                            "seconds": q1.seconds, "operator": "replay",
-                            "seconds_per_product": q1.seconds / max(q1.products, 1),
-                            "estimate": c1.estimate, "lower": c1.lower, "upper": c1.upper,
-                            "contains": c1.lower <= exact <= c1.upper,
-                            "formed_J_same_probes": None if q1f is None else {
-                                "steps": q1f.steps, "estimate": q1f.count(*target).estimate,
-                                "lower": q1f.count(*target).lower,
-                                "upper": q1f.count(*target).upper}},
-                "all_sets_projected_replay_seconds": q.products * q1.seconds / max(q1.products, 1),
-                "deflated_top": {"k": k, "sigma_k_plus_1": float(sig[k]), "steps": qd.steps,
-                                 "products": qd.products, "seconds": qd.seconds,
-                                 "estimate": cd.estimate, "lower": cd.lower, "upper": cd.upper,
-                                 "contains": cd.lower <= exact <= cd.upper}})
+            if not a.skip_extra:  # a deflated set, and one set through replays
+                k = min(a.deflate_k, P // 4)
+                t = time.perf_counter()
+                qd = slq(qop, probes=a.probes, steps=a.max_steps, seed=1, target=target, rtol=a.rtol,
+                         method="slq", check_every=10, deflate=(V[:, :k], S[:k]))
+                cd = qd.count(*target)
+                q1 = slq(op, probes=a.probes, steps=a.max_steps, seed=1, target=target, rtol=a.rtol,
+                         method="slq", check_every=10, callback=_progress("one set, replays"))  # through the replays, always
+                c1 = q1.count(*target)
+                q1f = None
+                if a.operator == "formed":  # the same probes through the formed J: same steps?
+                    q1f = slq(qop, probes=a.probes, steps=a.max_steps, seed=1, target=target,
+                              rtol=a.rtol, method="slq", check_every=10)
+                row.update({
+                    "one_set": {"steps": q1.steps, "products": q1.products,
+                                "seconds": q1.seconds, "operator": "replay",
+                                "seconds_per_product": q1.seconds / max(q1.products, 1),
+                                "estimate": c1.estimate, "lower": c1.lower, "upper": c1.upper,
+                                "contains": c1.lower <= exact <= c1.upper,
+                                "formed_J_same_probes": None if q1f is None else {
+                                    "steps": q1f.steps, "estimate": q1f.count(*target).estimate,
+                                    "lower": q1f.count(*target).lower,
+                                    "upper": q1f.count(*target).upper}},
+                    "all_sets_projected_replay_seconds": q.products * q1.seconds / max(q1.products, 1),
+                    "deflated_top": {"k": k, "sigma_k_plus_1": float(sig[k]), "steps": qd.steps,
+                                     "products": qd.products, "seconds": qd.seconds,
+                                     "estimate": cd.estimate, "lower": cd.lower, "upper": cd.upper,
+                                     "contains": cd.lower <= exact <= cd.upper}})
+            rows.append(row)
             print("summary", json.dumps({k2: v for k2, v in rows[-1].items() if k2 != "runs"}),
                   flush=True)
             _env.write(out, {"environment": _env.environment(), "rows": rows,

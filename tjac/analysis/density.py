@@ -149,8 +149,7 @@ class Quadrature:
         a, b = lo * lo, hi * hi
         est, low, up = [], [], []
         jac = self.jacobi or [None] * len(self.nodes)
-        for x, w, exact, ab, z2 in zip(self.nodes, self.weights, self.exact, jac,
-                                       self._masses()):
+        for x, w, exact, ab in zip(self.nodes, self.weights, self.exact, jac):
             c = np.concatenate([[0.0], np.cumsum(w)])          # c[p] = sum of the first p weights
             inside = (x >= a) & (x <= b)
             est.append(float(w[inside].sum()))
@@ -161,8 +160,8 @@ class Quadrature:
             if ab is not None and ab[1][-1] > 0:
                 # Markov-Krein: F(t - 0) in [L_t, L_t + rho_t] and F(t) in the same, from the
                 # Gauss-Radau rule through t (L_t: its mass below t, rho_t: its mass at t)
-                Fa = (0.0, 0.0) if a <= 0.0 else _radau_bounds(*ab, z2, a)
-                Fb = (c[-1], c[-1]) if b == math.inf else _radau_bounds(*ab, z2, b)
+                Fa = (0.0, 0.0) if a <= 0.0 else _radau_bounds(*ab, c[-1], a)
+                Fb = (c[-1], c[-1]) if b == math.inf else _radau_bounds(*ab, c[-1], b)
                 low.append(max(0.0, Fb[0] - Fa[1]))
                 up.append(max(0.0, Fb[1] - Fa[0]))
                 continue
@@ -199,9 +198,6 @@ class Quadrature:
         return IntervalCount(lo, hi, float(est.mean()) + dfl, lower, upper, se(est), confidence,
                              "slq", self.P, N, self.steps, self.products, self.seconds,
                              self.sigma_max, float((up - low).mean()), dfl, resolved)
-
-    def _masses(self):
-        return [float(np.sum(w)) for w in self.weights]
 
     @property
     def closed(self) -> bool:
