@@ -266,6 +266,8 @@ def test_bench_and_scale_commands(tmp_path):
     assert p.returncode == 2 and "comma-separated list" in p.stderr
     p = tjac_cli("scale", "--widths", "4", "--eps", "0,1e-2")
     assert p.returncode == 2 and "--eps" in p.stderr and "Traceback" not in p.stderr
+    p = tjac_cli("scale", "--widths", "4", "--reorth", "selective")
+    assert p.returncode == 2 and "--reorth" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_recipe_too_large_for_memory_is_refused_up_front():

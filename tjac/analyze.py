@@ -329,12 +329,14 @@ REGIONS = ("chaotic", "bulk", "stable")
 def analyze_density(path, run_id: str, *, eps=EPSILONS, probes: int = 16, seed: int = 0,
                     rtol: float = 0.05, max_steps: int = 2000, method: str = "auto",
                     deflate_top: bool = True, bandwidth: float = 0.05, op=None,
-                    confidence: float = 0.95) -> dict:
+                    confidence: float = 0.95, reorth: str = "full") -> dict:
     """Region counts at each ``eps`` (with brackets) and the density of a stored run, written to
     its ``analyses/counts`` and ``analyses/density``. The operator is rebuilt from the stored
     recipe (or passed as ``op``); with ``deflate_top`` the run's certified top triplets are
     deflated (counted exactly). One quadrature serves every ``eps``: its steps are those the
-    smallest ``eps`` needs for the bulk count to reach ``rtol``."""
+    smallest ``eps`` needs for the bulk count to reach ``rtol``. ``reorth``: the Lanczos
+    vectors' reorthogonalization (:func:`tjac.analysis.slq`; 'auto' drops it only when the full
+    basis would not fit)."""
     from .operator import TrainingJacobian
 
     eps = tuple(float(e) for e in eps)
@@ -361,13 +363,13 @@ def analyze_density(path, run_id: str, *, eps=EPSILONS, probes: int = 16, seed: 
     from .analysis.density import slq
 
     q = slq(op, probes=probes, steps=max_steps, seed=seed, deflate=deflate,
-            target=(max(1 - e0, 0.0), 1 + e0), rtol=rtol, method=method)
+            target=(max(1 - e0, 0.0), 1 + e0), rtol=rtol, method=method, reorth=reorth)
     counts = {e: q.regions(e, confidence=confidence) for e in eps}
     dens = q.density(bandwidth=bandwidth)
     common = {"method": q.method, "probes": q.probes, "steps": q.steps, "products": q.products,
               "seconds": q.seconds, "seed": seed, "rtol": rtol, "confidence": confidence,
               "deflated_top": n_defl, "sigma_max": q.sigma_max, "P": q.P,
-              "max_steps": max_steps}
+              "max_steps": max_steps, "reorth": q.reorth}
     arrays = {"eps": (np.array(eps), ("eps",))}
     for r in REGIONS:
         for f in ("estimate", "lower", "upper", "stderr"):

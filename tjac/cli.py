@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="region half-widths counted at every size (comma-separated)")
     sc.add_argument("--probes", type=_positive_int, default=16,
                     help="probes of the matrix-free counts (tjac.analysis.slq)")
+    sc.add_argument("--reorth", choices=["full", "none", "auto"], default="full",
+                    help="reorthogonalization of the counts' Lanczos vectors: full (every vector "
+                         "kept), none (a few per probe; wider brackets for the steps), auto (full "
+                         "while it fits in memory)")
     sc.add_argument("--no-density", action="store_true",
                     help="skip the matrix-free counts and density (exact counts only where dense)")
     sc.add_argument("--store", default="scale.zarr")
@@ -591,7 +595,7 @@ def cmd_scale(a):
         rows = scale.run_sweep(recipes, a.store, k_top=a.k_top, k_bottom=a.k_bottom, tol=a.tol,
                                progress=_progress(a.quiet or (group and not group.is_driver)),
                                epsilons=tuple(eps), probes=a.probes, density=not a.no_density,
-                               log=(lambda s: None) if (a.quiet or a.json) else print,
+                               reorth=a.reorth, log=(lambda s: None) if (a.quiet or a.json) else print,
                                group=group)
     finally:
         distributed.close(group)

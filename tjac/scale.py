@@ -44,7 +44,7 @@ def sweep_recipes(family: str, widths, depths, seeds=(0,), **overrides) -> list[
 def run_sweep(recipes, store_path, *, k_top=16, k_bottom=16, tol=None, method="auto",
               resume=True, progress=None, log=print, epsilons=EPSILONS, probes: int = 16,
               density: bool = True, max_steps: int = 2000, rtol: float = 0.05,
-              group=None) -> list[dict]:
+              reorth: str = "full", group=None) -> list[dict]:
     """Analyse every (run id, recipe) into ``store_path`` and return one row per run (a table's
     line: certified top, region estimates with brackets, exact counts where the dense path ran,
     the structural σ = 1 count, cost).
@@ -59,7 +59,7 @@ def run_sweep(recipes, store_path, *, k_top=16, k_bottom=16, tol=None, method="a
     recomputes only the runs the store lacks."""
     opts = dict(k_top=k_top, k_bottom=k_bottom, tol=tol, method=method, resume=resume,
                 progress=progress, epsilons=tuple(epsilons), probes=probes, density=density,
-                max_steps=max_steps, rtol=rtol)
+                max_steps=max_steps, rtol=rtol, reorth=reorth)
     if group is not None and group.world_size > 1:
         return _sweep_distributed(recipes, store_path, group, log, opts)
     rows = []
@@ -164,7 +164,7 @@ def _sweep_distributed(recipes, store_path, group, log, opts) -> list[dict]:
 
 
 def _sweep_one(run_id, recipe, store_path, *, k_top, k_bottom, tol, method, resume, progress,
-               epsilons, probes, density, max_steps, rtol) -> dict:
+               epsilons, probes, density, max_steps, rtol, reorth="full") -> dict:
     from .analyze import analyze_density
     from .query import open as open_store
 
@@ -194,7 +194,7 @@ def _sweep_one(run_id, recipe, store_path, *, k_top, k_bottom, tol, method, resu
     if density:
         got = analyze_density(store_path, run_id, eps=epsilons, probes=probes,
                               seed=recipe.seed, method="auto", max_steps=max_steps,
-                              rtol=rtol)
+                              rtol=rtol, reorth=reorth)
         row["density_method"], row["density_products"] = got["method"], got["products"]
         row["density_seconds"], row["density_steps"] = got["seconds"], got["steps"]
         for e in epsilons:

@@ -5,10 +5,39 @@ started at z/‖z‖ with m steps gives a tridiagonal T_m; its eigenvalues θ_j 
 components τ_j of its eigenvectors, scaled by ‖z‖², are the nodes and weights of the m-point Gauss
 rule of the spectral measure μ_z = Σ_i (zᵀv_i)² δ(λ − σ_i²). Since E[(zᵀv_i)²] = 1, the number of
 σ_i in [lo, hi] is E[μ_z([lo², hi²])]: one probe is one unbiased sample, and every probe's
-products share one training replay (the probes are the columns of one block). Each probe is
-reorthogonalized in full (twice, classical Gram–Schmidt) in the operator's dtype (float64 by
-default: a float32 operator gives float32 rules, with the breakdown test at 1e3 eps), so T_m is
-the exact Gauss rule to round-off: no ghost copies of the large values.
+products share one training replay (the probes are the columns of one block). By default
+(``reorth='full'``) each probe is reorthogonalized in full (twice, classical Gram–Schmidt) in the
+operator's dtype (float64 by default: a float32 operator gives float32 rules, with the breakdown
+test at 1e3 eps), so T_m is the exact Gauss rule to round-off: no ghost copies of the large
+values. ``reorth='none'`` keeps no basis (below).
+
+**A probe whose Krylov space closes** (β_m below 1e-8 λ_max, round-off amplified by the basis'
+condition) stops there. Its rule is exact only up to that β: values of JᵀJ closer than about β to
+one another or to 0 (σ below ~1e-4 σ_max) are not told apart. So the closing β is kept as the
+last coefficient and the bracket below is taken with it: an interval end close to a node (within
+β times the node's last eigenvector component, or within the 1e-9 λ_max a Radau end steps off a
+node by) stays open, every other end is closed to round-off. A β below ε λ_max, the round-off of
+the coefficients themselves, counts as zero (the rule is exact). Taking the rule as exact instead
+gave a planted near-null tail's count as 21.2 against a probe's true 4.5
+(``tests/test_density.py``).
+
+**Without reorthogonalization** (``reorth='none'``: a few vectors per probe, memory O(P · probes)
+instead of the basis' O(P · probes · steps), and steps not capped at P) the recurrence loses
+orthogonality once a Ritz value converges and repeats it (ghost copies). By Paige's and
+Greenbaum's analyses of the plain recurrence in finite precision, its T_m is the exact Lanczos
+matrix of a measure whose atoms are spread over tiny intervals around the true ones, with the
+same total weight near each, so the bracket below holds up to that spread: an end within about
+1e-10 relative of a σ² can miss by a small share of that σ's weight (measured: 3e-4 of a probe's
+count; every bracket of the measured runs contained the exact count). But the ghosts take nodes
+that would otherwise resolve the interval's ends: on the paper's recipe at P = 1,210 (σ_max =
+32), bulk(1e-2) was still 22% wide at 2,500 steps where the full recurrence reached 10% at 500
+(BENCHMARKS.md, "Interval counts"): about ten times the products. It is for memory, not speed; ``reorth='auto'`` takes the full
+recurrence while its basis fits.
+
+**Precision.** Every rule is exact only to the round-off of the operator's dtype, about
+ε σ_max² in σ²: in float64 that is far below any window counted here, but in float32 (ε = 1.2e-7)
+ends below ~3e-4 σ_max, and windows narrower than ~1e-7 σ_max² in σ², are not guaranteed (float64
+is the default; a float32 operator gives float32 rules).
 
 **A bracket you can defend.** The m Lanczos steps fix the first 2m + 1 moments of μ_z (the
 coefficients α_1…α_m, β_1…β_m). Among all measures with those moments, the distribution function
@@ -40,7 +69,7 @@ vectors (a computed top, the structural σ = 1 directions) restricts the probes 
 vector to the complement of V and adds V's values to the counts exactly. Steps stop when the
 quadrature part of the bracket is below ``rtol`` of the count (checked every ``check_every``
 steps, and at least 5% of the steps apart) or a probe's Krylov space closes (then its rule is
-exact).
+exact up to the β it closed at, below).
 
 When the dense path is cheaper (the expected SLQ products exceed P, measured after the first
 steps) and J fits in memory, ``method="auto"`` counts from the dense singular values instead; the
@@ -70,10 +99,11 @@ import numpy as np
 import torch
 
 REORTH_PASSES = 2
-# beta below BREAKDOWN * lambda_max: the probe's Krylov space closed. Dropping such a beta moves
-# the rule's nodes by at most beta (Weyl), far below any window a count resolves; the computed beta
-# of a space that closed in exact arithmetic is round-off amplified by the Krylov basis' condition
-# (measured 2e-10 lambda_max with five distinct values spread over 3.7 decades)
+# beta below BREAKDOWN * lambda_max: the probe's Krylov space closed (the computed beta of a space
+# that closed in exact arithmetic is round-off amplified by the Krylov basis' condition: measured
+# 2e-10 lambda_max with five distinct values spread over 3.7 decades). The probe stops; the beta
+# it closed at is kept for its bracket (module doc), unless it is below eps * lambda_max, the
+# round-off of the coefficients themselves (then the rule is exact)
 BREAKDOWN = 1e-8            # float64; in a lower precision 1e3 eps of the operator's dtype
 DENSE_MEMORY_SHARE = 0.5   # the dense fallback may use this share of the available memory
 CHECK_SPACING = 0.05       # resolution checks at least this share of the steps apart (overshoot)
@@ -100,7 +130,7 @@ class IntervalCount:
     sigma_max: float
     resolution: float           # mean width of one probe's quadrature bracket (count units)
     deflated: int = 0           # values counted exactly from ``deflate`` (included above)
-    resolved: bool = True       # the quadrature part reached ``rtol`` (or the rule is exact)
+    resolved: bool = True       # the quadrature part reached ``rtol`` (or the dense path)
 
     def as_dict(self) -> dict:
         return {n: getattr(self, n) for n in self.__dataclass_fields__}
@@ -133,7 +163,7 @@ class Quadrature:
     products: int
     seconds: float
     sigma_max: float
-    exact: list                   # per probe: its Krylov space closed (the rule is exact)
+    exact: list                   # per probe: its Krylov space closed (see jacobi's last beta)
     deflated_sigma: np.ndarray = field(default_factory=lambda: np.zeros(0))
     method: str = "slq"
     history: list = field(default_factory=list)  # (steps, bracket width, count) per check
@@ -141,11 +171,13 @@ class Quadrature:
     # give the Gauss-Radau rules through the interval's ends (the tightest bracket); None: the
     # Gauss rule's looser bracket
     jacobi: list | None = None
+    reorth: str | None = "full"   # the Lanczos vectors' reorthogonalization: 'full' or 'none'
+                                  # (None: the dense path)
 
     # -- counts ------------------------------------------------------------------------------------
     def probe_counts(self, lo: float, hi: float):
         """(estimate, lower, upper) per probe for the σ interval [lo, hi] (deflated values
-        excluded); a probe whose Krylov space closed has an exact rule (lower = upper)."""
+        excluded); a probe that closed on a zero beta has an exact rule (lower = upper)."""
         a, b = lo * lo, hi * hi
         est, low, up = [], [], []
         jac = self.jacobi or [None] * len(self.nodes)
@@ -153,18 +185,26 @@ class Quadrature:
             c = np.concatenate([[0.0], np.cumsum(w)])          # c[p] = sum of the first p weights
             inside = (x >= a) & (x <= b)
             est.append(float(w[inside].sum()))
-            if exact:  # the Krylov space closed: the rule is the probe's measure itself
-                low.append(est[-1])
-                up.append(est[-1])
-                continue
             if ab is not None and ab[1][-1] > 0:
                 # Markov-Krein: F(t - 0) in [L_t, L_t + rho_t] and F(t) in the same, from the
-                # Gauss-Radau rule through t (L_t: its mass below t, rho_t: its mass at t)
+                # Gauss-Radau rule through t (L_t: its mass below t, rho_t: its mass at t). A
+                # probe that closed keeps the (round-off) beta it closed at: its rule is exact
+                # only up to that beta, so an end close to a node stays open (module doc;
+                # values below the round-off of J^T J, sigma^2 < ~1e-8 sigma_max^2, included)
                 Fa = (0.0, 0.0) if a <= 0.0 else _radau_bounds(*ab, c[-1], a)
                 Fb = (c[-1], c[-1]) if b == math.inf else _radau_bounds(*ab, c[-1], b)
                 low.append(max(0.0, Fb[0] - Fa[1]))
                 up.append(max(0.0, Fb[1] - Fa[0]))
                 continue
+            if exact and ab is not None:  # closed on a zero beta: the rule is the measure itself,
+                # its nodes to round-off: a node that close to an end may lie on either side
+                tol = 1e3 * np.finfo(np.float64).eps * max(float(x.max(initial=0.0)), a,
+                                                           b if b < math.inf else 0.0)
+                low.append(float(w[(x >= a + tol) & (x <= b - tol)].sum()))
+                up.append(float(w[(x >= a - tol) & (x <= b + tol)].sum()))
+                continue
+            # no coefficients (a rule built elsewhere): the Gauss rule's own partial sums, for a
+            # closed probe too (its rule is exact only up to the beta it closed at)
             pb = int(np.searchsorted(x, b, side="right"))      # nodes <= b: indices < pb
             pa = int(np.searchsorted(x, a, side="left"))       # nodes < a: indices < pa
             n = len(x)
@@ -201,15 +241,19 @@ class Quadrature:
 
     @property
     def closed(self) -> bool:
-        """Every probe's rule is exact: the dense path, every Krylov space closed, or the steps
-        exhausted the (undeflated) space."""
-        return self.method == "dense" or all(self.exact) or \
-            self.steps >= self.P - len(self.deflated_sigma)
+        """No further steps can narrow the rules: the dense path, every probe's Krylov space
+        closed, or fully reorthogonalized steps spanning the (undeflated) space."""
+        return self.method == "dense" or all(self.exact) or self._spans()
+
+    def _spans(self) -> bool:
+        return self.reorth == "full" and self.steps >= self.P - len(self.deflated_sigma)
 
     def resolved(self, c: IntervalCount, rtol: float) -> bool:
         """Whether count ``c`` of this quadrature is resolved: its quadrature bracket is below
-        ``rtol`` of the count (deflated values excluded), or the rules are exact."""
-        return self.closed or c.resolution <= rtol * max(c.estimate - c.deflated, 1.0)
+        ``rtol`` of the count (deflated values excluded), or the rules are the measure itself
+        (the dense path). A probe that closed (or spanned the space) is exact only up to the
+        round-off beta it closed at, so its bracket decides."""
+        return self.method == "dense" or c.resolution <= rtol * max(c.estimate - c.deflated, 1.0)
 
     def regions(self, eps: float, *, confidence: float = 0.95) -> dict:
         """Chaotic (σ > 1 + ε), bulk (|σ − 1| ≤ ε) and stable (σ < 1 − ε) counts, each an
@@ -254,11 +298,14 @@ class Quadrature:
 # -- public functions ------------------------------------------------------------------------------
 def slq(op, *, probes: int = 16, steps: int = 200, seed: int = 0, deflate=None,
         target=None, rtol: float = 0.05, check_every: int = 25, min_steps: int = 20,
-        method: str = "slq", available_bytes: int | None = None, callback=None) -> Quadrature:
+        method: str = "slq", reorth: str = "full", available_bytes: int | None = None,
+        callback=None) -> Quadrature:
     """Gauss rules of ``probes`` Rademacher probes of JᵀJ (module doc), at most ``steps`` Lanczos
     steps each. With ``target=(lo, hi)`` it stops as soon as the quadrature part of that count's
     bracket is below ``rtol`` of it. ``method``: 'slq', 'dense' or 'auto' (dense when the
-    expected SLQ products exceed P and J fits)."""
+    expected SLQ products exceed P and J fits). ``reorth``: 'full' keeps every Lanczos vector and
+    reorthogonalizes against all of them at every step; 'none' keeps a few per probe (memory O(P · probes), module doc: sound but slow to narrow); 'auto'
+    takes 'full' while its basis fits in memory, else 'none'."""
     _check_op(op)
     P = op.shape[0]
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 2:
@@ -273,6 +320,8 @@ def slq(op, *, probes: int = 16, steps: int = 200, seed: int = 0, deflate=None,
         raise ValueError(f"unknown method {method!r}; expected 'slq', 'dense' or 'auto'")
     if not (0 < rtol < 1):
         raise ValueError(f"`rtol` must be in (0, 1), got {rtol!r}")
+    if reorth not in ("full", "none", "auto"):
+        raise ValueError(f"unknown reorth {reorth!r}; expected 'full', 'none' or 'auto'")
     if target is not None:
         _check_interval(*target)
     V, dsig = _deflation(deflate, P)
@@ -283,18 +332,22 @@ def slq(op, *, probes: int = 16, steps: int = 200, seed: int = 0, deflate=None,
     t0 = time.perf_counter()
     budget = _available(available_bytes, op.device)
     per_step = P * probes * op.dtype.itemsize
-    steps = min(steps, P - (0 if V is None else V.shape[1]))
-    if (steps + 2) * per_step > DENSE_MEMORY_SHARE * budget:
-        need = (steps + 2) * per_step
+    space = P - (0 if V is None else V.shape[1])
+    need = (min(steps, space) + 2) * per_step  # the full basis
+    if reorth == "auto":
+        reorth = "full" if need <= DENSE_MEMORY_SHARE * budget else "none"
+    if reorth != "none":  # a basis spanning the space ends the recurrence; the plain one goes on
+        steps = min(steps, space)
+    if reorth == "full" and need > DENSE_MEMORY_SHARE * budget:
         raise MemoryError(f"SLQ with {probes} probes x {steps} steps keeps a {need / 2**30:.1f} GiB "
                           f"basis; about {budget / 2**30:.1f} GiB is available: use fewer probes "
-                          f"per call or fewer steps")
+                          f"per call, fewer steps or reorth='none'")
     gen = torch.Generator().manual_seed(int(seed))
     Z = (torch.randint(0, 2, (P, probes), generator=gen, dtype=torch.float64) * 2 - 1)
     Z = Z.to(op.device, op.dtype)
     if V is not None:
         Z = Z - V @ (V.T @ Z)
-    run = _ProbeLanczos(op, Z, V)
+    run = _ProbeLanczos(op, Z, V, reorth=reorth)
     history = []  # (steps, quadrature bracket width, count) at each check of ``target``
     next_check = max(min_steps, check_every)
     while run.m < steps:
@@ -329,7 +382,8 @@ def slq(op, *, probes: int = 16, steps: int = 200, seed: int = 0, deflate=None,
 def count_in_interval(op, lo: float, hi: float, *, probes: int = 16, rtol: float = 0.05,
                       max_steps: int = 2000, seed: int = 0, deflate=None,
                       confidence: float = 0.95, method: str = "auto", check_every: int = 25,
-                      available_bytes: int | None = None, callback=None) -> IntervalCount:
+                      reorth: str = "full", available_bytes: int | None = None,
+                      callback=None) -> IntervalCount:
     """The number of singular values of ``op`` in [lo, hi] with a bracket (module doc).
 
     Lanczos steps run until the quadrature part of the bracket is below ``rtol`` of the count
@@ -339,12 +393,19 @@ def count_in_interval(op, lo: float, hi: float, *, probes: int = 16, rtol: float
     """
     _check_interval(lo, hi)
     q = slq(op, probes=probes, steps=max_steps, seed=seed, deflate=deflate, target=(lo, hi),
-            rtol=rtol, check_every=check_every, method=method, available_bytes=available_bytes,
-            callback=callback)
+            rtol=rtol, check_every=check_every, method=method, reorth=reorth,
+            available_bytes=available_bytes, callback=callback)
     c = q.count(lo, hi, confidence=confidence)
     if not q.resolved(c, rtol):
         c = IntervalCount(**{**c.as_dict(), "resolved": False})
-        need = _extrapolate(q.history, rtol, op.shape[0])
+        if q.closed:
+            raise ResolutionError(
+                f"every probe's Krylov space closed after {q.steps} Lanczos steps and [{lo:g}, "
+                f"{hi:g}] still has a quadrature bracket of {c.resolution:.3g} values: an end "
+                f"lies on a singular value, to within the level at which the probes closed (at "
+                f"most 1e-8 sigma_max^2 in sigma^2), and more steps will not narrow it; move the "
+                f"ends off it, or method='dense'", c)
+        need = _extrapolate(q.history, rtol, op.shape[0] if q.reorth != "none" else None)
         raise ResolutionError(
             f"{max_steps} Lanczos steps per probe resolve [{lo:g}, {hi:g}] to a quadrature "
             f"bracket of {c.resolution:.3g} values, above rtol={rtol:g} of the count "
@@ -361,11 +422,11 @@ def bulk_size(op, eps: float, **kw) -> IntervalCount:
 
 def spectral_density(op, *, probes: int = 16, steps: int = 200, seed: int = 0, deflate=None,
                      bandwidth: float = 0.05, log10_sigma=None, method: str = "auto",
-                     available_bytes: int | None = None) -> Density:
+                     reorth: str = "full", available_bytes: int | None = None) -> Density:
     """Density of the singular values over log10 σ from ``steps`` Lanczos steps per probe
     (:func:`slq`), or from the dense spectrum when that is cheaper (``method='auto'``)."""
     q = slq(op, probes=probes, steps=steps, seed=seed, deflate=deflate, method=method,
-            available_bytes=available_bytes)
+            reorth=reorth, available_bytes=available_bytes)
     return q.density(log10_sigma, bandwidth=bandwidth)
 
 
@@ -391,37 +452,40 @@ class ResolutionError(ValueError):
         self.result = result
 
 
-def _extrapolate(history, rtol, P) -> int:
+def _extrapolate(history, rtol, P) -> int | str:
     """Steps at which the quadrature bracket would reach ``rtol`` of the count, from its decay
-    over the last checks (width ~ m^-p); at most P (the rule is then exact)."""
+    over the last checks (width ~ m^-p); at most ``P`` (a basis spanning the space; None for
+    the plain recurrence, which has no such cap)."""
     pts = [(m, w, c) for m, w, c in history if w > 0]
-    if len(pts) < 2:
-        return P
+    cap = math.inf if P is None else P
+    if len(pts) < 2 or pts[-1][1] >= pts[-2][1]:
+        return P if P is not None else "an unknown number of"
     (m1, w1, _), (m2, w2, c2) = pts[-2], pts[-1]
     target = rtol * max(c2, 1.0)
-    if w2 >= w1:
-        return P
     p = math.log(w1 / w2) / math.log(m2 / m1)
-    return int(min(P, math.ceil(m2 * (w2 / target) ** (1 / p))))
+    return int(min(cap, math.ceil(m2 * (w2 / target) ** (1 / p))))
 
 
 # -- internals -------------------------------------------------------------------------------------
 class _ProbeLanczos:
-    """Lanczos on JᵀJ for all probes at once (columns of one block), full reorthogonalization
-    per probe, deflation against V."""
+    """Lanczos on JᵀJ for all probes at once (columns of one block), reorthogonalized per probe
+    in full or not at all (``reorth``), deflation against V."""
 
-    def __init__(self, op, Z, V):
-        self.op, self.V = op, V
+    def __init__(self, op, Z, V, *, reorth: str = "full"):
+        self.op, self.V, self.reorth = op, V, reorth
         norms = Z.norm(dim=0)
         self.z2 = (norms ** 2).double().cpu().numpy()
         self.Q = [Z / norms]                  # the last two Lanczos vectors, each (P, N)
-        self.basis = _Basis(Z.shape[0], Z.shape[1], Z.dtype, Z.device)
-        self.basis.append(self.Q[-1])
+        self.basis = None                     # reorth 'none': no basis kept
+        if reorth == "full":
+            self.basis = _Basis(Z.shape[0], Z.shape[1], Z.dtype, Z.device)
+            self.basis.append(self.Q[-1])
         self.alpha, self.beta = [], []        # lists of (N,) float64
         N = Z.shape[1]
         self.active = torch.ones(N, dtype=torch.bool)
         self.length = np.zeros(N, dtype=np.int64)   # steps taken by each probe
         self.exact = np.zeros(N, dtype=bool)
+        self.beta_closed = np.zeros(N)        # the (round-off) beta at which a probe closed
         self.products = 0
         self.lam_max = 0.0
 
@@ -442,12 +506,22 @@ class _ProbeLanczos:
         q = self.Q[-1]
         W = torch.zeros_like(q)
         W[:, idx] = self._apply(q[:, idx])
-        a = (q * W).sum(0)
-        W = W - q * a
-        if len(self.Q) > 1:
-            W = W - self.Q[-2] * torch.as_tensor(self.beta[-1], dtype=W.dtype, device=W.device)
-        for _ in range(REORTH_PASSES):
-            W = self.basis.orthogonalize(W)
+        if self.basis is None:
+            # the plain recurrence in Paige's order (w = Aq - beta q_prev, alpha = q^T w,
+            # w -= alpha q): the variant whose finite-precision rules Paige and Greenbaum bound
+            if len(self.Q) > 1:
+                W = W - self.Q[-2] * torch.as_tensor(self.beta[-1], dtype=W.dtype,
+                                                     device=W.device)
+            a = (q * W).sum(0)
+            W = W - q * a
+        else:
+            a = (q * W).sum(0)
+            W = W - q * a
+            if len(self.Q) > 1:
+                W = W - self.Q[-2] * torch.as_tensor(self.beta[-1], dtype=W.dtype,
+                                                     device=W.device)
+            for _ in range(REORTH_PASSES):
+                W = self.basis.orthogonalize(W)
         if self.V is not None:
             W = W - self.V @ (self.V.T @ W)
         b = W.norm(dim=0)
@@ -461,6 +535,8 @@ class _ProbeLanczos:
         tiny = max(BREAKDOWN, 1e3 * torch.finfo(W.dtype).eps)
         closed = act.numpy() & (bn <= tiny * max(self.lam_max, 1e-300))
         self.exact |= closed
+        self.beta_closed[closed] = np.where(
+            bn[closed] <= torch.finfo(W.dtype).eps * max(self.lam_max, 1e-300), 0.0, bn[closed])
         newact = act.numpy() & ~closed
         self.active = torch.from_numpy(newact)
         bn[~newact] = 0.0
@@ -468,7 +544,8 @@ class _ProbeLanczos:
         safe = torch.where(self.active.to(W.device), b, torch.ones_like(b))
         self.Q = [self.Q[-1], torch.where(self.active.to(W.device)[None, :], W / safe,
                                           torch.zeros_like(W))]
-        self.basis.append(self.Q[-1])
+        if self.basis is not None:
+            self.basis.append(self.Q[-1])
 
     def ritz_max(self) -> float:
         """The largest Ritz value of JᵀJ over the probes (a lower bound on σ_max²)."""
@@ -492,7 +569,10 @@ class _ProbeLanczos:
         for i in range(A.shape[1]):
             m = int(self.length[i])
             d, e = A[:m, i], B[:m - 1, i]
-            jacobi.append((d.copy(), B[:m, i].copy()))
+            b = B[:m, i].copy()
+            if self.exact[i]:   # the beta dropped at the closing step bounds how exact the rule is
+                b[-1] = self.beta_closed[i]
+            jacobi.append((d.copy(), b))
             if m == 1:
                 th, ev = d.copy(), np.ones((1, 1))
             else:
@@ -503,7 +583,8 @@ class _ProbeLanczos:
         if len(dsig):
             smax = max(smax, float(dsig.max()))
         return Quadrature(nodes, weights, P, len(nodes), int(self.length.max()), self.products,
-                          time.perf_counter() - t0, smax, list(self.exact), dsig, jacobi=jacobi)
+                          time.perf_counter() - t0, smax, list(self.exact), dsig, jacobi=jacobi,
+                          reorth=self.reorth)
 
 
 class _Basis:
@@ -588,7 +669,7 @@ def _dense(op, V, dsig) -> Quadrature:
     s = torch.linalg.svdvals(J).double().cpu().numpy()
     x = np.sort(s * s)
     return Quadrature([x], [np.ones_like(x)], P, 1, 0, P, time.perf_counter() - t0,
-                      float(s.max()), [True], np.zeros(0), "dense")
+                      float(s.max()), [True], np.zeros(0), "dense", reorth=None)
 
 
 def _dense_is_cheaper(run, P, target, rtol, steps, budget) -> bool:
