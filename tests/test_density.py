@@ -538,3 +538,35 @@ def test_the_plain_recurrence_runs_past_p_steps():
     assert q2.steps == 3 * P and not q2.closed
     assert q2.count(0.98, 1.02).resolution < q1.count(0.98, 1.02).resolution
     assert slq(op, probes=4, steps=3 * P, seed=0, method="slq").steps <= P
+
+
+def test_closed_exact_rules_count_from_zero_and_in_float32_keep_ends_on_values_open():
+    """A rule closed on a zero beta: [0, hi] counts the null space exactly (nothing lies below 0),
+    and in float32 a node within float32 round-off of an end counts on both sides of it."""
+    op = DenseOperator(torch.diag(torch.tensor([0.0] * 6 + [1.0] * 6 + [2.0] * 6,
+                                               dtype=torch.float64)))
+    c = count_in_interval(op, 0.0, 0.5, probes=4, method="slq")
+    assert c.resolved and c.resolution == 0 and c.lower == pytest.approx(6) == c.upper
+    s = torch.linspace(0.5, 2, 40, dtype=torch.float64)
+    op, V = planted(s, seed=0)
+    op32 = DenseOperator(op.A.float())
+    sig = torch.linalg.svdvals(op32.A.double())
+    q = slq(op32, probes=4, steps=40, seed=0, method="slq")
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randint(0, 2, (40, 4), generator=g, dtype=torch.float64) * 2 - 1
+    _, _, Vh = torch.linalg.svd(op32.A.double())
+    w = (Vh @ Z) ** 2                        # (values, probes), values in descending order
+    for i in range(0, 39, 3):
+        lo, hi = float(sig[i + 1]), float(sig[i])   # ends on singular values of the float32 J
+        _, low, up = q.probe_counts(lo, hi)
+        exact = w[i:i + 2].sum(0).numpy()
+        assert np.all(low <= exact + 1e-4) and np.all(exact <= up + 1e-4), (i, low, exact, up)
+
+
+def test_extrapolated_steps_do_not_overflow_when_the_bracket_stalls():
+    from tjac.analysis.density import _extrapolate
+
+    hist = [(100, 55.13, 100.0), (200, 55.12, 100.0)]
+    assert _extrapolate(hist, 0.05, None) is None          # the plain recurrence: no estimate
+    assert _extrapolate(hist, 0.05, 1000) == 1000          # capped by a spanning basis
+    assert _extrapolate([(100, 40.0, 100.0), (200, 20.0, 100.0)], 0.05, None) == 800  # 1/m

@@ -13,31 +13,33 @@ values. ``reorth='none'`` keeps no basis (below).
 
 **A probe whose Krylov space closes** (β_m below 1e-8 λ_max, round-off amplified by the basis'
 condition) stops there. Its rule is exact only up to that β: values of JᵀJ closer than about β to
-one another or to 0 (σ below ~1e-4 σ_max) are not told apart. So the closing β is kept as the
-last coefficient and the bracket below is taken with it: an interval end close to a node (within
-β times the node's last eigenvector component, or within the 1e-9 λ_max a Radau end steps off a
-node by) stays open, every other end is closed to round-off. A β below ε λ_max, the round-off of
-the coefficients themselves, counts as zero (the rule is exact). Taking the rule as exact instead
-gave a planted near-null tail's count as 21.2 against a probe's true 4.5
-(``tests/test_density.py``).
+one another or to 0 (σ below ~1e-4 σ_max) are not told apart. So the closing β is kept as the last
+coefficient and the bracket below is taken with it: an interval end close to a node (within β times
+the node's last eigenvector component, or within the 1e-9 λ_max a Radau end steps off a node by)
+stays open, every other end is closed to round-off (an end exactly on a converged σ can still miss
+by ~1e-4 of a probe's count, as before). A β below ε λ_max, the round-off of the coefficients
+themselves, counts as zero: the rule is exact, but for nodes within round-off of an end (1e3 ε of
+the operator's dtype), which count on both sides of it. Taking the rule as exact instead gave a
+planted near-null tail's count as 21.2 against a probe's true 4.5 (``tests/test_density.py``).
 
 **Without reorthogonalization** (``reorth='none'``: a few vectors per probe, memory O(P · probes)
 instead of the basis' O(P · probes · steps), and steps not capped at P) the recurrence loses
-orthogonality once a Ritz value converges and repeats it (ghost copies). By Paige's and
-Greenbaum's analyses of the plain recurrence in finite precision, its T_m is the exact Lanczos
-matrix of a measure whose atoms are spread over tiny intervals around the true ones, with the
-same total weight near each, so the bracket below holds up to that spread: an end within about
-1e-10 relative of a σ² can miss by a small share of that σ's weight (measured: 3e-4 of a probe's
-count; every bracket of the measured runs contained the exact count). But the ghosts take nodes
-that would otherwise resolve the interval's ends: on the paper's recipe at P = 1,210 (σ_max =
-32), bulk(1e-2) was still 22% wide at 2,500 steps where the full recurrence reached 10% at 500
-(BENCHMARKS.md, "Interval counts"): about ten times the products. It is for memory, not speed; ``reorth='auto'`` takes the full
+orthogonality once a Ritz value converges and repeats it (ghost copies). By Paige's and Greenbaum's
+analyses of the plain recurrence in finite precision, its T_m is the exact Lanczos matrix of a
+measure whose atoms are spread over tiny intervals around the true ones, with the same total weight
+near each, so the bracket below holds up to that spread (an end within about 1e-10 relative of a σ²
+can miss by a small share of that σ's weight: a few 1e-4 of a probe's count in stress tests with
+ends exactly on σ, as the full recurrence's Radau ends on a converged σ do; every bracket of the
+benchmark runs contained the exact count). But the ghosts take nodes that would otherwise resolve
+the interval's ends: on the paper's recipe at P = 1,210 (σ_max = 32), bulk(1e-2) was still 22% wide
+at 2,500 steps where the full recurrence reached 10% at 500 (BENCHMARKS.md, "Interval counts"):
+about ten times the products. It is for memory, not speed; ``reorth='auto'`` takes the full
 recurrence while its basis fits.
 
 **Precision.** Every rule is exact only to the round-off of the operator's dtype, about
 ε σ_max² in σ²: in float64 that is far below any window counted here, but in float32 (ε = 1.2e-7)
-ends below ~3e-4 σ_max, and windows narrower than ~1e-7 σ_max² in σ², are not guaranteed (float64
-is the default; a float32 operator gives float32 rules).
+ends below ~3e-4 σ_max, ends within ~1e-7 σ_max² of a σ², and windows narrower than that are not
+guaranteed (float64 is the default; a float32 operator gives float32 rules).
 
 **A bracket you can defend.** The m Lanczos steps fix the first 2m + 1 moments of μ_z (the
 coefficients α_1…α_m, β_1…β_m). Among all measures with those moments, the distribution function
@@ -173,11 +175,13 @@ class Quadrature:
     jacobi: list | None = None
     reorth: str | None = "full"   # the Lanczos vectors' reorthogonalization: 'full' or 'none'
                                   # (None: the dense path)
+    eps: float = float(np.finfo(np.float64).eps)  # round-off of the operator's dtype
 
     # -- counts ------------------------------------------------------------------------------------
     def probe_counts(self, lo: float, hi: float):
         """(estimate, lower, upper) per probe for the σ interval [lo, hi] (deflated values
-        excluded); a probe that closed on a zero beta has an exact rule (lower = upper)."""
+        excluded); a probe that closed on a zero beta has an exact rule (lower = upper, but for
+        nodes within round-off of an end, which count on both sides)."""
         a, b = lo * lo, hi * hi
         est, low, up = [], [], []
         jac = self.jacobi or [None] * len(self.nodes)
@@ -197,11 +201,13 @@ class Quadrature:
                 up.append(max(0.0, Fb[1] - Fa[0]))
                 continue
             if exact and ab is not None:  # closed on a zero beta: the rule is the measure itself,
-                # its nodes to round-off: a node that close to an end may lie on either side
-                tol = 1e3 * np.finfo(np.float64).eps * max(float(x.max(initial=0.0)), a,
-                                                           b if b < math.inf else 0.0)
-                low.append(float(w[(x >= a + tol) & (x <= b - tol)].sum()))
-                up.append(float(w[(x >= a - tol) & (x <= b + tol)].sum()))
+                # its nodes to the round-off of the operator's dtype: a node that close to an end
+                # may lie on either side of it (nothing lies below 0: J^T J >= 0)
+                tol = 1e3 * self.eps * max(float(x.max(initial=0.0)), a,
+                                           b if b < math.inf else 0.0)
+                a_lo, a_up = (-math.inf, -math.inf) if a <= 0.0 else (a + tol, a - tol)
+                low.append(float(w[(x >= a_lo) & (x <= b - tol)].sum()))
+                up.append(float(w[(x >= a_up) & (x <= b + tol)].sum()))
                 continue
             # no coefficients (a rule built elsewhere): the Gauss rule's own partial sums, for a
             # closed probe too (its rule is exact only up to the beta it closed at)
@@ -304,8 +310,9 @@ def slq(op, *, probes: int = 16, steps: int = 200, seed: int = 0, deflate=None,
     steps each. With ``target=(lo, hi)`` it stops as soon as the quadrature part of that count's
     bracket is below ``rtol`` of it. ``method``: 'slq', 'dense' or 'auto' (dense when the
     expected SLQ products exceed P and J fits). ``reorth``: 'full' keeps every Lanczos vector and
-    reorthogonalizes against all of them at every step; 'none' keeps a few per probe (memory O(P · probes), module doc: sound but slow to narrow); 'auto'
-    takes 'full' while its basis fits in memory, else 'none'."""
+    reorthogonalizes against all of them at every step; 'none' keeps a few per probe (memory O(P ·
+    probes), module doc: sound but slow to narrow); 'auto' takes 'full' while its basis fits in
+    memory, else 'none'."""
     _check_op(op)
     P = op.shape[0]
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 2:
@@ -388,8 +395,8 @@ def count_in_interval(op, lo: float, hi: float, *, probes: int = 16, rtol: float
 
     Lanczos steps run until the quadrature part of the bracket is below ``rtol`` of the count
     (``max_steps`` at most); when the budget ends first, :class:`ResolutionError` says how many
-    steps it would need (extrapolated from the bracket's decay) and carries the wider result. ``deflate=(V, sigma)``: known right singular vectors (P, k)
-    and their values, counted exactly.
+    steps it would need (extrapolated from the bracket's decay) and carries the wider result.
+    ``deflate=(V, sigma)``: known right singular vectors (P, k) and their values, counted exactly.
     """
     _check_interval(lo, hi)
     q = slq(op, probes=probes, steps=max_steps, seed=seed, deflate=deflate, target=(lo, hi),
@@ -403,9 +410,15 @@ def count_in_interval(op, lo: float, hi: float, *, probes: int = 16, rtol: float
                 f"every probe's Krylov space closed after {q.steps} Lanczos steps and [{lo:g}, "
                 f"{hi:g}] still has a quadrature bracket of {c.resolution:.3g} values: an end "
                 f"lies on a singular value, to within the level at which the probes closed (at "
-                f"most 1e-8 sigma_max^2 in sigma^2), and more steps will not narrow it; move the "
-                f"ends off it, or method='dense'", c)
+                f"most 1e-8 sigma_max^2 in sigma^2 in float64), and more steps will not narrow "
+                f"it; move the ends off it, or method='dense'", c)
         need = _extrapolate(q.history, rtol, op.shape[0] if q.reorth != "none" else None)
+        if need is None:
+            raise ResolutionError(
+                f"{max_steps} Lanczos steps per probe resolve [{lo:g}, {hi:g}] to a quadrature "
+                f"bracket of {c.resolution:.3g} values, above rtol={rtol:g} of the count "
+                f"{c.estimate:.4g}, and it narrows too slowly to say when it would reach it "
+                f"(reorth='none'): reorth='full', or a larger rtol", c)
         raise ResolutionError(
             f"{max_steps} Lanczos steps per probe resolve [{lo:g}, {hi:g}] to a quadrature "
             f"bracket of {c.resolution:.3g} values, above rtol={rtol:g} of the count "
@@ -452,18 +465,22 @@ class ResolutionError(ValueError):
         self.result = result
 
 
-def _extrapolate(history, rtol, P) -> int | str:
+def _extrapolate(history, rtol, P) -> int | None:
     """Steps at which the quadrature bracket would reach ``rtol`` of the count, from its decay
     over the last checks (width ~ m^-p); at most ``P`` (a basis spanning the space; None for
-    the plain recurrence, which has no such cap)."""
+    the plain recurrence, which has no such cap: then None when the decay gives no estimate
+    below 1e9)."""
     pts = [(m, w, c) for m, w, c in history if w > 0]
-    cap = math.inf if P is None else P
     if len(pts) < 2 or pts[-1][1] >= pts[-2][1]:
-        return P if P is not None else "an unknown number of"
+        return P
     (m1, w1, _), (m2, w2, c2) = pts[-2], pts[-1]
     target = rtol * max(c2, 1.0)
     p = math.log(w1 / w2) / math.log(m2 / m1)
-    return int(min(cap, math.ceil(m2 * (w2 / target) ** (1 / p))))
+    log_need = math.log(m2) + math.log(max(w2 / target, 1.0)) / p   # in logs: no overflow
+    cap = P if P is not None else 1e9
+    if log_need >= math.log(cap):
+        return P
+    return int(math.ceil(math.exp(log_need)))
 
 
 # -- internals -------------------------------------------------------------------------------------
@@ -584,7 +601,7 @@ class _ProbeLanczos:
             smax = max(smax, float(dsig.max()))
         return Quadrature(nodes, weights, P, len(nodes), int(self.length.max()), self.products,
                           time.perf_counter() - t0, smax, list(self.exact), dsig, jacobi=jacobi,
-                          reorth=self.reorth)
+                          reorth=self.reorth, eps=float(torch.finfo(self.Q[-1].dtype).eps))
 
 
 class _Basis:
