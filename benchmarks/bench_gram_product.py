@@ -48,7 +48,7 @@ def main():
             rows.append({"width": w, "P": P, "block": b, "seconds_gram_block": best,
                          "seconds_per_product": best / (2 * b), "train_seconds": train_s,
                          "autotune_seconds": tune_s,
-                         "backend": tuned.get("backend") if isinstance(tuned, dict) else None})
+                         "backend": tuned.get("backend")})
             print(rows[-1], flush=True)
             _env.write(out, {"rows": rows, "torch_threads": torch.get_num_threads(),
                              "environment": _env.environment()})

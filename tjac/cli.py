@@ -595,8 +595,8 @@ def cmd_scale(a):
         rows = scale.run_sweep(recipes, a.store, k_top=a.k_top, k_bottom=a.k_bottom, tol=a.tol,
                                progress=_progress(a.quiet or (group and not group.is_driver)),
                                epsilons=tuple(eps), probes=a.probes, density=not a.no_density,
-                               reorth=a.reorth, log=(lambda s: None) if (a.quiet or a.json) else print,
-                               group=group)
+                               reorth=a.reorth, group=group,
+                               log=(lambda s: None) if (a.quiet or a.json) else print)
     finally:
         distributed.close(group)
     if group is not None and not group.is_driver:  # rank 0 stores, fits and reports

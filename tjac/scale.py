@@ -164,7 +164,7 @@ def _sweep_distributed(recipes, store_path, group, log, opts) -> list[dict]:
 
 
 def _sweep_one(run_id, recipe, store_path, *, k_top, k_bottom, tol, method, resume, progress,
-               epsilons, probes, density, max_steps, rtol, reorth="full") -> dict:
+               epsilons, probes, density, max_steps, rtol, reorth) -> dict:
     from .analyze import analyze_density
     from .query import open as open_store
 

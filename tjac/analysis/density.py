@@ -412,17 +412,15 @@ def count_in_interval(op, lo: float, hi: float, *, probes: int = 16, rtol: float
                 f"lies on a singular value, to within the level at which the probes closed (at "
                 f"most 1e-8 sigma_max^2 in sigma^2 in float64), and more steps will not narrow "
                 f"it; move the ends off it, or method='dense'", c)
+        short = (f"{max_steps} Lanczos steps per probe resolve [{lo:g}, {hi:g}] to a quadrature "
+                 f"bracket of {c.resolution:.3g} values, above rtol={rtol:g} of the count ")
         need = _extrapolate(q.history, rtol, op.shape[0] if q.reorth != "none" else None)
         if need is None:
             raise ResolutionError(
-                f"{max_steps} Lanczos steps per probe resolve [{lo:g}, {hi:g}] to a quadrature "
-                f"bracket of {c.resolution:.3g} values, above rtol={rtol:g} of the count "
-                f"{c.estimate:.4g}, and it narrows too slowly to say when it would reach it "
-                f"(reorth='none'): reorth='full', or a larger rtol", c)
+                f"{short}{c.estimate:.4g}, and it narrows too slowly to say when it would reach "
+                f"it (reorth='none'): reorth='full', or a larger rtol", c)
         raise ResolutionError(
-            f"{max_steps} Lanczos steps per probe resolve [{lo:g}, {hi:g}] to a quadrature "
-            f"bracket of {c.resolution:.3g} values, above rtol={rtol:g} of the count "
-            f"{c.estimate:.4g}: it needs about {need} steps (max_steps), or a larger rtol", c)
+            f"{short}{c.estimate:.4g}: it needs about {need} steps (max_steps), or a larger rtol", c)
     return c
 
 
@@ -523,20 +521,16 @@ class _ProbeLanczos:
         q = self.Q[-1]
         W = torch.zeros_like(q)
         W[:, idx] = self._apply(q[:, idx])
+        prev = 0.0 if len(self.Q) == 1 else \
+            self.Q[-2] * torch.as_tensor(self.beta[-1], dtype=W.dtype, device=W.device)
         if self.basis is None:
             # the plain recurrence in Paige's order (w = Aq - beta q_prev, alpha = q^T w,
             # w -= alpha q): the variant whose finite-precision rules Paige and Greenbaum bound
-            if len(self.Q) > 1:
-                W = W - self.Q[-2] * torch.as_tensor(self.beta[-1], dtype=W.dtype,
-                                                     device=W.device)
-            a = (q * W).sum(0)
-            W = W - q * a
-        else:
-            a = (q * W).sum(0)
-            W = W - q * a
-            if len(self.Q) > 1:
-                W = W - self.Q[-2] * torch.as_tensor(self.beta[-1], dtype=W.dtype,
-                                                     device=W.device)
+            W = W - prev
+        a = (q * W).sum(0)
+        W = W - q * a
+        if self.basis is not None:
+            W = W - prev
             for _ in range(REORTH_PASSES):
                 W = self.basis.orthogonalize(W)
         if self.V is not None:
@@ -549,11 +543,10 @@ class _ProbeLanczos:
         self.alpha.append(an)
         self.length[act.numpy()] += 1
         self.lam_max = max(self.lam_max, float(np.abs(an).max()) + 2 * float(bn.max()))
-        tiny = max(BREAKDOWN, 1e3 * torch.finfo(W.dtype).eps)
-        closed = act.numpy() & (bn <= tiny * max(self.lam_max, 1e-300))
+        eps, scale = torch.finfo(W.dtype).eps, max(self.lam_max, 1e-300)
+        closed = act.numpy() & (bn <= max(BREAKDOWN, 1e3 * eps) * scale)
         self.exact |= closed
-        self.beta_closed[closed] = np.where(
-            bn[closed] <= torch.finfo(W.dtype).eps * max(self.lam_max, 1e-300), 0.0, bn[closed])
+        self.beta_closed[closed] = np.where(bn[closed] <= eps * scale, 0.0, bn[closed])
         newact = act.numpy() & ~closed
         self.active = torch.from_numpy(newact)
         bn[~newact] = 0.0
