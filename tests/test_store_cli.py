@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -99,7 +100,11 @@ def test_cli_info_query_plot(dense_store, tmp_path):
     (["run", "--k-top", "0", "--k-bottom", "0"], "nothing to compute"),
     (["run", "--k-top", "-1"], "must be >= 0"),
     (["run", "--tol=-1e-3"], "must be a positive number"),
-    (["run", "--tol", "-1e-3"], "--tol: expected one argument"),
+    (["run", "--tol", "-1e-3"], "--tol: must be a positive number, got -1e-3"),
+    (["run", "--lr", "-.5"], "--lr: must be a positive number"),
+    (["scale", "--eps", "-1e-2,1e-3"], "--eps must be a comma-separated list of positive numbers"),
+    (["analyze", "/nonexistent.zarr", "--eps-grid", "-1e-3,1"], "--eps-grid must be a comma-separated"),
+    (["query", "/nonexistent.zarr", "--regions", "-1e-3"], "--regions: must be a positive number"),
     (["run", "--optimizer", "lbfgs"], "--optimizer must be sgd, adam, adamw or an import path"),
     (["run", "--width", "0"], "must be >= 1"),
     (["run", "--bogus"], "unrecognized arguments"),
@@ -302,3 +307,36 @@ def test_run_from_toml_configs(tmp_path):
     bad.write_text("width = [\n")
     p = tjac_cli("run", "--config", str(bad), "--store", str(tmp_path / "c.zarr"))
     assert p.returncode == 2 and "not valid TOML" in p.stderr
+
+
+def test_every_numeric_option_takes_a_negative_value_to_its_own_check():
+    """`--opt -1e-3` reaches the option's type (its message, one line, exit 2) for every option of
+    every subcommand: none answers argparse's "expected one argument"."""
+    import argparse
+
+    from tjac.cli import BadInput, build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    base = {"info": ["s"], "query": ["s"], "plot": ["s", "-o", "x.png"], "analyze": ["s"]}
+    checked = 0
+    for cmd, sp in subs.items():
+        for act in sp._actions:
+            if not act.option_strings or act.nargs is not None and act.nargs != "?":
+                continue
+            if isinstance(act, (argparse._StoreTrueAction, argparse._CountAction, argparse._HelpAction)):
+                continue
+            opt = act.option_strings[-1]
+            assert not re.match(r"^-\d", opt)  # no option looks like a number
+            extra = [] if cmd != "query" or opt in ("--top", "--bottom", "--regions") else ["--density"]
+            for value in ("-1e-3", "-.5", "-2,3", "-inf"):
+                try:
+                    ns = parser.parse_args([cmd, *base.get(cmd, []), *extra, opt, value])
+                except BadInput as e:
+                    assert "expected one argument" not in str(e), (cmd, opt, value, e)
+                    assert len(str(e).splitlines()) == 1
+                else:  # taken as a string (a path, a name): the value itself
+                    got = getattr(ns, act.dest)
+                    assert (got if isinstance(got, list) else [got]) == [value], (cmd, opt, value)
+                checked += 1
+    assert checked > 100

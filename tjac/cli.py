@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 
 EXIT_FAILED = 1
@@ -22,7 +23,19 @@ class BadInput(Exception):
     pass
 
 
+_NEGATIVE_NUMBER = re.compile(r"^-(\.?\d|inf|nan)", re.IGNORECASE)
+
+
 class _Parser(argparse.ArgumentParser):
+    """One-line errors; a value that starts like a negative number (``-1e-3``, ``-.5``, ``-inf``,
+    ``-1,2``) is an option's argument, so its own type states the rule (argparse's stock test
+    takes only ``-1`` and ``-0.5``, and answered ``--tol -1e-3`` with "expected one argument").
+    No tjac option looks like a number, so nothing is shadowed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
     def error(self, message):  # one line, exit 2 (argparse prints usage too)
         raise BadInput(message)
 
