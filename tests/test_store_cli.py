@@ -309,6 +309,34 @@ def test_run_from_toml_configs(tmp_path):
     assert p.returncode == 2 and "not valid TOML" in p.stderr
 
 
+# -- a reader that goes away (tjac ... | head) ---------------------------------------------------
+def _closed_pipe_run(*args, close="stdout"):
+    """Run the CLI with stdout (or stderr) a pipe whose reader has already gone."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        streams = {"stdout": w, "stderr": subprocess.PIPE} if close == "stdout" else \
+            {"stdout": subprocess.PIPE, "stderr": w}
+        return subprocess.run([sys.executable, "-m", "tjac", *args], text=True, timeout=300,
+                              **streams)
+    finally:
+        os.close(w)
+
+
+def test_a_closed_stdout_pipe_is_quiet_and_the_store_complete(tmp_path, dense_store):
+    path = str(tmp_path / "p.zarr")
+    p = _closed_pipe_run("run", "--width", "4", "--epochs", "1", "--n-train", "128", "--k-top", "2",
+                         "--k-bottom", "2", "--png", "none", "--store", path)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    res = open_store(path)
+    run = res.run(res.runs()[0])
+    assert run.status == "complete" and len(run.top().sigma) == 2 and len(run.bottom().sigma) == 2
+    p = _closed_pipe_run("query", str(dense_store[0]), "--bottom", "600")
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    p = _closed_pipe_run("query", str(dense_store[0]), "--top", "0", close="stderr")
+    assert p.returncode == 2 and p.stdout == ""
+
+
 def test_every_numeric_option_takes_a_negative_value_to_its_own_check():
     """`--opt -1e-3` reaches the option's type (its message, one line, exit 2) for every option of
     every subcommand: none answers argparse's "expected one argument"."""

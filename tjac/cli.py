@@ -658,7 +658,52 @@ def _computation_errors() -> tuple:
             RanksDisagreeError)
 
 
+class _PipeGuard:
+    """``sys.stdout`` / ``sys.stderr`` while a command runs: once the reader is gone (``tjac ... |
+    head``), the rest of the output goes to ``os.devnull`` (the stream's descriptor is pointed
+    there, so Python's final flush is quiet too) and the command carries on, so a store it is
+    writing is completed and the exit code is the command's own, not a BrokenPipeError
+    traceback."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
 def main(argv=None) -> int:
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _PipeGuard(streams[0]), _PipeGuard(streams[1])
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at exit
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
+
+
+def _main(argv) -> int:
     parser = build_parser()
     try:
         a = parser.parse_args(argv)
