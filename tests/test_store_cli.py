@@ -309,6 +309,103 @@ def test_run_from_toml_configs(tmp_path):
     assert p.returncode == 2 and "not valid TOML" in p.stderr
 
 
+# -- asking for more than a solve stored ------------------------------------------------------------
+def test_more_than_the_solve_stored_comes_from_the_full_spectrum(dense_store, caplog):
+    """The dense path stores all P sigma with their residuals: top(k) / bottom(k) past the solve's
+    k_top = 4 return the k asked from it (certified, without vectors), and beyond P say so."""
+    path, _ = dense_store
+    res = open_store(path)
+    run = res.run(res.runs()[0])
+    S, R = run.sigma("all"), store.spectrum_residual(run._g)
+    tol = run._solve("top")[4]["tol"]
+    t = run.top(20)
+    np.testing.assert_array_equal(t.sigma, S[:20])
+    np.testing.assert_array_equal(t.certificate, np.hypot(R[:20, 0], R[:20, 1]))
+    np.testing.assert_array_equal(t.converged, R[:20].max(1) <= tol * S[0])
+    assert t.certified.all() and (t.n_vectors, t.n_requested, t.n_available) == (4, 20, 610)
+    assert t.note == "" and t.n_missing == 0 and t.method == "dense"
+    with caplog.at_level("WARNING", logger="tjac.query"):
+        b = run.bottom(700)
+    np.testing.assert_array_equal(b.sigma, S[::-1])
+    np.testing.assert_array_equal(b.certificate, run.spectrum().certificate[::-1])
+    assert (b.n_requested, b.n_available, b.n_missing, len(b.sigma)) == (700, 610, 90, 610)
+    assert "700 bottom singular values asked, 610 known" in b.note
+    assert b.note in caplog.text
+    p = tjac_cli("query", str(path), "--top", "20", "--json")
+    out = json.loads(p.stdout)
+    assert p.returncode == 0 and out["sigma"] == S[:20].tolist()
+    assert (out["n_requested"], out["n_available"], out["n_vectors"], out["note"]) == (20, 610, 4, None)
+    p = tjac_cli("query", str(path), "--bottom", "700")
+    assert p.returncode == 0 and len([ln for ln in p.stdout.splitlines() if ln[:4].strip().isdigit()]) == 610
+    assert "note: 700 bottom singular values asked, 610 known" in p.stdout
+    assert "rows 4..609: from the full spectrum, without singular vectors" in p.stdout
+
+
+def _solve_only_store(path, values_only_spectrum):
+    """A store with a Lanczos top-3 solve of the tiny recipe, and (optionally) the values of its
+    full spectrum without residuals (what the dense path stores when only J's values fit)."""
+    import torch
+
+    from tjac.linalg import materialize, svd
+
+    op = tjac.TrainingJacobian(tiny(), backend="eager")
+    r = svd(op, 3, which="top", method="lanczos", tol=1e-10)
+    S = torch.linalg.svdvals(materialize(op)).numpy()  # the dense oracle
+    with store.Writer(path) as w:
+        run = w.create_run("r", recipe_json=op.recipe.to_json(), recipe_hash=op.recipe.hash(),
+                           provenance={}, theta0=op.theta0.numpy(), thetaT=op.thetaT.numpy())
+        w.commit_solve(run, "top", sigma=r.S.numpy(), residual=r.residuals.numpy(),
+                       U=r.U.T.numpy(), V=r.V.T.numpy(), method=r.method, tol=r.tol,
+                       norm_estimate=r.norm_estimate, converged=r.converged.tolist())
+        if values_only_spectrum:
+            w.commit_spectrum(run, S, None)
+    return r, S
+
+
+def test_more_than_known_returns_what_is_known_and_says_so(tmp_path, caplog):
+    path = str(tmp_path / "s.zarr")
+    r, S = _solve_only_store(path, values_only_spectrum=False)
+    run = open_store(path).run("r")
+    with caplog.at_level("WARNING", logger="tjac.query"):
+        t = run.top(10)
+    np.testing.assert_array_equal(t.sigma, r.S.numpy())
+    assert (t.n_requested, t.n_available, t.n_missing, t.n_vectors) == (10, 3, 7, 3)
+    assert "10 top singular values asked, 3 known" in t.note and "no full spectrum" in t.note
+    assert t.note in caplog.text
+    assert run.top(2).note == "" and len(run.top(2).sigma) == 2
+    p = tjac_cli("query", path, "--top", "10")
+    assert p.returncode == 0 and "note: 10 top singular values asked, 3 known" in p.stdout
+    p = tjac_cli("query", path, "--top", "10", "--json")
+    out = json.loads(p.stdout)
+    assert (out["n_requested"], out["n_available"], len(out["sigma"])) == (10, 3, 3)
+    assert "3 known" in out["note"]
+
+
+def test_values_only_spectrum_extends_with_the_round_off_certificate(tmp_path):
+    path = str(tmp_path / "s.zarr")
+    r, S = _solve_only_store(path, values_only_spectrum=True)
+    run = open_store(path).run("r")
+    P = len(S)
+    t = run.top(10)
+    np.testing.assert_array_equal(t.sigma[:3], r.S.numpy())  # the solve's rows, with vectors
+    np.testing.assert_array_equal(t.sigma[3:], S[3:10])
+    np.testing.assert_array_equal(t.certificate[:3], r.certificate.numpy())
+    np.testing.assert_allclose(t.certificate[3:], P * np.finfo(np.float64).eps * S[0], rtol=0)
+    assert np.isnan(t.residuals[3:]).all() and t.certified.all()
+    assert (t.n_vectors, t.n_available, t.note, t.method) == (3, P, "", "lanczos+dense")
+    b = run.bottom(5)  # no bottom solve: all from the spectrum
+    np.testing.assert_array_equal(b.sigma, S[::-1][:5])
+    assert b.n_vectors == 0 and b.method == "dense"
+    with pytest.raises(KeyError, match="no committed bottom solve"):
+        run.bottom()  # k=None: the solve's triplets, and there is none
+    p = tjac_cli("query", path, "--top", "10", "--json")
+    out = json.loads(p.stdout, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert out["residuals"][3] == [None, None] and out["sigma"] == t.sigma.tolist()
+    p = tjac_cli("query", path, "--top", "5")
+    assert p.returncode == 0 and "rows 3..4: from the full spectrum" in p.stdout
+    assert "values only" in p.stdout
+
+
 # -- a reader that goes away (tjac ... | head) ---------------------------------------------------
 def _closed_pipe_run(*args, close="stdout"):
     """Run the CLI with stdout (or stderr) a pipe whose reader has already gone."""

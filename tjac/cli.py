@@ -449,10 +449,14 @@ def cmd_query(a):
     which, k = ("top", a.top) if a.top else ("bottom", a.bottom)
     t = run.top(k) if which == "top" else run.bottom(k)
     if a.json:
+        nan_none = (lambda x: [None if v != v else v for v in x])  # noqa: E731 (strict JSON)
         print(json.dumps({"which": which, "sigma": t.sigma.tolist(),
-                          "residuals": t.residuals.tolist(), "certificate": t.certificate.tolist(),
+                          "residuals": [nan_none(r) for r in t.residuals.tolist()],
+                          "certificate": t.certificate.tolist(),
                           "converged": t.converged.tolist(), "bound_only": t.bound_only.tolist(),
-                          "certified": t.certified.tolist(), "method": t.method}))
+                          "certified": t.certified.tolist(), "method": t.method,
+                          "n_requested": t.n_requested, "n_available": t.n_available,
+                          "n_vectors": t.n_vectors, "note": t.note or None}))
         return 0
     print(f"{'i':>4s} {'sigma':>22s} {'||Jv-su||':>10s} {'||J^Tu-sv||':>11s} certified")
     for i, (s, r, c, b) in enumerate(zip(t.sigma, t.residuals, t.converged, t.bound_only)):
@@ -461,6 +465,13 @@ def cmd_query(a):
     if (t.converged & t.bound_only).any():
         print("bound: r = hypot(residuals) >= 0.1 sigma: sigma is an upper bound on the singular "
               "value, not a measurement")
+    if t.n_vectors < len(t.sigma):
+        unmeasured = " (values only: nan residuals, certified to the round-off bound of the SVD, " \
+                     "r = P eps sigma_max)" if (t.residuals != t.residuals).any() else ""
+        print(f"rows {t.n_vectors}..{len(t.sigma) - 1}: from the full spectrum, without singular "
+              f"vectors{unmeasured}")
+    if t.note:
+        print(f"note: {t.note}")
     return 0
 
 

@@ -9,6 +9,7 @@ read, so stores of any version answer the same way.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,8 @@ import numpy as np
 from . import store
 from .linalg.regions import EPSILONS, region_counts
 from .recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 
 def _bound_only(sigma: np.ndarray, certificate: np.ndarray) -> np.ndarray:
@@ -30,17 +33,35 @@ def _bound_only(sigma: np.ndarray, certificate: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Triplets:
+    """The singular values at one end of a run (``top`` descending, ``bottom`` ascending), each
+    with its certificate; the first ``n_vectors`` with stored singular vectors
+    (:meth:`Run.vectors`).
+
+    ``n_requested`` is the k asked (None: all the solve stored) and ``n_available`` how many are
+    known at that end: the solve's triplets, or all P where the full spectrum is stored (the rows
+    past the solve's then come from it, values and certificates without vectors). Fewer than
+    asked are returned only where fewer are known; ``note`` then says so ("" otherwise).
+    """
     sigma: np.ndarray
-    residuals: np.ndarray       # (k, 2): ||J v - s u||, ||J^T u - s v||
+    residuals: np.ndarray       # (k, 2): ||J v - s u||, ||J^T u - s v||; NaN where not measured
     converged: np.ndarray       # the solver's criterion: both residuals <= tol * sigma_max
     method: str
     certificate: np.ndarray     # r = hypot(residuals): |sigma - sigma_true| <= r
     bound_only: np.ndarray      # r >= 0.1 sigma (tjac.linalg.bound_only): sigma only bounds sigma_true
+    n_vectors: int              # rows [0, n_vectors) have stored u, v
+    n_requested: int | None
+    n_available: int
+    note: str
 
     @property
     def certified(self) -> np.ndarray:
         """Converged and measured: sigma_true = sigma to within r < 0.1 sigma."""
         return self.converged & ~self.bound_only
+
+    @property
+    def n_missing(self) -> int:
+        """How many of the k asked are not known (0 unless fewer are known than asked)."""
+        return 0 if self.n_requested is None else max(0, self.n_requested - len(self.sigma))
 
 
 @dataclass(frozen=True)
@@ -104,11 +125,13 @@ class Run:
         """θ_T as stored."""
         return np.asarray(self._g["thetaT"][:])
 
-    def _solve(self, which):
+    def _solve(self, which, required=True):
         if which not in ("top", "bottom"):
             raise ValueError(f"unknown which {which!r}; expected 'top' or 'bottom'")
         got = store.solve_arrays(self._g, which)
         if got is None or not got[4].get("n_committed"):
+            if not required:
+                return None
             raise KeyError(f"run {self.id!r} has no committed {which} solve")
         return got
 
@@ -116,8 +139,7 @@ class Run:
         n = int(self._solve(which)[4]["n_committed"])
         if k is None:
             return n
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"`k` must be a positive integer, got {k!r}")
+        _check_k(k)
         return min(k, n)
 
     def sigma(self, which="top") -> np.ndarray:
@@ -132,21 +154,71 @@ class Run:
         return np.asarray(sig[: a["n_committed"]])
 
     def top(self, k=None) -> Triplets:
+        """The k largest singular values with their certificates (None: all the top solve stored).
+        Past the solve's triplets they come from the full spectrum where it is stored; where fewer
+        than k are known, those known (``n_requested``/``n_available``/``note`` say so, logged)."""
         return self._triplets("top", k)
 
     def bottom(self, k=None) -> Triplets:
+        """The k smallest, ascending; as :meth:`top`."""
         return self._triplets("bottom", k)
 
     def _triplets(self, which, k):
-        k = self._k(which, k)
-        sig, res, _, _, a = self._solve(which)
-        sigma, residuals = np.asarray(sig[:k]), np.asarray(res[:k])
+        if k is not None:
+            _check_k(k)
+        got = self._solve(which, required=False)
+        S = store.full_spectrum(self._g)
+        if got is None and (k is None or S is None):
+            self._solve(which)  # raises: nothing known at that end
+        sig, res, _, _, a = got if got is not None else (None, None, None, None, {})
+        n = int(a.get("n_committed", 0))
+        m = n if k is None else min(k, n)
+        sigma = np.asarray(sig[:m], np.float64) if m else np.zeros(0)
+        residuals = np.asarray(res[:m], np.float64) if m else np.zeros((0, 2))
         certificate = np.hypot(residuals[:, 0], residuals[:, 1])
-        converged = np.zeros(k, dtype=bool)
+        converged = np.zeros(m, dtype=bool)
         conv = a.get("converged") or []
-        converged[:min(k, len(conv))] = np.asarray(conv[:k], dtype=bool)
-        return Triplets(sigma, residuals, converged, a.get("method", "?"), certificate,
-                        _bound_only(sigma, certificate))
+        converged[:min(m, len(conv))] = np.asarray(conv[:m], dtype=bool)
+        method = a.get("method", "dense" if got is None else "?")
+        available = n if S is None else len(S)
+        if k is not None and k > n and S is not None:  # the rest from the full spectrum
+            sigma, residuals, certificate, converged, method = self._from_spectrum(
+                which, k, a, (sigma, residuals, certificate, converged), method)
+        note = ""
+        if k is not None and len(sigma) < k:
+            why = (f"J has only P = {available} singular values" if S is not None else
+                   f"the {which} solve stored {n} and the run has no full spectrum (only the "
+                   f"dense path stores one)")
+            note = (f"{k} {which} singular values asked, {len(sigma)} known: {why}")
+            log.warning("run %s: %s", self.id, note)
+        return Triplets(sigma, residuals, converged, method, certificate,
+                        _bound_only(sigma, certificate), n_vectors=m, n_requested=k,
+                        n_available=available, note=note)
+
+    def _from_spectrum(self, which, k, a, head, method):
+        """``head`` (the solve's rows) extended to min(k, P) rows by :meth:`spectrum`'s values and
+        certificates (residuals NaN where only the values are stored); converged by the solver's
+        criterion (residuals, else the certificate, <= tol * sigma_max) at the solve's tol."""
+        import torch
+
+        from .linalg import default_tol
+
+        sigma, residuals, certificate, converged = head
+        sp = self.spectrum()
+        P, n = len(sp.sigma), len(sigma)
+        idx = np.arange(n, min(k, P))
+        if which == "bottom":
+            idx = P - 1 - idx
+        R = store.spectrum_residual(self._g)
+        r_new = np.full((len(idx), 2), np.nan) if R is None else np.asarray(R, np.float64)[idx]
+        c_new = sp.certificate[idx]
+        tol = a.get("tol") or default_tol(torch.float64)
+        conv_new = (c_new if R is None else r_new.max(1, initial=0.0)) <= tol * sp.sigma[0]
+        if method != "dense":
+            method = f"{method}+dense"  # the solve's rows, then the dense path's spectrum
+        return (np.concatenate([sigma, sp.sigma[idx]]), np.concatenate([residuals, r_new]),
+                np.concatenate([certificate, c_new]), np.concatenate([converged, conv_new]),
+                method)
 
     def vectors(self, which, idx):
         """(u, v) rows for triplet index or slice ``idx`` (reads only those chunks)."""
@@ -313,6 +385,11 @@ class Run:
     def as_dict(self) -> dict:
         return {"id": self.id, "status": self.status, "recipe": json.loads(self.attrs["recipe"]),
                 "summary": self.summary, "provenance": self.provenance}
+
+
+def _check_k(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"`k` must be a positive integer, got {k!r}")
 
 
 class Results:
