@@ -54,7 +54,8 @@ def main():
     ref = runs["randomized"]["products"]
     shares = {n.removeprefix("lanczos_block"): v["products"] / ref
               for n, v in runs.items() if n.startswith("lanczos")}
-    smax = max(abs(x - y) for v in runs.values() for x, y in zip(v["sigma"], runs["randomized"]["sigma"]))
+    ref_sigma = runs["randomized"]["sigma"]
+    smax = max(abs(x - y) for v in runs.values() for x, y in zip(v["sigma"], ref_sigma))
     out = {"environment": environment(), "P": op.shape[0], "k": a.k, "tol": a.tol,
            "recipe": "tjac.Recipe.paper() (25 epochs, width 64), backend fused, rng 0",
            "threads": a.threads, "setup_seconds": setup, "runs": runs,
