@@ -1,7 +1,7 @@
 """The dense path: J from identity blocks through ``matmat``, then LAPACK.
 
 The oracle for tests and the cheapest certified path for the bottom of small nets (P products, all
-in wide blocks, against ~1.25 P single-width products for a Krylov method on a near-null cluster).
+in wide blocks, against ~1.5 P narrow-block products for a Krylov method on a near-null cluster).
 
 * :func:`dense_svd`: the full SVD (every sigma, both bases). Peak ~8 P^2 values (J, LAPACK's copy,
   U, V^T and gesdd's workspace).

@@ -7,17 +7,18 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
 * ``dense``, bottom only (:func:`tjac.linalg.dense.dense_bottom`), when the full SVD does not fit:
   J is overwritten by its QR and the bottom comes from inverse subspace iteration on R: ~P^2
   values plus a few P x b blocks; P products plus 2k fresh ones for the certificates.
-* ``lanczos``, bottom: the basis must nearly exhaust the non-bulk values: measured 1.23 P products
-  (block 16, k = 32, P = 9,610). Memory: both bases (2 P n), one more while a block is appended,
-  and the full SVD of the n x n projected matrix at the end (like the dense path's): at n ~ P,
-  ``LANCZOS_BOTTOM_FACTOR`` P^2 values.
+* ``lanczos``, bottom: the basis must nearly exhaust the non-bulk values: measured 1.52 P products
+  (``LANCZOS_BOTTOM_PRODUCTS``; block 16, k = 16, P = 4,810). Memory: both bases (2 P n), one
+  more while a block is appended, and the full SVD of the n x n projected matrix at the end (like
+  the dense path's): at n ~ P, ``LANCZOS_BOTTOM_FACTOR`` P^2 values.
 * ``lanczos``, top: a basis of ``max_basis`` vectors per side, restarted; products about two
   bases' worth.
 * ``randomized``, top: l = k + 8 columns per pass, about ``RANDOMIZED_PASSES`` passes of 2 l
-  products (measured 4-8 on the paper's spectra); memory three P x (passes l) blocks.
+  products (measured 7-19, median 13, over the committed runs from P = 1,060 to 112,810); memory
+  three P x (passes l) blocks.
 * The top by cost: randomized needs the most products but in the widest blocks; single-vector
   Lanczos the fewest (``LANCZOS_TOP_PRODUCTS``: top-16 at tol 1e-6 on the paper's net, Lanczos
-  at block 1/2/4/8 used 0.45/0.51/0.68/0.91 of randomized's products). Where replays do not get
+  at block 1/2/4/8 used 0.40/0.46/0.63/0.86 of randomized's products). Where replays do not get
   cheaper per vector in blocks (measured: a 1e5-parameter BatchNorm CNN through torch.func, 0.167 s
   per vector and step alone, 0.191 s at block 4, 0.496 s at block 24), ``auto`` takes Lanczos at the block that
   minimizes products x seconds per vector, given the operator's measured costs per block
@@ -44,14 +45,22 @@ from .dense import dense_bottom_block
 
 DENSE_FACTOR = 8            # values of P^2 at the dense path's peak (J, its copy, U, V^T, work)
 DENSE_BOTTOM_FACTOR = 1     # values of P^2 at the bottom-only dense path's peak (J, in place)
-LANCZOS_BOTTOM_PRODUCTS = 1.25
+# The product counts below are measurements committed in benchmarks/results/ (rounded up);
+# tests/test_plan_constants.py recomputes each from that JSON and fails when they disagree.
+# Bottom Lanczos products / P, the certified run at the largest P (bottom-width64.json: 7,296
+# products at P = 4,810 -> 1.52; the plan had 1.25 before that measurement).
+LANCZOS_BOTTOM_PRODUCTS = 1.52
 LANCZOS_BOTTOM_FACTOR = 10  # values of P^2 at long-basis Lanczos' peak
-RANDOMIZED_PASSES = 6
-# products of top-k Lanczos at each block width, as a share of randomized block Krylov's (measured:
-# top-16, tol 1e-6, the paper's net: 272/308/408/544 against 600; BENCHMARKS.md "User models")
-LANCZOS_TOP_PRODUCTS = {1: 0.45, 2: 0.51, 4: 0.68, 8: 0.91}
+# Randomized passes (products = l (2 passes + 1), l = k + 8): the median over the committed top
+# runs (scale-top16.json, scale-top16-mid.json, solvers-paper.json, top-products-paper.json:
+# 7, 11, 12, 12, 14, 14, 18, 19 passes).
+RANDOMIZED_PASSES = 13
+# Products of top-k Lanczos at each block width, as a share of randomized block Krylov's
+# (top-products-paper.json, benchmarks/bench_top_products.py: top-16, tol 1e-6, the paper's net,
+# 240/276/376/512 products against randomized's 600; rounded up to 2 decimals).
+LANCZOS_TOP_PRODUCTS = {1: 0.40, 2: 0.46, 4: 0.63, 8: 0.86}
 # ... and Lanczos is taken only where it is predicted this many times cheaper: the shares come from
-# one spectrum (on the 1e5 MLP's fused costs, 0.76x predicted: randomized stays, as measured there)
+# one spectrum (on the 1e5 MLP's fused costs in operator.json the shares predict 0.65x, just past)
 LANCZOS_TOP_MARGIN = 1.5
 SPILL_CHUNK_BYTES = 64 * 2**20  # spill.CHUNK_BYTES: one read chunk of a spilled basis
 HEADROOM = 0.9              # share of the available memory a plan may use

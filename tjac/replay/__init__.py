@@ -24,7 +24,8 @@ path at ~1e-12 relative (they differ only in the order of floating-point sums).
 ``double-backward``
     ``eager`` with every HVP by reverse-over-reverse (autograd's double backward, the second
     backward batched over the block) instead of torch.func's forward-over-reverse: the same
-    products to round-off, faster for plain-module MLPs and convolutions, slower for attention.
+    products to round-off; measured 1.2x faster on a plain-module MLP, 3x slower per vector and
+    step on a BatchNorm CNN (BENCHMARKS.md "User models"), so it is only kept where it times faster.
     Chosen by :func:`autotune` (measured at the best width of the others) or by name.
 
 :func:`make` builds one by name; ``"auto"`` is ``fused`` where it applies, else ``eager``.
