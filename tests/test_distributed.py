@@ -304,6 +304,56 @@ def test_a_sweep_that_fails_keeps_every_run_a_worker_finished_and_resume_adds_th
                   [r["run"] for r in rows])
 
 
+COLLECT = textwrap.dedent("""
+    import json, sys, numpy as np, torch
+    from tjac import distributed as td
+    torch.set_num_threads(1)
+    g = td.init(required=True, timeout_s=60)
+    if g.is_driver:
+        kept = []
+        def keep(p):
+            kept.append([p.rank, p.index, p.meta, [a.tolist() for a in p.arrays],
+                         [a.dtype.str for a in p.arrays]])
+        c = td.Collector(g, {1: [1, 3, 5], 2: [2, 4]}, keep).start()
+        taken = []
+        while c.wait():
+            taken += [[p.rank, p.index] for p in c.take()]
+        c.close()
+        json.dump({"kept": kept, "taken": taken, "failure": str(c.failure)}, open(sys.argv[1], "w"))
+        sys.exit(4 if c.failure else 0)
+    try:
+        for i in td.assignment(g):
+            if g.rank == 2 and i == 4:
+                td.report_failure(g, i, "ZeroDivisionError: injected on rank 2")
+                break
+            td.deliver(g, i, {"i": i}, [np.arange(i, dtype=np.int32), np.full((2, i), 0.5)])
+        td.released(g)
+    except Exception as e:
+        print(type(e).__name__, e, file=sys.stderr)
+        sys.exit(3)
+""")
+
+
+def test_the_collector_keeps_every_piece_delivered_before_a_failure_over_three_ranks(tmp_path):
+    """tjac.distributed's dealing API without a sweep: rank 2 delivers piece 2 and fails on 4;
+    rank 1's pieces are kept as they arrive (how many before the abort depends on timing, but
+    its first always: a piece delivered is kept even after a failure), arrays bit for bit."""
+    script = tmp_path / "collect.py"
+    script.write_text(COLLECT)
+    got = _finish(_start([[sys.executable, str(script), str(tmp_path / "o.json")]] * 3, tmp_path))
+    assert [g[0] for g in got] == [4, 3, 3], [g[2] for g in got]
+    for _, _, err in got[1:]:
+        assert "rank 0 stopped the job: rank 2 of 3 failed on piece 4: ZeroDivisionError" in err
+    out = json.loads((tmp_path / "o.json").read_text())
+    assert out["failure"] == "rank 2 of 3 failed on piece 4: ZeroDivisionError: injected on rank 2"
+    kept = {(r, i): (meta, arrays, dtypes) for r, i, meta, arrays, dtypes in out["kept"]}
+    assert {(1, 1), (2, 2)} <= set(kept) and (2, 4) not in kept
+    assert sorted(map(list, kept)) == sorted(out["taken"])  # each kept piece handed over once
+    for (r, i), (meta, arrays, dtypes) in kept.items():
+        assert meta == {"i": i} and dtypes == ["<i4", "<f8"]
+        assert arrays == [list(range(i)), [[0.5] * i] * 2]
+
+
 def test_a_sweep_moves_in_the_runs_rank_0_received_before_it_was_killed(tmp_path):
     """A run a worker delivered lies complete in ``<store>.incoming`` until rank 0 moves it in;
     when rank 0 is killed in between, the next sweep with resume moves it in, not recomputes it."""
@@ -420,3 +470,26 @@ def test_torchrun_max_restarts_with_resume_finishes_a_run_whose_rank_died(tmp_pa
     assert got.attrs["status"] == "complete"
     np.testing.assert_array_equal(got.top().sigma,
                                   tjac.open(str(tmp_path / "ref.zarr")).run("k").top().sigma)
+
+
+def test_a_resumed_run_keeps_the_lanczos_block_it_started_with_at_any_world_size(tmp_path):
+    """auto's top plan depends on the world size (issue: single-vector Lanczos left ranks idle),
+    so a resume, at whatever world size, takes the Lanczos block the run's stored plan started
+    with (its checkpoint's recurrence has that width), not a new pick."""
+    from tjac import runner
+
+    op = tjac.TrainingJacobian(tjac.Recipe.paper(width=4, epochs=1, n_train=64, batch_size=32),
+                               backend="eager")
+    op.apply_tuning({"backend": "eager", "block": 4,
+                     "seconds_per_vector_step": {"eager": {"1": 0.2, "4": 0.17, "16": 0.4}}})
+    P, where = op.shape[0], str(tmp_path)
+    plans, _ = runner._plans(op.problem, P, 3, 0, "auto", "all", where)
+    fresh = runner._plan_top_by_cost(plans, op.problem, P, 3, "auto", "all", where, None, op)
+    assert (fresh["top"].method, fresh["top"].estimate.block) == ("lanczos", 1)  # one process
+    started = {"method": "lanczos", "expected_block": 2}  # as a run started on 2 ranks stores it
+    again = runner._plan_top_by_cost(plans, op.problem, P, 3, "auto", "all", where, None, op,
+                                     started=started)
+    assert (again["top"].method, again["top"].estimate.block) == ("lanczos", 2)
+    # a run started with randomized (no checkpoint to continue) is planned afresh
+    assert runner._plan_top_by_cost(plans, op.problem, P, 3, "auto", "all", where, None, op,
+                                    started={"method": "randomized"})["top"].estimate.block == 1

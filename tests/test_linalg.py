@@ -461,7 +461,8 @@ def test_auto_over_ranks_costs_a_block_by_its_busiest_rank_and_never_leaves_rank
     assert (alone.method, alone.estimate.block) == ("lanczos", 1)
     two = plan_solve(105_962, 16, "top", vector_costs=cnn, replay_block=4, world_size=2)
     # block 2: one vector per rank at 0.207 s, 0.51 of randomized's products -> 0.053 s per vector;
-    # randomized's 24 columns, 12 per rank at width 4: 0.169 * 12 / 24 = 0.085 (1.6x, over the margin)
+    # randomized's 24 columns, 12 per rank at width 4: 0.169 * 12 / 24 = 0.085 (1.6x: over the
+    # margin)
     assert (two.method, two.estimate.block) == ("lanczos", 2) and "over 2 ranks" in two.reason
     for world in (2, 3, 4, 8, 16):
         for costs in (cnn, {1: 0.2}, {1: 0.1, 2: 0.1, 4: 0.1, 8: 0.1, 32: 0.1}):

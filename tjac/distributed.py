@@ -422,11 +422,11 @@ class Collector:
         self._closed = False
 
     def start(self) -> "Collector":
-        """Send every worker its share and start listening for their pieces."""
+        """Send every worker its share and start listening for its pieces at once (a worker
+        that has its share may deliver before the next worker has its own)."""
         for r, share in self.shares.items():
             self.group._header(r, WORK, what="the assignment of work")
             self.group.send_json(r, share, "the assignment of work")
-        for r, share in self.shares.items():
             if share:
                 t = threading.Thread(target=self._receive, args=(r, share), daemon=True,
                                      name=f"tjac-collect-rank{r}")
