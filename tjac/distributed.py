@@ -27,7 +27,8 @@ stops or aborts the others, so a failure on any rank never leaves two ranks send
 Whole pieces of work (a sweep's runs, :mod:`tjac.scale`) are dealt by a :class:`Collector` on
 rank 0: ``WORK`` and the worker's share of indices, then one receiving thread per worker that
 listens for the whole share. A worker sends each piece as soon as it finishes (:func:`deliver`:
-``int64[4] = (PIECE, index, ok, 0)``, JSON, raw arrays) and waits for rank 0's answer, ``GO`` once
+``int64[4] = (PIECE, index, 1, 0)``, JSON, raw arrays; a failed piece ``(PIECE, index, 0, n)``
+and its message, :func:`report_failure`) and waits for rank 0's answer, ``GO`` once
 rank 0 has kept the piece (or ``ABORT`` when the job failed meanwhile), so here too no two ranks
 ever send to each other: a failure anywhere loses no piece that a worker finished before it.
 """
