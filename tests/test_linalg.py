@@ -461,6 +461,30 @@ def test_auto_weighs_measured_replay_costs_for_the_top(monkeypatch):
     assert roomy.method == "randomized" and roomy.fits
 
 
+def test_auto_over_ranks_costs_a_block_by_its_busiest_rank_and_never_leaves_ranks_idle():
+    """Over N ranks a block of b vectors takes ceil(b/N) replays per rank: on the costs where one
+    process takes single-vector Lanczos, two ranks take a block that keeps both busy."""
+    from tjac.linalg import plan_solve
+
+    cnn = {1: 0.207, 4: 0.169, 24: 0.431}
+    alone = plan_solve(105_962, 16, "top", vector_costs=cnn, replay_block=4)
+    assert (alone.method, alone.estimate.block) == ("lanczos", 1)
+    two = plan_solve(105_962, 16, "top", vector_costs=cnn, replay_block=4, world_size=2)
+    # block 2: one vector per rank at 0.207 s, 0.51 of randomized's products -> 0.053 s per vector;
+    # randomized's 24 columns, 12 per rank at width 4: 0.169 * 12 / 24 = 0.085 (1.6x: over the
+    # margin)
+    assert (two.method, two.estimate.block) == ("lanczos", 2) and "over 2 ranks" in two.reason
+    for world in (2, 3, 4, 8, 16):
+        for costs in (cnn, {1: 0.2}, {1: 0.1, 2: 0.1, 4: 0.1, 8: 0.1, 32: 0.1}):
+            p = plan_solve(105_962, 16, "top", vector_costs=costs, replay_block=4,
+                           world_size=world)
+            assert p.method == "randomized" or p.estimate.block >= world, (world, costs, p)
+    # four ranks: block 4 would run one vector per rank (0.207 / 4 x 0.68 = 0.035 s per vector)
+    # against randomized's 6 per rank (0.169 x 6 / 24 = 0.042): under the 1.5x margin, randomized
+    assert plan_solve(105_962, 16, "top", vector_costs=cnn, replay_block=4,
+                      world_size=4).method == "randomized"
+
+
 def test_svd_auto_takes_single_vector_lanczos_when_the_operator_measured_it_cheaper():
     """The operator's own autotune measurements decide (here a tuning as a CNN's would read); the
     solve is then Lanczos at block 1 and agrees with the dense SVD."""

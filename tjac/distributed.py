@@ -23,6 +23,14 @@ error message of ``n`` UTF-8 bytes (status 1). Settings travel as JSON bytes, ne
 A worker only ever sends in answer to a request that rank 0 receives at once (a gloo send
 completes only when its receive is posted): rank 0 collects every answer it asked for before it
 stops or aborts the others, so a failure on any rank never leaves two ranks sending to each other.
+
+Whole pieces of work (a sweep's runs, :mod:`tjac.scale`) are dealt by a :class:`Collector` on
+rank 0: ``WORK`` and the worker's share of indices, then one receiving thread per worker that
+listens for the whole share. A worker sends each piece as soon as it finishes (:func:`deliver`:
+``int64[4] = (PIECE, index, 1, 0)``, JSON, raw arrays; a failed piece ``(PIECE, index, 0, n)``
+and its message, :func:`report_failure`) and waits for rank 0's answer, ``GO`` once
+rank 0 has kept the piece (or ``ABORT`` when the job failed meanwhile), so here too no two ranks
+ever send to each other: a failure anywhere loses no piece that a worker finished before it.
 """
 
 from __future__ import annotations
@@ -32,13 +40,17 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 log = logging.getLogger(__name__)
 
-GO, ABORT, STOP, JVP, VJP, TUNE, WORK, CHECK, FETCH = range(1, 10)
+GO, ABORT, STOP, JVP, VJP, TUNE, WORK, CHECK, PIECE = range(1, 10)
 _WHAT = {JVP: "J V", VJP: "J^T W"}
 
 
@@ -208,10 +220,13 @@ class Group:
         cls = _KINDS.get(body.get("kind"), RankFailedError)
         return cls(f"rank 0 stopped the job: {body.get('message')}")
 
-    def abort(self, message: str, *, kind: str = "failed") -> None:
-        """Rank 0: tell every worker the job failed (best effort; dead ranks are skipped)."""
+    def abort(self, message: str, *, kind: str = "failed", ranks=None) -> None:
+        """Rank 0: tell every worker (or those of ``ranks``) the job failed (best effort; dead
+        ranks are skipped)."""
         payload = json.dumps({"kind": kind, "message": str(message)}).encode()
-        for r in self.alive():
+        for r in (self.alive() if ranks is None else ranks):
+            if r in self.dead:
+                continue
             self.released.add(r)
             try:
                 self._header(r, ABORT, len(payload))
@@ -219,12 +234,13 @@ class Group:
             except RankFailedError:
                 pass
 
-    def fail(self, e: BaseException) -> None:
-        """Rank 0 failed with ``e``: abort every worker with its message, of the kind that makes
-        them exit as rank 0 does (bad input 2; ranks that disagree or a failure 1)."""
+    def fail(self, e: BaseException, ranks=None) -> None:
+        """Rank 0 failed with ``e``: abort every worker (or those of ``ranks``) with its message,
+        of the kind that makes them exit as rank 0 does (bad input 2; ranks that disagree or a
+        failure 1)."""
         kind = ("disagree" if isinstance(e, RanksDisagreeError) else
                 "setup" if isinstance(e, (ValueError, MemoryError)) else "failed")
-        self.abort(str(e) or type(e).__name__, kind=kind)
+        self.abort(str(e) or type(e).__name__, kind=kind, ranks=ranks)
 
     def stop(self) -> None:
         """Rank 0: release every worker (they return from :func:`serve`)."""
@@ -242,7 +258,7 @@ class Group:
             self._header(r, TUNE, len(payload))
             self._send_bytes(r, payload, "the tuning")
 
-    # -- whole pieces of work (a sweep's runs) ----------------------------------------------------
+    # -- messages of any length -------------------------------------------------------------------
     def send_json(self, dst: int, obj, what: str = "a message") -> None:
         payload = json.dumps(obj, default=_plain).encode()
         self._send(torch.tensor([len(payload)], dtype=torch.int64), dst, what)
@@ -321,6 +337,204 @@ class Group:
         self.bytes_moved += 2 * (k - sizes[0]) * P * X.element_size()
         self.blocks += 1
         return torch.cat([o for o in out if o is not None], dim=1)
+
+
+# -- whole pieces of work (a sweep's runs): rank 0 deals, workers deliver each as it finishes ------
+_ARRAY_KINDS = "biufcSU"  # numeric, boolean and fixed-width text arrays: never objects
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One finished piece of a worker's share: the ``rank`` that computed it, its ``index`` in the
+    work dealt, its JSON ``meta`` and its numpy ``arrays`` (read-only)."""
+
+    rank: int
+    index: int
+    meta: dict
+    arrays: tuple
+
+
+def assignment(group: Group) -> list[int] | None:
+    """A worker: the indices rank 0's :class:`Collector` dealt it, or None when rank 0 released it
+    without work (it finished or failed before dealing)."""
+    if not group._expect(WORK, "the assignment of work"):
+        return None
+    return [int(i) for i in group.recv_json(0, "the assignment of work")]
+
+
+def deliver(group: Group, index: int, meta: dict, arrays=()) -> None:
+    """A worker: send finished piece ``index`` (JSON ``meta``, numpy ``arrays``) to rank 0 now,
+    and return once rank 0 has kept it; raises rank 0's error when the job stopped meanwhile.
+    ``meta`` travels as JSON and the arrays as raw bytes with their dtype and shape (no
+    pickles)."""
+    import numpy as np
+
+    arrays = [np.ascontiguousarray(x) for x in arrays]
+    what = f"piece {index}"
+    group._send(torch.tensor([PIECE, int(index), 1, 0], dtype=torch.int64), 0, what)
+    group.send_json(0, {"meta": meta, "arrays": [[x.dtype.str, list(x.shape)] for x in arrays]},
+                    what)
+    for x in arrays:
+        group.send_array(0, x, what)
+    group._expect(GO, f"rank 0's receipt of {what}")
+
+
+def report_failure(group: Group, index: int, message: str) -> None:
+    """A worker: piece ``index`` failed with ``message``; rank 0 stops the job (wait for it with
+    :func:`released`, which raises rank 0's error)."""
+    msg = str(message).encode()[:2000]
+    group._send(torch.tensor([PIECE, int(index), 0, len(msg)], dtype=torch.int64), 0,
+                f"piece {index}")
+    group._send_bytes(0, msg, f"piece {index}")
+
+
+def released(group: Group) -> None:
+    """A worker whose share is done (or failed): wait until rank 0 says STOP (return) or ABORT
+    (raise its error)."""
+    got, n = group._command("the end of the job")
+    if got == ABORT:
+        raise group._abort_error(n)
+    if got != STOP:
+        raise RankFailedError(f"rank {group.rank}: unexpected command {got} from rank 0 at the "
+                              f"end of the job")
+
+
+class Collector:
+    """Rank 0: deal pieces of work to the workers and keep each piece as soon as it finishes.
+
+    ``shares`` maps each worker's rank to the indices it computes (every worker needs an entry,
+    empty for none); ``keep(piece)`` makes a finished :class:`Piece` durable. It runs in the
+    receiving thread of that worker, while rank 0 goes on with its own work: it must not touch
+    what rank 0's own work writes. The worker waits until ``keep`` returns; when ``keep``
+    raises, the job fails. :meth:`take` hands rank 0's thread the pieces kept so far.
+
+    The first failure (a worker's error, a lost connection, ``keep``'s error or rank 0's own,
+    :meth:`fail`) is :attr:`failure`; every worker still computing then finishes its current
+    piece, which is kept, and is aborted. :meth:`close` waits for the receiving threads, then
+    releases every worker (STOP, or ABORT with the failure)."""
+
+    def __init__(self, group: Group, shares: dict, keep: Callable[[Piece], None]):
+        self.group, self.keep = group, keep
+        self.shares = {r: [int(i) for i in shares.get(r, [])] for r in range(1, group.world_size)}
+        self.failure: BaseException | None = None
+        self._kept: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def start(self) -> "Collector":
+        """Send every worker its share and start listening for its pieces at once (a worker
+        that has its share may deliver before the next worker has its own)."""
+        for r, share in self.shares.items():
+            self.group._header(r, WORK, what="the assignment of work")
+            self.group.send_json(r, share, "the assignment of work")
+            if share:
+                t = threading.Thread(target=self._receive, args=(r, share), daemon=True,
+                                     name=f"tjac-collect-rank{r}")
+                t.start()
+                self._threads.append(t)
+        return self
+
+    def fail(self, e: BaseException) -> None:
+        """Record a failure (the first one wins): the workers are aborted after their current
+        piece."""
+        with self._lock:
+            if self.failure is None:
+                self.failure = e
+
+    def busy(self) -> bool:
+        """Whether some worker may still deliver a piece."""
+        return any(t.is_alive() for t in self._threads)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a piece is kept (True) or no worker can deliver one any more (False, at
+        once when :meth:`take` has pieces left)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if not self._kept.empty():
+                return True
+            if not self.busy():
+                return not self._kept.empty()
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def take(self) -> list[Piece]:
+        """The pieces kept since the last call, in the order they arrived."""
+        out = []
+        while True:
+            try:
+                out.append(self._kept.get_nowait())
+            except queue.Empty:
+                return out
+
+    def join(self) -> None:
+        """Wait until no worker can deliver a piece any more: each has delivered its share, or
+        failed, or (after a failure) finished its current piece and been aborted."""
+        for t in self._threads:
+            t.join()
+
+    def close(self) -> None:
+        """:meth:`join`, then STOP every worker (no failure) or ABORT them with the failure's
+        message. Idempotent."""
+        self.join()
+        if self._closed:
+            return
+        self._closed = True
+        if self.failure is None:
+            self.group.stop()
+        else:
+            self.group.fail(self.failure)
+
+    def _receive(self, r: int, share: list[int]) -> None:
+        g, n = self.group, self.group.world_size
+        for _ in share:
+            try:
+                h = g._recv((4,), torch.int64, r, "its next piece").cpu()
+                cmd, index, ok, size = (int(x) for x in h)
+                what = f"piece {index}"
+                if cmd != PIECE or index not in share:
+                    raise RankFailedError(f"rank {r} of {n} sent command {cmd} for piece {index}, "
+                                          f"not one of its pieces")
+                if not ok:
+                    msg = g._recv_bytes(r, size, what).decode(errors="replace")
+                    raise RankFailedError(f"rank {r} of {n} failed on {what}: {msg}")
+                piece = self._piece(r, index, what)
+            except BaseException as e:  # noqa: BLE001 - the job fails; close() tells the others
+                self.fail(e)
+                return
+            try:
+                self.keep(piece)
+                self._kept.put(piece)
+            except BaseException as e:  # noqa: BLE001 - rank 0 could not keep it: the job fails
+                self.fail(e)
+            if self.failure is not None:  # this worker waits for an answer: it is the abort
+                g.fail(self.failure, ranks=[r])
+                return
+            try:
+                g._header(r, GO, what=f"the receipt of {what}")
+            except BaseException as e:  # noqa: BLE001
+                self.fail(e)
+                return
+
+    def _piece(self, r: int, index: int, what: str) -> Piece:
+        import numpy as np
+
+        head = self.group.recv_json(r, what)
+        specs = head.get("arrays") if isinstance(head, dict) else None
+        if not isinstance(specs, list):
+            raise RankFailedError(f"rank {r} sent a malformed {what}")
+        raws = [self.group.recv_raw(r, what) for _ in specs]  # all in before any is checked
+        arrays = []
+        for spec, raw in zip(specs, raws):
+            try:
+                dtype, shape = np.dtype(str(spec[0])), [int(x) for x in spec[1]]
+                if dtype.kind not in _ARRAY_KINDS:
+                    raise ValueError(f"dtype {dtype} is not plain data")
+                arrays.append(np.frombuffer(raw, dtype=dtype).reshape(shape))
+            except (TypeError, ValueError, IndexError) as e:
+                raise RankFailedError(f"rank {r} sent a malformed {what}: {e}") from None
+        return Piece(rank=r, index=index, meta=head.get("meta"), arrays=tuple(arrays))
 
 
 def serve(op, group: Group) -> None:

@@ -202,6 +202,13 @@ class TrainingJacobian:
             group.tune({"backend": self.backend, "block": self.block_size})
         return ok
 
+    @property
+    def world_size(self) -> int:
+        """The ranks each product block is spread over (1 on this process alone; after
+        :meth:`distribute`, the group's size on rank 0): ``tjac.svd``'s plan costs a block by its
+        busiest rank's share."""
+        return 1 if self._group is None else self._group.world_size
+
     def matvec(self, v) -> torch.Tensor:
         return self.matmat(_col(v)).reshape(-1)
 

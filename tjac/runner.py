@@ -198,7 +198,8 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
                 raise store.StoreError(f"run {run_id!r}: this machine's training does not reproduce "
                                        f"the stored thetaT bit for bit; cannot resume")
             plans = _plan_top_by_cost(plans, problem, P, k_top, method, checkpoint, spill_dir,
-                                      block, op)
+                                      block, op, started=run.attrs.get("provenance", {})
+                                      .get("plans", {}).get("top"))
         else:  # (replaces the debris of a creation that was killed before its status was written)
             tuned = op.autotune(backends=None if backend == "auto" else [backend])
             plans = _plan_top_by_cost(plans, problem, P, k_top, method, checkpoint, spill_dir,
@@ -312,22 +313,33 @@ def _same_request(run, run_id: str, store_path: str, request: dict) -> None:
                                f"recompute it, or choose another --run-id")
 
 
-def _plan_top_by_cost(plans, problem, P, k_top, method, checkpoint, spill_dir, block, op):
+def _plan_top_by_cost(plans, problem, P, k_top, method, checkpoint, spill_dir, block, op,
+                      started=None):
     """Once the operator's replay costs are measured (its autotune, or the one a resumed run
     stored): the top's plan weighs them (:func:`tjac.linalg.plan_solve`'s ``vector_costs``), which
     takes Lanczos at a narrow block where replays are not cheaper per vector in wide ones. Only
-    for ``method='auto'`` without a ``block``; the same stored measurements give a resumed run the
-    same pick (and so its Lanczos checkpoint)."""
+    for ``method='auto'`` without a ``block``. The pick depends on the world size (a block costs
+    its busiest rank's share), so a resumed run whose top was ``started`` as Lanczos (the stored
+    plan) keeps that block, and so its Lanczos checkpoint, at any world size."""
     if method != "auto" or block is not None or "top" not in plans \
             or plans["top"].method != "randomized" or op.vector_costs() is None:
         return plans
+    if started and started.get("method") == "lanczos" and started.get("expected_block"):
+        from dataclasses import replace
+
+        b = int(started["expected_block"])
+        again, _ = _plans(problem, P, k_top, 0, "lanczos", checkpoint, spill_dir, b)
+        top = again["top"]
+        return {**plans, "top": replace(top, estimate=replace(top.estimate, block=b),
+                                        reason=f"top: Lanczos at block {b}, as the run started")}
     again, _ = _plans(problem, P, k_top, 0, method, checkpoint, spill_dir, block,
-                      vector_costs=op.vector_costs(), replay_block=op.block_size)
+                      vector_costs=op.vector_costs(), replay_block=op.block_size,
+                      world_size=op.world_size)
     return {**plans, "top": again["top"]}
 
 
 def _plans(problem, P: int, k_top: int, k_bottom: int, method: str, checkpoint, spill_dir,
-           block=None, *, vector_costs=None, replay_block=None):
+           block=None, *, vector_costs=None, replay_block=None, world_size=1):
     """The plan of each solve (:func:`tjac.linalg.plan_solve`) against the memory left once the
     trajectory and a replay block are held (and the disk free in ``spill_dir``); logged (shown
     with ``-v``), kept in the provenance, and a solve that cannot fit is refused before anything is
@@ -347,7 +359,7 @@ def _plans(problem, P: int, k_top: int, k_bottom: int, method: str, checkpoint, 
     plans = {which: plan_solve(P, k, which, method=method, itemsize=item, available_bytes=have,
                                reserved_bytes=reserved, disk_bytes=disk, block=block,
                                host_bytes=host, vector_costs=vector_costs,
-                               replay_block=replay_block)
+                               replay_block=replay_block, world_size=world_size)
              for which, k in (("top", k_top), ("bottom", k_bottom)) if k}
     for which, p in plans.items():
         log.info("plan %s", p.describe())

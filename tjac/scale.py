@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import numpy as np
 
@@ -52,16 +53,22 @@ def run_sweep(recipes, store_path, *, k_top=16, k_bottom=16, tol=None, method="a
     Under a process group (``group``, a :class:`tjac.distributed.Group` that every rank passes
     with the same arguments) whole runs go to ranks: the runs not yet complete in the store are
     dealt round-robin; rank 0 computes its share into the store, every other rank into a
-    temporary store of its own, then sends each finished run (its arrays and attributes, no
-    pickles) to rank 0, which imports it by the store's commit protocol. Only rank 0 writes the
-    store and returns the rows (in the order of ``recipes``); the others return []. A worker's
-    unfinished run is not resumable (its temporary store is dropped): a rerun with ``resume``
-    recomputes only the runs the store lacks."""
+    temporary store of its own, and sends each run to rank 0 as soon as it is complete (its
+    arrays and attributes, no pickles; :class:`tjac.distributed.Collector`). Rank 0 receives it
+    at once into ``<store>.incoming`` (one store per run) and moves it into the store by the
+    store's commit protocol between its own runs, and before it stops on any failure (after
+    every worker's current run is in). Only rank 0 writes the store and returns the rows (in the
+    order of ``recipes``); the others return []. A failure anywhere loses no finished run: a
+    rerun with ``resume`` (which first moves in what ``<store>.incoming`` holds, should rank 0
+    have been killed) recomputes only the runs the store lacks; a worker's unfinished run is not
+    resumable (its temporary store is dropped)."""
     opts = dict(k_top=k_top, k_bottom=k_bottom, tol=tol, method=method, resume=resume,
                 progress=progress, epsilons=tuple(epsilons), probes=probes, density=density,
                 max_steps=max_steps, rtol=rtol, reorth=reorth)
     if group is not None and group.world_size > 1:
         return _sweep_distributed(recipes, store_path, group, log, opts)
+    if resume:
+        import_incoming(store_path, recipes)
     rows = []
     for run_id, recipe in recipes:
         rows.append(_sweep_one(run_id, recipe, store_path, **opts))
@@ -70,97 +77,167 @@ def run_sweep(recipes, store_path, *, k_top=16, k_bottom=16, tol=None, method="a
 
 
 def _sweep_distributed(recipes, store_path, group, log, opts) -> list[dict]:
-    import shutil
-    import tempfile
-
     from . import distributed, store
 
     same = {k: v for k, v in opts.items() if k != "progress"}
     group.agree({"recipes": [[rid, r.to_json()] for rid, r in recipes], **same},
                 "sweep arguments")
+    if not group.is_driver:
+        _sweep_worker(recipes, store_path, group, opts)
+        return []
     eps = opts["epsilons"][0]
-    if not group.is_driver:  # compute the share, then answer rank 0's FETCH of each run
-        if not group._expect(distributed.WORK, "the sweep's assignment"):
-            return []
-        mine = group.recv_json(0, "the sweep's assignment")
-        here = os.path.dirname(os.path.abspath(store_path))  # beside the store where this node
-        # has its folder (room like the store's), else the temporary directory
-        tmp = tempfile.mkdtemp(prefix=f"tjac-sweep-rank{group.rank}-",
-                               dir=here if os.access(here, os.W_OK) else None)
-        try:
-            path, done, error = f"{tmp}/runs.zarr", {}, None
-            for i in mine:
-                run_id, recipe = recipes[i]
-                try:
-                    row = _sweep_one(run_id, recipe, path, **dict(opts, resume=False,
-                                                                    progress=None))
-                    done[i] = (row, *store.export_run(store.open_read(path), run_id))
-                except Exception as e:  # noqa: BLE001 - reported to rank 0, which stops the job
-                    error = f"run {run_id}: {type(e).__name__}: {e}"[:500]
-                    break
-            while True:
-                cmd, i = group._command("the sweep's runs")
-                if cmd == distributed.STOP:
-                    return []
-                if cmd == distributed.ABORT:
-                    raise group._abort_error(i)
-                if i not in done:
-                    group.send_json(0, {"ok": False, "error": error or f"run {i} not computed"})
-                    continue
-                row, manifest, data = done.pop(i)
-                group.send_json(0, {"ok": True, "row": row, "manifest": manifest})
-                for x in data:
-                    group.send_array(0, x)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    incoming = _incoming(store_path)
     try:
+        if opts["resume"]:
+            import_incoming(store_path, recipes)
         try:
-            done = set(store.list_runs(store.open_read(store_path)))
+            root = store.open_read(store_path)
+            done = set(store.list_runs(root))
         except store.StoreError:
             done = set()
         complete = set()
         if opts["resume"] and done:
-            root = store.open_read(store_path)
             complete = {rid for rid in done if root["runs"][rid].attrs.get("status") == "complete"}
         todo = [i for i, (rid, _) in enumerate(recipes) if rid not in complete]
         share = {r: todo[r::group.world_size] for r in range(group.world_size)}
         share[0] = sorted(share[0] + [i for i in range(len(recipes)) if i not in todo])
-        for r in range(1, group.world_size):
-            group._header(r, distributed.WORK)
-            group.send_json(r, share[r], "the sweep's assignment")
-        rows = {}
-        for i in share[0]:
-            rows[i] = _sweep_one(*recipes[i], store_path, **opts)
-            log(format_row(rows[i], eps))
-        for r in range(1, group.world_size):
-            for i in share[r]:
-                run_id = recipes[i][0]
-                group._header(r, distributed.FETCH, i, f"run {run_id}")
-                got = group.recv_json(r, f"run {run_id}")
-                if not got.get("ok"):
-                    raise distributed.RankFailedError(f"rank {r} of {group.world_size} failed on "
-                                                      f"run {run_id}: {got.get('error')}")
-                manifest = got["manifest"]
-                data, bad = [], None
-                for m in manifest["arrays"]:  # every array is received before any is checked
-                    raw = group.recv_raw(r, f"run {run_id}")
-                    try:
-                        data.append(np.frombuffer(raw, dtype=np.dtype(m["dtype"]))
-                                    .reshape(m["shape"]))
-                    except (TypeError, ValueError, KeyError) as e:
-                        bad = bad or e
-                if bad is not None:
-                    raise distributed.RankFailedError(f"rank {r} sent a malformed run {run_id}: "
-                                                      f"{bad}")
-                with store.Writer(store_path) as w:
-                    w.import_run(run_id, manifest, data)
-                rows[i] = got["row"]
-                log(format_row(rows[i], eps))
     except BaseException as e:
         group.fail(e)
         raise
-    group.stop()
+
+    def keep(piece):  # in the receiving thread: durable on arrival, in a store of its own
+        run_id = recipes[piece.index][0]
+        path = os.path.join(incoming, f"{run_id}.zarr")
+        os.makedirs(incoming, exist_ok=True)
+        shutil.rmtree(path, ignore_errors=True)  # (debris of an earlier, killed, arrival)
+        with store.Writer(path) as w:
+            w.import_run(run_id, piece.meta["manifest"], list(piece.arrays))
+
+    rows = {}
+
+    def absorb():  # the runs kept so far, into the store (rank 0 writes nothing else meanwhile)
+        for piece in coll.take():
+            _move_in(store_path, incoming, recipes[piece.index][0])
+            rows[piece.index] = piece.meta["row"]
+            log(format_row(rows[piece.index], eps))
+
+    coll = distributed.Collector(group, {r: share[r] for r in range(1, group.world_size)}, keep)
+    try:
+        coll.start()
+        for i in share[0]:
+            if coll.failure is not None:
+                break
+            absorb()
+            rows[i] = _sweep_one(*recipes[i], store_path, **opts)
+            log(format_row(rows[i], eps))
+        while coll.failure is None and coll.wait():
+            absorb()
+    except BaseException as e:  # noqa: BLE001 - raised below, once every finished run is in
+        coll.fail(e)
+    coll.join()  # every worker's current run is in (before any rank is released)
+    try:
+        absorb()
+    except BaseException as e:  # noqa: BLE001
+        coll.fail(e)
+    coll.close()
+    if coll.failure is not None:
+        raise coll.failure
     return [rows[i] for i in range(len(recipes))]
+
+
+def _sweep_worker(recipes, store_path, group, opts) -> None:
+    """A worker's share: each run into a temporary store of its own, sent to rank 0 as soon as
+    it is complete (:func:`tjac.distributed.deliver`), then dropped here."""
+    import tempfile
+
+    from . import distributed, store
+
+    mine = distributed.assignment(group)
+    if mine is None:
+        return
+    here = os.path.dirname(os.path.abspath(store_path))  # beside the store where this node has
+    # its folder (room like the store's), else the temporary directory
+    tmp = tempfile.mkdtemp(prefix=f"tjac-sweep-rank{group.rank}-",
+                           dir=here if os.access(here, os.W_OK) else None)
+    try:
+        for i in mine:
+            run_id, recipe = recipes[i]
+            path = os.path.join(tmp, f"{run_id}.zarr")
+            try:
+                row = _sweep_one(run_id, recipe, path, **dict(opts, resume=False, progress=None))
+                manifest, data = store.export_run(store.open_read(path), run_id)
+            except Exception as e:  # noqa: BLE001 - reported to rank 0, which stops the job
+                distributed.report_failure(group, i, f"run {run_id}: {type(e).__name__}: {e}"[:500])
+                break
+            distributed.deliver(group, i, {"row": row, "manifest": manifest}, data)
+            shutil.rmtree(path, ignore_errors=True)
+        distributed.released(group)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _incoming(store_path: str) -> str:
+    """Where rank 0 keeps the runs workers sent until they are in the store: ``<store>.incoming``
+    beside it, one store per run (a run there is complete: it survives rank 0 being killed, and
+    the next sweep with ``resume`` moves it in)."""
+    return os.path.normpath(os.path.abspath(store_path)) + ".incoming"
+
+
+def _move_in(store_path: str, incoming: str, run_id: str) -> None:
+    from . import store
+
+    path = os.path.join(incoming, f"{run_id}.zarr")
+    manifest, data = store.export_run(store.open_read(path), run_id)
+    with store.Writer(store_path) as w:
+        w.import_run(run_id, manifest, data)
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.rmdir(incoming)  # (only once empty)
+    except OSError:
+        pass
+
+
+def import_incoming(store_path: str, recipes) -> list[str]:
+    """Move into the store the runs that workers of an earlier distributed sweep delivered but
+    rank 0 had not moved in when it stopped (``<store>.incoming``): those of ``recipes`` whose
+    recipe matches (its hash), complete, and not complete in the store already. Returns their
+    ids; others are left where they are (logged)."""
+    import logging
+
+    from . import store
+
+    incoming = _incoming(store_path)
+    if not os.path.isdir(incoming):
+        return []
+    want = {rid: r.hash() for rid, r in recipes}
+    try:
+        root = store.open_read(store_path)
+        have = {rid for rid in store.list_runs(root)
+                if root["runs"][rid].attrs.get("status") == "complete"}
+    except store.StoreError:
+        have = set()
+    moved = []
+    for name in sorted(os.listdir(incoming)):
+        rid = name[:-len(".zarr")] if name.endswith(".zarr") else None
+        try:
+            run = store.open_read(os.path.join(incoming, name))["runs"][rid]
+            ok = (rid in want and run.attrs.get("status") == "complete"
+                  and run.attrs.get("recipe_hash") == want[rid])
+        except (store.StoreError, KeyError, TypeError, ValueError):
+            ok = False
+        if ok and rid in have:
+            shutil.rmtree(os.path.join(incoming, name), ignore_errors=True)
+        elif ok:
+            _move_in(store_path, incoming, rid)
+            moved.append(rid)
+        else:
+            logging.getLogger(__name__).warning(
+                "%s: not a complete run of this sweep; left alone", os.path.join(incoming, name))
+    try:
+        os.rmdir(incoming)
+    except OSError:
+        pass
+    return moved
 
 
 def _sweep_one(run_id, recipe, store_path, *, k_top, k_bottom, tol, method, resume, progress,

@@ -203,7 +203,8 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
              and all(x is None for x in specific) else None)
     plan = plan_solve(P, k, which, method=method, itemsize=itemsize, block=block,
                       available_bytes=have, disk_bytes=_disk_free(spill_dir), host_bytes=host,
-                      vector_costs=costs, replay_block=getattr(op, "block_size", None))
+                      vector_costs=costs, replay_block=getattr(op, "block_size", None),
+                      world_size=getattr(op, "world_size", 1))
     method = plan.method
     if block is None and plan.estimate.block is not None:
         block = plan.estimate.block  # auto chose the width from the measured costs

@@ -209,25 +209,37 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
                     seconds=seconds)
 
 
-def _top_by_cost(P, k, kw, vector_costs, replay_block):
+def _top_by_cost(P, k, kw, vector_costs, replay_block, world_size=1):
     """Lanczos at the block width whose products x seconds per vector undercut randomized block
     Krylov's by ``LANCZOS_TOP_MARGIN``, given measured seconds per vector at each replay width
     (``vector_costs``: {width: s}; a solver block wider than the operator's replays runs at
     ``replay_block``; an unmeasured width costs what the widest measured one below it does). None
-    when randomized is about as cheap, or the costs do not cover the widths compared."""
+    when randomized is about as cheap, or the costs do not cover the widths compared.
+
+    Over ``world_size`` ranks a block of ``b`` columns takes as long as the busiest rank's
+    ``ceil(b / world_size)`` columns: its seconds per vector are that slice's replay seconds over
+    ``b``. Blocks narrower than the world size (single-vector Lanczos on 2 ranks) would leave
+    ranks idle and are not candidates (as ``--block`` narrower than the world size is refused)."""
+    n = max(1, int(world_size))
+
     def cost(width):  # at the widest measured width the replays of `width` vectors would use
         w = min(width, replay_block) if replay_block else width
         below = [m for m in vector_costs if m <= w]
         return vector_costs[max(below)] if below else None
 
+    def spread(width):  # seconds per vector of a block of `width` columns over the n ranks
+        m = -(-width // n)  # the busiest rank's columns
+        c = cost(m)
+        return None if c is None else c * m / width
+
     l = min(P, k + 8)
-    c_r = cost(l)
+    c_r = spread(l)
     if c_r is None or c_r <= 0:
         return None
     best = None
     for b, share in LANCZOS_TOP_PRODUCTS.items():
-        c = cost(b)
-        if b <= k and c is not None and LANCZOS_TOP_MARGIN * share * c < c_r \
+        c = spread(b)
+        if n <= b <= k and c is not None and LANCZOS_TOP_MARGIN * share * c < c_r \
                 and (best is None or share * c < best[1]):
             best = (b, share * c, c)
     if best is None:
@@ -239,9 +251,10 @@ def _top_by_cost(P, k, kw, vector_costs, replay_block):
     e = Estimate(method="lanczos", products=products, bytes=lz.bytes, block=b,
                  seconds=None if kw.get("seconds_per_product") is None
                  else products * kw["seconds_per_product"])
+    over = f" over {n} ranks" if n > 1 else ""
     why = (f"top: Lanczos at block {b}, ~{LANCZOS_TOP_PRODUCTS[b]:.2f} of randomized's products; "
-           f"replays cost {c:.3g} s per vector and step at width {b}, {c_r:.3g} s at the width "
-           f"randomized's would run at")
+           f"replays cost {c:.3g} s per vector and step at width {b}{over}, {c_r:.3g} s at the "
+           f"width randomized's would run at")
     return e, why, r
 
 
@@ -249,11 +262,13 @@ def plan_solve(P: int, k: int, which: str, *, method: str = "auto", itemsize: in
                block: int | None = None, seconds_per_product: float | None = None,
                available_bytes: int | None = None, reserved_bytes: int = 0,
                disk_bytes: int | None = None, host_bytes: int | None = None,
-               vector_costs: dict | None = None, replay_block: int | None = None) -> SolvePlan:
+               vector_costs: dict | None = None, replay_block: int | None = None,
+               world_size: int = 1) -> SolvePlan:
     """The plan of one solve. ``auto`` picks randomized for the top (dense when 4k >= P) unless
     ``vector_costs`` (measured seconds per vector at each replay width, {width: s}; replays of
     at most ``replay_block`` vectors) say Lanczos is cheaper (:func:`_top_by_cost`; not when
-    ``block`` is given), and for
+    ``block`` is given; over ``world_size`` ranks a block costs its busiest rank's share, and no
+    block narrower than the world size is chosen), and for
     the bottom the cheapest path that fits in ``available_bytes`` minus ``reserved_bytes`` (the
     trajectory and the replay's own memory): dense, else Lanczos in RAM, else Lanczos with its
     basis spilled to disk when ``disk_bytes`` (free where it spills; None: unknown, no limit) hold
@@ -294,7 +309,7 @@ def plan_solve(P: int, k: int, which: str, *, method: str = "auto", itemsize: in
     if which == "top" and 4 * k < P:
         if vector_costs and block is None:
             got = _top_by_cost(P, k, kw, {int(w): float(c) for w, c in vector_costs.items()},
-                               replay_block)
+                               replay_block, world_size)
             if got is not None and fits(got[0]):  # (Lanczos' basis needs more memory)
                 e, why, r = got
                 return plan(e, True, why, [r])
