@@ -203,3 +203,46 @@ def test_a_kill_inside_a_thick_restart_save_keeps_the_previous_basis(tmp_path):
     for i in (late[-1] - 1, late[-1]):
         loaded = _kill_inside_save(tmp_path, A, TOP, i, ref.S, states)
         assert "previous" in loaded and (i != late[-1] or "new" in loaded)
+
+
+def _save_stamped(w, g, P, st, save):
+    """The layout before slots, as tjac wrote it: every array rewritten in place (B whole) and
+    stamped with the save's number, then the attributes."""
+    def put(name, x, dims, chunks=None):
+        a = w.state_array(g, name, x.shape, str(x.dtype), dims, chunks=chunks)
+        a[...] = x
+        w.set_attrs(a, save=save)
+    for name in ("U", "V"):
+        M = np.zeros((P, P))
+        M[:st[name].shape[1]] = st[name].T.numpy()
+        put(name, M, (f"basis_{name.lower()}", "param"), chunks=(1, P))
+    put("pending", st["pending"].T.numpy(), ("pending", "param"))
+    put("B", st["B"].numpy(), ("b_row", "b_col"))
+    put("S_last", st["S_last"].numpy(), ("s_row", "s_col"))
+    put("gen_state", st["gen_state"].numpy(), ("byte",))
+    w.set_attrs(g, n_u=st["U"].shape[1], n_v=st["V"].shape[1], n_pending=st["pending"].shape[1],
+                next_check=st["next_check"], history=st["history"], b_shape=list(st["B"].shape),
+                has_s_last=True, confirm=st.get("confirm"))
+    w.set_attrs(g, step=st["step"], save=save)
+
+
+def test_a_checkpoint_of_the_stamped_layout_resumes_and_is_converted(tmp_path):
+    """A solve checkpointed by the tjac before slots resumes from that state to bitwise the same
+    sigma; its next save writes the new layout and removes the old arrays."""
+    A = planted(40, seed=3)
+    kw = dict(BOTTOM, block=2)
+    rec = Record()
+    ref = solve(A, kw, rec)
+    i = len(rec.states) - 4
+    path = tmp_path / "s.zarr"
+    w, _ = new_store(path, 40)
+    with w:
+        _save_stamped(w, w.state_group(w.run("r"), "s"), 40, rec.states[i], save=i + 1)
+    w, ckpt = reopen(path, A)
+    with w:
+        assert same(ckpt.load(), rec.states[i])
+        r = solve(A, kw, ckpt)
+        g = ckpt.g
+        assert g.attrs["layout"] == 2 and not {"U", "V", "B", "pending", "gen_state"} & set(g)
+        assert same(ckpt.load(), rec.states[-1])
+    assert torch.equal(r.S, ref.S)
