@@ -120,7 +120,8 @@ def test_a_save_writes_the_new_columns_not_the_whole_B(tmp_path):
             bound = 8 * 3 * new * P + small + attrs + 8192  # + the fixed-size metadata
             per_save.append((n, sum(out.values()), bound))
     over = [(n, got, bound) for n, got, bound in per_save if got > bound]
-    assert not over, f"saves writing more than their new columns (n, bytes, bound): {over[:3]} ... {over[-1]}"
+    assert not over, (f"saves writing more than their new columns (n, bytes, bound): "
+                      f"{over[:3]} ... {over[-1]}")
     # and the basis at the end is what the solve had
     w, ckpt = reopen(tmp_path / "s.zarr", A)
     with w:

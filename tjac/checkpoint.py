@@ -84,18 +84,20 @@ class LanczosCheckpoint:
                 arr[have:n] = M
         rows("U", _to_np(U[:, have:n].T), ("basis_u", "param"))
         rows("V", _to_np(V[:, have:n].T), ("basis_v", "param"))
-        cols = np.zeros((n - have, P))  # B's new columns, zero below n (whole chunks, no stale rows)
+        cols = np.zeros((n - have, P))  # B's new columns, zero below n: whole chunks, no stale rows
         cols[:, :n] = _to_np(B[:, have:n].T)
         rows("BT", cols, ("b_col", "b_row"))
 
-        def small(name, x, dims):
+        def small(name, x, dims):  # whole, into the slot the committed state does not use
             arr = w.state_array(g, f"{name}_{slot}", x.shape, str(x.dtype), dims)
             arr[...] = x
         b = 0 if st["pending"] is None else st["pending"].shape[1]
         if b:
-            small("pending", _to_np(st["pending"].T).astype(np.float64), (f"pending_{slot}", "param"))
+            small("pending", _to_np(st["pending"].T).astype(np.float64),
+                  (f"pending_{slot}", "param"))
         if st["S_last"] is not None:
-            small("S_last", _to_np(st["S_last"]).astype(np.float64), (f"s_row_{slot}", f"s_col_{slot}"))
+            small("S_last", _to_np(st["S_last"]).astype(np.float64),
+                  (f"s_row_{slot}", f"s_col_{slot}"))
         small("gen_state", st["gen_state"].numpy(), ("byte",))
         # the commit: one write of the group's metadata names the new state
         save = int(a.get("save", 0)) + 1
@@ -143,7 +145,8 @@ class LanczosCheckpoint:
         """A state in the layout before slots: each array stamped with its save's number; a
         stamp that differs from the group's ``save`` is a save a kill interrupted (refused)."""
         g = self.g
-        names = ["U", "V", "pending", "B", "gen_state"] + (["S_last"] if a.get("has_s_last") else [])
+        names = ["U", "V", "pending", "B", "gen_state"] + (["S_last"] if a.get("has_s_last")
+                                                            else [])
         if any(x not in g or g[x].attrs.get("save") != a.get("save") for x in names):
             return None  # the run died inside a save: start the solve again rather than mix steps
         return self._state(a, g["U"][: a["n_u"]], g["V"][: a["n_v"]], g["B"][:],
