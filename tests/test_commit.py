@@ -164,10 +164,11 @@ def test_a_kill_inside_an_overwrite_leaves_no_committed_run_with_pieces_missing(
         assert _state(path) == ref, n
 
 
-def test_a_kill_inside_a_lanczos_save_loads_the_previous_save_or_nothing(tmp_path):
+def test_a_kill_inside_a_lanczos_save_loads_the_previous_save(tmp_path):
     """Kill one Lanczos save at each of its writes: the checkpoint then loads the previous save
-    whole, or nothing (the solve restarts) - never the new arrays and step with the previous
-    save's history and next_check (zarr writes attributes key by key unless told otherwise)."""
+    whole (or the new one, once its commit is written) - never nothing, never the new arrays and
+    step with the previous save's history and next_check (zarr writes attributes key by key
+    unless told otherwise)."""
     import copy
     import json
 
@@ -219,9 +220,11 @@ def test_a_kill_inside_a_lanczos_save_loads_the_previous_save_or_nothing(tmp_pat
         if not count["dead"]:  # the whole save went through
             assert same(got, states[i])
             break
-        assert got is None or same(got, states[i - 1]), f"kill at write {n} of a save: a mixed state"
-        loaded_previous += got is not None
-    assert n > 10 and loaded_previous >= 1
+        prev = got is not None and same(got, states[i - 1])
+        assert prev or (got is not None and same(got, states[i])), \
+            f"kill at write {n} of a save: not one save whole"
+        loaded_previous += prev
+    assert n > 5 and loaded_previous >= n - 4  # (after the commit: at most the stale deletions)
 
 
 def tree_digest(path):

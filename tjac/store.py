@@ -19,8 +19,9 @@ Layout (``dimension_names`` everywhere, so ``xarray.open_datatree(path, engine="
 **One commit protocol** for every group (:meth:`Writer.commit_group`): an earlier group of that
 name is retired first (its counter removed, then the group deleted); then its arrays are created
 and written; then their descriptive attributes; then one counter attribute, alone, last
-(``status`` for a run, ``n_committed`` for a solve, the spectrum and the dense checkpoint, ``step``
-for a Lanczos checkpoint, whose arrays also carry save stamps: :mod:`tjac.checkpoint`). A kill at any
+(``status`` for a run, ``n_committed`` for a solve, the spectrum and the dense checkpoint; ``step``
+for a Lanczos checkpoint, written with its other attributes in one write after the save's new
+data, which lies where the committed state does not read: :mod:`tjac.checkpoint`). A kill at any
 write leaves a store whose committed part is exact (each attribute step is one write of the
 group's metadata, :meth:`Writer.set_attrs`): readers and resumes see a group only once its
 counter is there (:func:`committed`), and the next write of a group clears the debris of a killed
@@ -346,8 +347,10 @@ class Writer:
     def state_group(self, run, name):
         return run.require_group("state").require_group(name)
 
-    def state_array(self, g, name, shape, dtype, dims, chunks=None):
-        if name in g and tuple(g[name].shape) == tuple(shape):
+    def state_array(self, g, name, shape, dtype, dims, chunks=None, fresh=False):
+        """Array ``name`` of checkpoint group ``g``: the existing one when its shape matches and
+        ``fresh`` is False, else created anew (``fresh``: no chunk of an earlier use is left)."""
+        if not fresh and name in g and tuple(g[name].shape) == tuple(shape):
             return g[name]
         return g.create_array(name, shape=shape, chunks=chunks or shape, dtype=dtype,
                               dimension_names=dims, overwrite=True)

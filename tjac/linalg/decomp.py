@@ -164,8 +164,9 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
         (:class:`tjac.linalg.progress.Progress` turns them into progress lines or a bar).
     checkpoint : Lanczos only: an object with ``load() -> dict | None`` and ``save(state)``. The
         solve starts from ``load()`` when it returns a state and hands ``save`` the whole
-        recurrence (plus ``gen_state``, the generator's state) after every step, so a killed solve
-        continues exactly (see :class:`tjac.checkpoint.LanczosCheckpoint` for the store's).
+        recurrence (plus ``gen_state``, the generator's state, and ``restarted`` when a thick
+        restart replaced the basis) after every step, so a killed solve continues exactly (see
+        :class:`tjac.checkpoint.LanczosCheckpoint` for the store's, which writes only what is new).
     raise_on_failure : False returns a partial result (``all_converged`` False; fewer than k
         rows when the solve stopped short) instead of raising.
     max_memory : bytes the solver may use (default: what the device has available); the plan
