@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _recipe_from_args(a):
     import tomllib
 
-    from .recipe import Recipe
+    from .recipe import BUILTIN_OPTIM_OVERRIDES, Recipe
 
     over = {}
     if a.config:
@@ -216,8 +216,15 @@ def _recipe_from_args(a):
             raise BadInput(f"config {a.config!r} is not valid TOML: {e}") from None
         if any(key in cfg for key in ("model", "data", "optim")) and isinstance(cfg.get("model", {}), dict) \
                 and isinstance(cfg.get("data", {}), dict):
-            base = Recipe.from_dict(cfg)
-            over_base = base
+            optim = cfg.get("optim", {})
+            builtin_only = sorted(BUILTIN_OPTIM_OVERRIDES & set(optim)) if isinstance(optim, dict) \
+                and optim.get("name") == "custom" else []
+            if builtin_only:
+                raise BadInput(f"config {a.config!r}: [optim] {', '.join(builtin_only)} appl"
+                               f"{'ies' if len(builtin_only) == 1 else 'y'} to the built-in "
+                               f"optimizers (sgd, adam, adamw), not to the user optimizer "
+                               f"{optim.get('factory')!r}; put it in [optim.kwargs]")
+            over_base = Recipe.from_dict(cfg).with_canonical_kwargs()
         else:
             over_base, over = None, dict(cfg)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,10 @@ LOSSES = ("cross_entropy", "mse")  # or "package.module:function"
 DATA_VARIANTS = ("clean", "shuffled_labels", "white_noise")
 SHUFFLES = ("none", "seeded", "unseeded")
 OPTIMIZERS = ("sgd", "adam", "adamw", "custom")
+# Recipe.paper overrides that describe the built-in optimizers only (a user optimizer's own
+# settings go in its kwargs)
+BUILTIN_OPTIM_OVERRIDES = frozenset({"lr", "momentum", "nesterov", "weight_decay", "schedule",
+                                     "warmup_steps"})
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float64", "float32")
 
@@ -57,6 +62,47 @@ def _json_kwargs(what: str, kwargs) -> dict:
     except (TypeError, ValueError) as e:
         raise ValueError(f"`{what}` must hold only JSON values (numbers, strings, lists, dicts): "
                          f"{e}") from None
+
+
+def _same_json(value, default) -> bool:
+    """Whether the JSON value ``value`` is the Python default ``default`` (as JSON: 64 is not 64.0,
+    1 is not True; a tuple is its list)."""
+    try:
+        return json.dumps(value, sort_keys=True) == json.dumps(default, sort_keys=True)
+    except (TypeError, ValueError):  # a default that is not JSON (an object): never dropped
+        return False
+
+
+def canonical_kwargs(what: str, path: str, kwargs: dict) -> dict:
+    """``kwargs`` of the factory at import path ``path`` without those given at the factory's own
+    default value (``inspect.signature``), so passing a default explicitly makes the same recipe
+    (and the same hash and run id) as leaving it out. A name the factory does not take (and no
+    ``**kwargs`` to take it) is refused. Factories whose signature cannot be read, and arguments
+    that reach a ``**kwargs``, are kept as given."""
+    if not kwargs:
+        return kwargs
+    from .models.imports import resolve
+
+    obj = resolve(path, what=what)
+    if not callable(obj):
+        return kwargs
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):  # some builtins and C extensions
+        return kwargs
+    named = {n: p for n, p in params.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    out = {}
+    for k, v in kwargs.items():
+        p = named.get(k)
+        if p is None and not takes_any:
+            raise ValueError(f"{what} {path!r} takes no argument {k!r}; its keyword arguments are "
+                             f"{', '.join(named) or 'none'}")
+        if p is not None and p.default is not p.empty and _same_json(v, p.default):
+            continue
+        out[k] = v
+    return out
 
 
 def _import_path(what: str, path) -> None:
@@ -335,7 +381,10 @@ class Recipe:
                 raise TypeError(f"{sorted(clash)} describe the built-in families; a user `model` "
                                 f"takes `model_kwargs` instead")
             if isinstance(user, str):
-                model = ModelSpec(family="module", factory=user, kwargs=user_kwargs or {})
+                _import_path("model", user)
+                model = ModelSpec(family="module", factory=user,
+                                  kwargs=canonical_kwargs("model", user,
+                                                          _json_kwargs("model kwargs", user_kwargs)))
             elif callable(user):
                 if user_kwargs:
                     raise TypeError("`model_kwargs` apply to an import path; call a live factory "
@@ -360,16 +409,39 @@ class Recipe:
         factory = o.pop("optimizer_factory", None)
         if factory is not None and name == "sgd" and "optimizer" not in overrides:
             name = "custom"
+        opt_kwargs = o.pop("optimizer_kwargs", None) or {}
+        if name == "custom":
+            builtin_only = sorted(BUILTIN_OPTIM_OVERRIDES & set(overrides))
+            if builtin_only:
+                raise TypeError(f"{', '.join(map(repr, builtin_only))} appl"
+                                f"{'ies' if len(builtin_only) == 1 else 'y'} to the built-in "
+                                f"optimizers (sgd, adam, adamw), not to the user optimizer "
+                                f"{factory!r}; pass {'it' if len(builtin_only) == 1 else 'them'} "
+                                f"in `optimizer_kwargs` (--optimizer-kwargs)")
+            if isinstance(factory, str):
+                _import_path("optimizer", factory)
+                opt_kwargs = canonical_kwargs("optimizer", factory,
+                                              _json_kwargs("optimizer kwargs", opt_kwargs))
         optim = OptimSpec(name=name, lr=lr, momentum=o.pop("momentum", 0.9),
                           nesterov=o.pop("nesterov", False),
                           weight_decay=o.pop("weight_decay", 0.0),
                           schedule=o.pop("schedule", "cosine"),
                           warmup_steps=o.pop("warmup_steps", 0),
-                          clip_norm=o.pop("clip_norm", None), factory=factory,
-                          kwargs=o.pop("optimizer_kwargs", None) or {})
+                          clip_norm=o.pop("clip_norm", None), factory=factory, kwargs=opt_kwargs)
         if "param_filter" in o and o["param_filter"] is None:
             o["param_filter"] = ()
         return cls(model=model, data=data, optim=optim, **o)
+
+    def with_canonical_kwargs(self) -> "Recipe":
+        """This recipe with the kwargs of its model and optimizer factories (import paths) stripped
+        of arguments given at the factory's default (:func:`canonical_kwargs`): the form
+        :meth:`paper` builds. Not applied when reading a stored recipe (its hash stays as stored)."""
+        m, o = self.model, self.optim
+        if m.family == "module" and m.live is None and m.kwargs:
+            m = dataclasses.replace(m, kwargs=canonical_kwargs("model", m.factory, m.kwargs))
+        if o.name == "custom" and o.kwargs:
+            o = dataclasses.replace(o, kwargs=canonical_kwargs("optimizer", o.factory, o.kwargs))
+        return dataclasses.replace(self, model=m, optim=o)
 
     def describe(self) -> str:
         """A short label of the model and data, e.g. ``MLP[64] on digits``."""
