@@ -195,10 +195,13 @@ class DataSpec:
     are named ``"arrays:<sha256 prefix>"``. ``preprocess``: ``default`` (the source's convention:
     digits X/16, 8-bit images X/255, else none), ``none``, ``scale01`` (the training set's range
     onto [0, 1]) or ``standardize`` (per feature, training-set mean and std; constant features
-    become 0). ``test_size``/``split_seed`` apply to sklearn's sets only.
+    become 0). ``test_size``/``split_seed`` apply to sklearn's sets only. ``drop_last``: when the
+    batch size does not divide the number of training examples, drop the last ``n_train mod
+    batch_size`` examples of each epoch (True, the paper's loop; logged as a warning) or train on
+    them as a smaller last batch (False).
     """
 
-    _ADDED = ("preprocess",)
+    _ADDED = ("preprocess", "drop_last")
 
     name: str = "digits"
     variant: str = "clean"
@@ -209,9 +212,12 @@ class DataSpec:
     shuffle: str = "none"
     shuffle_seed: int = 0
     preprocess: str = "default"
+    drop_last: bool = True
     live: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
+        if not isinstance(self.drop_last, bool):
+            raise TypeError(f"`drop_last` must be true or false, got {self.drop_last!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"`dataset` must be a name ({', '.join(DATASETS)}) or a path, "
                              f"got {self.name!r}")
@@ -347,7 +353,7 @@ class Recipe:
         ``momentum``, ``weight_decay``, ``schedule``, ``warmup_steps``, ``clip_norm``, ``optimizer_factory``
         (``optimizer="custom"``) with ``optimizer_kwargs``, ``data`` (a variant name), ``dataset`` (a
         name, a path, or arrays ``(X_train, y_train, X_test, y_test)`` / a dict with those keys),
-        ``preprocess``, ``n_train``, ``shuffle``, ``loss``, ``param_filter``, ``seed``, ``dtype``,
+        ``preprocess``, ``n_train``, ``shuffle``, ``drop_last``, ``loss``, ``param_filter``, ``seed``, ``dtype``,
         ``device``.
         """
         known = {"family", "width", "depth", "hidden", "activation", "dropout", "weight_init", "epochs",
@@ -355,7 +361,8 @@ class Recipe:
                  "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
                  "warmup_steps", "data", "variant_seed", "n_train", "shuffle", "shuffle_seed",
                  "seed", "dtype", "device", "model", "model_kwargs", "dataset", "preprocess",
-                 "loss", "param_filter", "clip_norm", "optimizer_factory", "optimizer_kwargs"}
+                 "loss", "param_filter", "clip_norm", "optimizer_factory", "optimizer_kwargs",
+                 "drop_last"}
         unknown = set(overrides) - known
         if unknown:
             raise TypeError(f"unknown override(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -403,7 +410,8 @@ class Recipe:
                         variant_seed=o.pop("variant_seed", 0),
                         n_train=o.pop("n_train", None), shuffle=o.pop("shuffle", "none"),
                         shuffle_seed=o.pop("shuffle_seed", 0),
-                        preprocess=o.pop("preprocess", "default"), live=live_data)
+                        preprocess=o.pop("preprocess", "default"),
+                        drop_last=o.pop("drop_last", True), live=live_data)
         name = o.pop("optimizer", "sgd")
         lr = o.pop("lr", 3e-3 if name in ("adam", "adamw") else 0.1)
         factory = o.pop("optimizer_factory", None)
