@@ -351,10 +351,12 @@ class Recipe:
         (explicit tuple), ``activation``, ``dropout``, ``epochs``, ``batch_size``, ``optimizer``
         (``sgd``; ``adam``/``adamw`` switch to lr 3e-3 unless ``lr`` is given), ``lr``,
         ``momentum``, ``weight_decay``, ``schedule``, ``warmup_steps``, ``clip_norm``, ``optimizer_factory``
-        (``optimizer="custom"``) with ``optimizer_kwargs``, ``data`` (a variant name), ``dataset`` (a
+        (``optimizer="custom"``) with ``optimizer_kwargs`` (``lr``, ``momentum``, ``nesterov``,
+        ``weight_decay``, ``schedule`` and ``warmup_steps`` are refused with it), ``data`` (a variant name), ``dataset`` (a
         name, a path, or arrays ``(X_train, y_train, X_test, y_test)`` / a dict with those keys),
         ``preprocess``, ``n_train``, ``shuffle``, ``drop_last``, ``loss``, ``param_filter``, ``seed``, ``dtype``,
-        ``device``.
+        ``device``. ``model_kwargs``/``optimizer_kwargs`` of an import path are canonical
+        (:func:`canonical_kwargs`): an argument at the factory's default value is dropped.
         """
         known = {"family", "width", "depth", "hidden", "activation", "dropout", "weight_init", "epochs",
                  "batch_size",
