@@ -9,7 +9,7 @@ from tjac.cli import main
 from tjac.query import open as open_store
 
 RUN = ["run", "--width", "4", "--epochs", "1", "--n-train", "80", "--batch-size", "32",
-       "--k-top", "2", "--k-bottom", "0", "--png", "none"]
+       "--k-top", "2", "--k-bottom", "0", "--method", "lanczos", "--backend", "eager", "--png", "none"]
 
 
 def test_dropped_examples_are_printed_and_no_drop_last_keeps_them(tmp_path, capsys, caplog):
@@ -52,7 +52,8 @@ def test_info_shows_a_user_optimizers_import_path(tmp_path, capsys):
     args = ["run", "--model", "usermodels:sequential_mlp", "--model-kwargs", '{"width": 3}',
             "--optimizer", "usermodels:momentum_sign", "--optimizer-kwargs", '{"lr": 0.01}',
             "--clip-norm", "1.5", "--epochs", "1", "--n-train", "64", "--batch-size", "32",
-            "--k-top", "2", "--k-bottom", "0", "--png", "none", "-q", "--store", store]
+            "--k-top", "2", "--k-bottom", "0", "--method", "lanczos", "--backend", "eager", "--png",
+            "none", "-q", "--store", store]
     assert main(args) == 0, capsys.readouterr().err
     capsys.readouterr()
     assert main(["info", store]) == 0
