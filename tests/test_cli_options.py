@@ -102,3 +102,10 @@ def test_verify_bad_input_is_one_line_exit_2(capsys, args, msg):
     code = main(["verify", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and msg in err and "Traceback" not in err, err
+
+
+def test_verify_without_options_checks_the_tiny_built_in_recipe(capsys):
+    """Unchanged default: the paper's MLP at width 4, 1 epoch of 128 digits at batch 32 (T = 4)."""
+    assert main(["verify", "--optimizer", "adam"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.startswith("MLP[4] on digits, P=310, T=4:") and out.rstrip().endswith(": OK")
