@@ -91,3 +91,50 @@ def test_divergence_names_the_step():
 def test_bad_theta0(theta0, exc, msg):
     with pytest.raises(exc, match=msg):
         tjac.train(tiny(), theta0)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_partial_last_batch_against_a_dataloader_loop(drop_last, caplog):
+    """80 examples at batch 32: drop_last (the default) trains on 2 batches per epoch and says
+    that 16 examples are dropped; drop_last=False adds a last batch of 16 (its loss the mean over
+    16). Oracle: torch DataLoader(drop_last=...) + torch.optim.SGD + LambdaLR (cosine over T)."""
+    r = tiny(epochs=2, n_train=80, batch_size=32, drop_last=drop_last)
+    assert (r.hash() == tiny(epochs=2, n_train=80, batch_size=32).hash()) == drop_last
+    with caplog.at_level("WARNING", logger="tjac.problem"):
+        res = tjac.train(r)
+    notes = [m for m in caplog.messages if "dropped every epoch" in m]
+    assert notes == (["16 of the 80 training examples are dropped every epoch: batch size 32 "
+                      "leaves a partial last batch (2 full batches, 64 examples, per epoch); "
+                      "drop_last=False (--no-drop-last) trains on them as a smaller last batch"]
+                     if drop_last else [])
+    p = Problem(r)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(p.data.x_train, p.data.y_train),
+                                         batch_size=32, shuffle=False, drop_last=drop_last)
+    T = r.epochs * len(loader)
+    assert res.num_steps == T == (4 if drop_last else 6)
+    shapes = [q.shape for q in p.layout]
+    params, off = [], 0
+    for s in shapes:
+        params.append(torch.nn.Parameter(res.theta0[off:off + math.prod(s)].reshape(s).clone()))
+        off += math.prod(s)
+    opt = torch.optim.SGD(params, lr=r.optim.lr, momentum=r.optim.momentum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / T)))
+    for _ in range(r.epochs):
+        for x, y in loader:
+            h = F.gelu(F.linear(x, params[0], params[1]), approximate="tanh")
+            opt.zero_grad()
+            F.cross_entropy(F.linear(h, params[2], params[3]), y).backward()
+            opt.step()
+            sched.step()
+    ref = torch.cat([q.detach().reshape(-1) for q in params])
+    assert_close(res.thetaT, ref, 1e-11, "thetaT vs DataLoader + torch.optim")
+
+
+def test_partial_last_batch_under_a_seeded_shuffle():
+    """Each epoch's permutation covers all 80 examples: 32 + 32 + 16, no example twice."""
+    p = Problem(tiny(n_train=80, batch_size=32, shuffle="seeded", drop_last=False))
+    assert p.num_steps == 6
+    for epoch in range(2):
+        idx = torch.cat([p.order.indices(3 * epoch + b) for b in range(3)])
+        assert [len(p.order.indices(3 * epoch + b)) for b in range(3)] == [32, 32, 16]
+        assert sorted(idx.tolist()) == list(range(80))

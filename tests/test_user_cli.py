@@ -35,6 +35,11 @@ def _npz(path, n=96, labels=None, nan=False, drop=None, bump=False):
     return str(path)
 
 
+def _toml(path, text):
+    path.write_text(text)
+    return str(path)
+
+
 def _pickle(path):
     path.write_bytes(pickle.dumps({"X_train": [1, 2]}))
     return str(path)
@@ -62,6 +67,15 @@ BAD = [
     (lambda d: ["--optimizer", "usermodels:inplace_momentum"], "modifies its state or params in place"),
     (lambda d: ["--loss", "usermodels:one_hot_mse"], "cannot be differentiated twice"),
     (lambda d: ["--model", "usermodels:plain_mlp", "--dropout", "0.1"], "unrecognized arguments"),
+    (lambda d: ["--optimizer", "usermodels:momentum_sign", "--lr", "0.5"],
+     "'lr' applies to the built-in optimizers"),
+    (lambda d: ["--model", "usermodels:sequential_mlp", "--model-kwargs", '{"widht": 4}'],
+     "takes no argument 'widht'"),
+    (lambda d: ["--optimizer", "usermodels:momentum_sign", "--optimizer-kwargs", '{"rate": 1}'],
+     "takes no argument 'rate'"),
+    (lambda d: ["--config", _toml(d / "c.toml", '[optim]\nname = "custom"\n'
+                                  'factory = "usermodels:momentum_sign"\nlr = 0.5\n')],
+     "[optim] lr applies to the built-in optimizers"),
 ]
 
 
@@ -171,3 +185,40 @@ def test_a_run_id_started_from_another_recipe_is_refused(tmp_path, capsys):
         assert code == 2 and "another recipe" in err and len(err.splitlines()) == 1, err
     run = open_store(store).run("mine")
     assert run.recipe.epochs == 1 and (run.top(2).sigma == sigma).all()
+
+
+def _cli_recipe(*args):
+    from tjac.cli import _recipe_from_args, build_parser
+
+    return _recipe_from_args(build_parser().parse_args(["run", *args]))
+
+
+def test_kwargs_at_the_factorys_defaults_make_the_same_run_id(tmp_path):
+    """Passing a factory's default explicitly (sequential_mlp(width=4, act="tanh"),
+    momentum_sign(lr=0.05, beta=0.9)) is the recipe without it: same JSON, hash and run id; a
+    value that differs (or differs in JSON type: 4.0 is not 4) is kept."""
+    bare = _cli_recipe("--model", "usermodels:sequential_mlp",
+                       "--optimizer", "usermodels:momentum_sign")
+    explicit = _cli_recipe("--model", "usermodels:sequential_mlp", "--model-kwargs",
+                           '{"width": 4, "act": "tanh"}', "--optimizer", "usermodels:momentum_sign",
+                           "--optimizer-kwargs", '{"lr": 0.05, "beta": 0.9}')
+    assert explicit.to_json() == bare.to_json() and explicit.hash() == bare.hash()
+    other = _cli_recipe("--model", "usermodels:sequential_mlp", "--model-kwargs",
+                        '{"width": 4.0, "act": "relu"}', "--optimizer", "usermodels:momentum_sign",
+                        "--optimizer-kwargs", '{"lr": 0.05, "beta": 0.5}')
+    assert other.model.kwargs == {"width": 4.0, "act": "relu"} and other.optim.kwargs == {"beta": 0.5}
+    lib = tjac.Recipe.paper(model="usermodels:sequential_mlp", model_kwargs={"width": 4},
+                            optimizer_factory="usermodels:momentum_sign",
+                            optimizer_kwargs={"beta": 0.9})
+    assert lib.hash() == bare.hash()
+    # a **kwargs factory's arguments are kept as given (its defaults are not visible)
+    kw = _cli_recipe("--model", "usermodels:plain_mlp", "--model-kwargs", '{"width": 64}')
+    assert kw.model.kwargs == {"width": 64}
+    # a full-table config with the defaults spelled out is the same recipe too
+    cfg = tmp_path / "full.toml"
+    cfg.write_text(
+        '[model]\nfamily = "module"\nfactory = "usermodels:sequential_mlp"\n'
+        '[model.kwargs]\nwidth = 4\nact = "tanh"\n'
+        '[optim]\nname = "custom"\nfactory = "usermodels:momentum_sign"\n'
+        '[optim.kwargs]\nlr = 0.05\n')
+    assert _cli_recipe("--config", str(cfg)).hash() == bare.hash()

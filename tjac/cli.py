@@ -16,6 +16,7 @@ import sys
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+VERIFY_MAX_PARAMS = 2000  # tjac verify's dense oracle: P reverse passes through training, P x P
 BACKENDS = ("auto", "eager", "fused", "compiled", "double-backward")  # tjac.replay's, kept literal: no torch at parse time
 
 
@@ -82,6 +83,41 @@ def _group(a):
     return distributed.init(a.dist_backend, timeout_s=a.dist_timeout, required=a.distributed)
 
 
+def _recipe_args(p) -> None:
+    """The options that make a recipe: one definition for `run` and `verify`."""
+    g = p.add_argument_group("the recipe (model, data, optimizer)")
+    g.add_argument("--config", help="TOML recipe: Recipe.paper overrides, or [model]/[data]/[optim] tables")
+    g.add_argument("--width", type=_positive_int)
+    g.add_argument("--depth", type=_positive_int)
+    g.add_argument("--epochs", type=_positive_int)
+    g.add_argument("--batch-size", type=_positive_int)
+    g.add_argument("--n-train", type=_positive_int)
+    g.add_argument("--optimizer", help="sgd, adam, adamw, or an import path "
+                   "'package.module:factory' of an optax-style (init, update) pair")
+    g.add_argument("--optimizer-kwargs", help="JSON object passed to the optimizer factory")
+    g.add_argument("--clip-norm", type=_positive_float, help="clip gradients to this global norm")
+    g.add_argument("--lr", type=_positive_float)
+    g.add_argument("--data", choices=["clean", "shuffled_labels", "white_noise"])
+    g.add_argument("--model", help="your model: import path 'package.module:factory' of an "
+                   "nn.Module factory (the working directory is importable)")
+    g.add_argument("--model-kwargs", help="JSON object passed to the model factory")
+    g.add_argument("--dataset", help="digits (default), iris, wine, breast_cancer, or a path: "
+                   ".npz / folder of .npy (X_train, y_train, X_test, y_test), MNIST IDX folder, "
+                   "CIFAR-10/100 binary folder")
+    g.add_argument("--preprocess", choices=["default", "none", "scale01", "standardize"])
+    g.add_argument("--loss", help="cross_entropy (default), mse, or 'package.module:function'")
+    g.add_argument("--param-filter", action="append", metavar="PATTERN",
+                   help="restrict J to parameters matching this name or glob (repeatable; "
+                   "comma-separated lists too)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--dtype", choices=["float64", "float32"], default=None)
+    g.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default cpu)")
+    g.add_argument("--no-drop-last", dest="drop_last", action="store_false", default=None,
+                   help="train on a partial last batch of each epoch (default: when the batch "
+                   "size does not divide the training examples, the rest are dropped, with a "
+                   "warning)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tjac", description="Spectrum of the training Jacobian d(theta_T)/d(theta_0).")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -92,32 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", parents=[common], help="train, solve top and bottom, store everything (paper default)")
-    r.add_argument("--config", help="TOML recipe: Recipe.paper overrides, or [model]/[data]/[optim] tables")
-    r.add_argument("--width", type=_positive_int)
-    r.add_argument("--depth", type=_positive_int)
-    r.add_argument("--epochs", type=_positive_int)
-    r.add_argument("--batch-size", type=_positive_int)
-    r.add_argument("--n-train", type=_positive_int)
-    r.add_argument("--optimizer", help="sgd, adam, adamw, or an import path "
-                   "'package.module:factory' of an optax-style (init, update) pair")
-    r.add_argument("--optimizer-kwargs", help="JSON object passed to the optimizer factory")
-    r.add_argument("--clip-norm", type=_positive_float, help="clip gradients to this global norm")
-    r.add_argument("--lr", type=_positive_float)
-    r.add_argument("--data", choices=["clean", "shuffled_labels", "white_noise"])
-    r.add_argument("--model", help="your model: import path 'package.module:factory' of an "
-                   "nn.Module factory (the working directory is importable)")
-    r.add_argument("--model-kwargs", help="JSON object passed to the model factory")
-    r.add_argument("--dataset", help="digits (default), iris, wine, breast_cancer, or a path: "
-                   ".npz / folder of .npy (X_train, y_train, X_test, y_test), MNIST IDX folder, "
-                   "CIFAR-10/100 binary folder")
-    r.add_argument("--preprocess", choices=["default", "none", "scale01", "standardize"])
-    r.add_argument("--loss", help="cross_entropy (default), mse, or 'package.module:function'")
-    r.add_argument("--param-filter", action="append", metavar="PATTERN",
-                   help="restrict J to parameters matching this name or glob (repeatable; "
-                   "comma-separated lists too)")
-    r.add_argument("--seed", type=int)
-    r.add_argument("--dtype", choices=["float64", "float32"], default=None)
-    r.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default cpu)")
+    _recipe_args(r)
     r.add_argument("--k-top", type=_nonneg_int, default=32)
     r.add_argument("--k-bottom", type=_nonneg_int, default=32)
     r.add_argument("--tol", type=_positive_float, default=None,
@@ -205,18 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_analyze.add_parser(sub, [common])
 
-    v = sub.add_parser("verify", parents=[common], help="dense oracle vs matrix-free operator on a tiny recipe")
-    v.add_argument("--width", type=_positive_int, default=4)
-    v.add_argument("--epochs", type=_positive_int, default=1)
-    v.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
-    v.add_argument("--rtol", type=_positive_float, default=1e-10)
+    v = sub.add_parser("verify", parents=[common],
+                       help="dense oracle vs matrix-free operator on a tiny recipe or your own model")
+    _recipe_args(v)
+    v.add_argument("--rtol", type=_positive_float, default=None,
+                   help="largest error allowed relative to max |J| (default 1e-10 in float64, "
+                   "1e-4 in float32)")
+    v.add_argument("--max-params", type=_positive_int, default=VERIFY_MAX_PARAMS, metavar="P",
+                   help=f"refuse models with more parameters than this (default "
+                   f"{VERIFY_MAX_PARAMS}: the oracle is P reverse passes through training and a "
+                   f"P x P matrix)")
     return p
 
 
-def _recipe_from_args(a):
+def _recipe_from_args(a, *, tiny: bool = False):
+    """The recipe of the options :func:`_recipe_args` defines. ``tiny`` (``tjac verify``): what a
+    flag or an overrides config leaves unset is small enough for a dense oracle (1 epoch, batch 32,
+    the built-in MLP at width 4, 128 digits); a full-table config is taken as it is."""
     import tomllib
 
-    from .recipe import Recipe
+    from .recipe import BUILTIN_OPTIM_OVERRIDES, Recipe
 
     over = {}
     if a.config:
@@ -229,14 +248,22 @@ def _recipe_from_args(a):
             raise BadInput(f"config {a.config!r} is not valid TOML: {e}") from None
         if any(key in cfg for key in ("model", "data", "optim")) and isinstance(cfg.get("model", {}), dict) \
                 and isinstance(cfg.get("data", {}), dict):
-            base = Recipe.from_dict(cfg)
-            over_base = base
+            optim = cfg.get("optim", {})
+            builtin_only = sorted(BUILTIN_OPTIM_OVERRIDES & set(optim)) if isinstance(optim, dict) \
+                and optim.get("name") == "custom" else []
+            if builtin_only:
+                raise BadInput(f"config {a.config!r}: [optim] {', '.join(builtin_only)} appl"
+                               f"{'ies' if len(builtin_only) == 1 else 'y'} to the built-in "
+                               f"optimizers (sgd, adam, adamw), not to the user optimizer "
+                               f"{optim.get('factory')!r}; put it in [optim.kwargs]")
+            over_base = Recipe.from_dict(cfg).with_canonical_kwargs()
         else:
             over_base, over = None, dict(cfg)
     else:
         over_base = None
     for name in ("width", "depth", "epochs", "batch_size", "n_train", "lr", "data",
-                 "seed", "dtype", "model", "dataset", "preprocess", "loss", "clip_norm"):
+                 "seed", "dtype", "model", "dataset", "preprocess", "loss", "clip_norm",
+                 "drop_last"):
         val = getattr(a, name, None)
         if val is not None:
             over[name] = val
@@ -272,6 +299,13 @@ def _recipe_from_args(a):
             raise BadInput("a full recipe config ([model]/[data]/[optim]) cannot be combined with "
                            "recipe flags; edit the config instead")
         return over_base
+    if tiny:
+        over.setdefault("epochs", 1)
+        over.setdefault("batch_size", 32)
+        if "model" not in over and not {"width", "hidden"} & set(over):
+            over["width"] = 4
+        if over.get("dataset", "digits") == "digits":
+            over.setdefault("n_train", 128)
     return Recipe.paper(**over)
 
 
@@ -351,6 +385,11 @@ def _summary_table(out, png):
     lines = [f"run {out.run_id} in {out.store}: P = {s['P']}, T = {s['T']} steps, "
              f"{s['seconds']:.1f} s, train acc {s['train']['train_acc']:.3f}, "
              f"test acc {s['train']['test_acc']:.3f}"]
+    b = s.get("batches")
+    if b and b.get("dropped_per_epoch"):
+        from .problem import dropped_note
+
+        lines.append(f"  note: {dropped_note(b['n_train'], b['batch_size'], b['dropped_per_epoch'])}")
     for which in ("top", "bottom"):
         if which in s:
             w = s[which]
@@ -400,20 +439,38 @@ def _pick_run(res, run_id):
     return res.run(run_id)
 
 
+def _optim_text(recipe) -> str:
+    """The optimizer as `tjac info` shows it: ``sgd lr 0.1 momentum 0.9 cosine``, or a user
+    optimizer's import path with its kwargs; ``clip 1`` when gradients are clipped."""
+    o = recipe.optim
+    if o.name == "custom":
+        text = o.factory + (f"({json.dumps(o.kwargs, sort_keys=True)})" if o.kwargs else "")
+    else:
+        text = f"{o.name} lr {o.lr:g}"
+        if o.name == "sgd" and o.momentum:
+            text += f" momentum {o.momentum:g}" + (" nesterov" if o.nesterov else "")
+        if o.weight_decay:
+            text += f" wd {o.weight_decay:g}"
+        text += f" {o.schedule}" + (f" warmup {o.warmup_steps}" if o.warmup_steps else "")
+    return text + (f" clip {o.clip_norm:g}" if o.clip_norm is not None else "")
+
+
 def cmd_info(a):
     from .query import open as open_store
 
     res = open_store(a.store)
     info = res.info()
     if a.json:
+        for rid, r in info["runs"].items():
+            r["recipe"] = res.run(rid).recipe.to_dict()
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['path']}: tjac schema {info['schema']}, written by tjac {info['tjac_version']}")
     for rid, r in info["runs"].items():
         run = res.run(rid)
         rec = run.recipe
-        print(f"  {rid}  {r['status']:9s} P={r['P']:<8d} {rec.describe()} {rec.optim.name} "
-              f"{rec.epochs} epochs seed {rec.seed} {rec.dtype}")
+        print(f"  {rid}  {r['status']:9s} P={r['P']:<8d} {rec.describe()} {_optim_text(rec)} "
+              f"{rec.epochs} epochs batch {rec.batch_size} seed {rec.seed} {rec.dtype}")
         solves = []
         for which, sv in r.get("solves", {}).items():
             text = f"{which} {sv['certified']}/{sv['k']} certified"
@@ -534,33 +591,51 @@ def cmd_plot(a):
 
 
 def cmd_verify(a):
+    """The operator's JVPs and VJPs (every column and row of J) against a dense oracle: jacrev of
+    the whole training run through torch.func (derivatives of the model, loss and optimizer taken
+    by torch, not hand-derived), on the recipe the options describe (tiny by default)."""
     import torch
     from torch.func import grad, jacrev
 
     import tjac
     from tjac.linalg import materialize
 
-    recipe = tjac.Recipe.paper(width=a.width, epochs=a.epochs, n_train=128, batch_size=32,
-                               optimizer=a.optimizer)
-    op = tjac.TrainingJacobian(recipe)
+    recipe = _recipe_from_args(a, tiny=True)
+    prob = tjac.Problem(recipe)
+    P = prob.num_params if prob.selection is None else int(prob.selection.numel())
+    if P > a.max_params:
+        raise BadInput(f"P = {P:,} parameters is too many for the dense oracle (at most "
+                       f"{a.max_params:,}, --max-params: it takes P reverse passes through "
+                       f"training and a P x P matrix); use a smaller model or --param-filter")
+    if recipe.data.shuffle == "unseeded":
+        raise BadInput("shuffle 'unseeded' draws a new batch order on every pass: no dense "
+                       "oracle to compare with")
+    op = tjac.TrainingJacobian(prob)
     ref = tjac.Problem(recipe, model_backend="func")  # torch.func derivatives, not hand-derived
+    base, sel = op.trajectory.theta0.detach(), prob.selection
 
-    def train(theta):
+    def train(x):
+        theta = x if sel is None else torch.index_put(base, (sel,), x)
         state = ref.optimizer.init(theta)
         for t in range(ref.num_steps):
             state = ref.optimizer.update(state, grad(ref.loss)(state[0], t), t)
-        return state[0]
+        return state[0] if sel is None else state[0][sel]
 
     J = jacrev(train)(op.theta0)
     Jf = materialize(op)
-    I = torch.eye(op.shape[0], dtype=op.dtype)
+    I = torch.eye(P, dtype=op.dtype, device=op.device)
     Jr = op.rmatmat(I).T
     scale = float(J.abs().max())
+    if not math.isfinite(scale) or scale == 0:
+        print(f"P={P}: the dense oracle is {'zero' if scale == 0 else 'not finite'}: nothing to "
+              f"compare", file=sys.stderr)
+        return EXIT_FAILED
+    rtol = a.rtol if a.rtol is not None else (1e-10 if op.dtype == torch.float64 else 1e-4)
     ef, er = float((Jf - J).abs().max()) / scale, float((Jr - J).abs().max()) / scale
-    ok = ef <= a.rtol and er <= a.rtol
-    print(f"P={op.shape[0]}: JVP vs dense oracle {ef:.2e}, VJP vs dense oracle {er:.2e} "
-          f"(rtol {a.rtol:g}): {'OK' if ok else 'DISAGREE'}")
-    return 0 if ok else 1
+    ok = ef <= rtol and er <= rtol
+    print(f"{recipe.describe()}, P={P}, T={op.num_steps}: JVP vs dense oracle {ef:.2e}, VJP vs "
+          f"dense oracle {er:.2e} (rtol {rtol:g}): {'OK' if ok else 'DISAGREE'}")
+    return 0 if ok else EXIT_FAILED
 
 
 def _int_list(s, flag):

@@ -49,8 +49,11 @@ class Problem:
         self.data = data.load(recipe.data, dtype=self.dtype, device=self.device)
         n = self.data.x_train.shape[0]
         self.order = data.BatchOrder(n, recipe.batch_size, recipe.data.shuffle,
-                                     recipe.data.shuffle_seed, self.device)
+                                     recipe.data.shuffle_seed, self.device,
+                                     drop_last=recipe.data.drop_last)
         self.num_steps = self.order.per_epoch * recipe.epochs
+        if self.order.dropped:
+            log.warning("%s", dropped_note(n, recipe.batch_size, self.order.dropped))
         _refuse_oversized(recipe, models.count_params(recipe, self.data, self.dtype), self.dtype,
                           self.device)  # before a single parameter is allocated
         self.model = models.build(recipe, self.data, dtype=self.dtype, device=self.device,
@@ -219,6 +222,14 @@ class Problem:
             out[f"{split}_loss"] = loss / len(x)
             out[f"{split}_acc"] = hits / len(x)
         return out
+
+
+def dropped_note(n: int, batch_size: int, dropped: int) -> str:
+    """The one-line notice that ``dropped`` of ``n`` training examples are left out of every epoch."""
+    return (f"{dropped} of the {n} training examples are dropped every epoch: batch size "
+            f"{batch_size} leaves a partial last batch ({n // batch_size} full batches, "
+            f"{n // batch_size * batch_size} examples, per epoch); drop_last=False "
+            f"(--no-drop-last) trains on them as a smaller last batch")
 
 
 def _first_line(e: Exception) -> str:

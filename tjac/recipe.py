@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,10 @@ LOSSES = ("cross_entropy", "mse")  # or "package.module:function"
 DATA_VARIANTS = ("clean", "shuffled_labels", "white_noise")
 SHUFFLES = ("none", "seeded", "unseeded")
 OPTIMIZERS = ("sgd", "adam", "adamw", "custom")
+# Recipe.paper overrides that describe the built-in optimizers only (a user optimizer's own
+# settings go in its kwargs)
+BUILTIN_OPTIM_OVERRIDES = frozenset({"lr", "momentum", "nesterov", "weight_decay", "schedule",
+                                     "warmup_steps"})
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float64", "float32")
 
@@ -57,6 +62,47 @@ def _json_kwargs(what: str, kwargs) -> dict:
     except (TypeError, ValueError) as e:
         raise ValueError(f"`{what}` must hold only JSON values (numbers, strings, lists, dicts): "
                          f"{e}") from None
+
+
+def _same_json(value, default) -> bool:
+    """Whether the JSON value ``value`` is the Python default ``default`` (as JSON: 64 is not 64.0,
+    1 is not True; a tuple is its list)."""
+    try:
+        return json.dumps(value, sort_keys=True) == json.dumps(default, sort_keys=True)
+    except (TypeError, ValueError):  # a default that is not JSON (an object): never dropped
+        return False
+
+
+def canonical_kwargs(what: str, path: str, kwargs: dict) -> dict:
+    """``kwargs`` of the factory at import path ``path`` without those given at the factory's own
+    default value (``inspect.signature``), so passing a default explicitly makes the same recipe
+    (and the same hash and run id) as leaving it out. A name the factory does not take (and no
+    ``**kwargs`` to take it) is refused. Factories whose signature cannot be read, and arguments
+    that reach a ``**kwargs``, are kept as given."""
+    if not kwargs:
+        return kwargs
+    from .models.imports import resolve
+
+    obj = resolve(path, what=what)
+    if not callable(obj):
+        return kwargs
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):  # some builtins and C extensions
+        return kwargs
+    named = {n: p for n, p in params.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    out = {}
+    for k, v in kwargs.items():
+        p = named.get(k)
+        if p is None and not takes_any:
+            raise ValueError(f"{what} {path!r} takes no argument {k!r}; its keyword arguments are "
+                             f"{', '.join(named) or 'none'}")
+        if p is not None and p.default is not p.empty and _same_json(v, p.default):
+            continue
+        out[k] = v
+    return out
 
 
 def _import_path(what: str, path) -> None:
@@ -149,10 +195,13 @@ class DataSpec:
     are named ``"arrays:<sha256 prefix>"``. ``preprocess``: ``default`` (the source's convention:
     digits X/16, 8-bit images X/255, else none), ``none``, ``scale01`` (the training set's range
     onto [0, 1]) or ``standardize`` (per feature, training-set mean and std; constant features
-    become 0). ``test_size``/``split_seed`` apply to sklearn's sets only.
+    become 0). ``test_size``/``split_seed`` apply to sklearn's sets only. ``drop_last``: when the
+    batch size does not divide the number of training examples, drop the last ``n_train mod
+    batch_size`` examples of each epoch (True, the paper's loop; logged as a warning) or train on
+    them as a smaller last batch (False).
     """
 
-    _ADDED = ("preprocess",)
+    _ADDED = ("preprocess", "drop_last")
 
     name: str = "digits"
     variant: str = "clean"
@@ -163,9 +212,12 @@ class DataSpec:
     shuffle: str = "none"
     shuffle_seed: int = 0
     preprocess: str = "default"
+    drop_last: bool = True
     live: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
+        if not isinstance(self.drop_last, bool):
+            raise TypeError(f"`drop_last` must be true or false, got {self.drop_last!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"`dataset` must be a name ({', '.join(DATASETS)}) or a path, "
                              f"got {self.name!r}")
@@ -299,17 +351,20 @@ class Recipe:
         (explicit tuple), ``activation``, ``dropout``, ``epochs``, ``batch_size``, ``optimizer``
         (``sgd``; ``adam``/``adamw`` switch to lr 3e-3 unless ``lr`` is given), ``lr``,
         ``momentum``, ``weight_decay``, ``schedule``, ``warmup_steps``, ``clip_norm``, ``optimizer_factory``
-        (``optimizer="custom"``) with ``optimizer_kwargs``, ``data`` (a variant name), ``dataset`` (a
+        (``optimizer="custom"``) with ``optimizer_kwargs`` (``lr``, ``momentum``, ``nesterov``,
+        ``weight_decay``, ``schedule`` and ``warmup_steps`` are refused with it), ``data`` (a variant name), ``dataset`` (a
         name, a path, or arrays ``(X_train, y_train, X_test, y_test)`` / a dict with those keys),
-        ``preprocess``, ``n_train``, ``shuffle``, ``loss``, ``param_filter``, ``seed``, ``dtype``,
-        ``device``.
+        ``preprocess``, ``n_train``, ``shuffle``, ``drop_last``, ``loss``, ``param_filter``, ``seed``, ``dtype``,
+        ``device``. ``model_kwargs``/``optimizer_kwargs`` of an import path are canonical
+        (:func:`canonical_kwargs`): an argument at the factory's default value is dropped.
         """
         known = {"family", "width", "depth", "hidden", "activation", "dropout", "weight_init", "epochs",
                  "batch_size",
                  "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
                  "warmup_steps", "data", "variant_seed", "n_train", "shuffle", "shuffle_seed",
                  "seed", "dtype", "device", "model", "model_kwargs", "dataset", "preprocess",
-                 "loss", "param_filter", "clip_norm", "optimizer_factory", "optimizer_kwargs"}
+                 "loss", "param_filter", "clip_norm", "optimizer_factory", "optimizer_kwargs",
+                 "drop_last"}
         unknown = set(overrides) - known
         if unknown:
             raise TypeError(f"unknown override(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -335,7 +390,10 @@ class Recipe:
                 raise TypeError(f"{sorted(clash)} describe the built-in families; a user `model` "
                                 f"takes `model_kwargs` instead")
             if isinstance(user, str):
-                model = ModelSpec(family="module", factory=user, kwargs=user_kwargs or {})
+                _import_path("model", user)
+                model = ModelSpec(family="module", factory=user,
+                                  kwargs=canonical_kwargs("model", user,
+                                                          _json_kwargs("model kwargs", user_kwargs)))
             elif callable(user):
                 if user_kwargs:
                     raise TypeError("`model_kwargs` apply to an import path; call a live factory "
@@ -354,22 +412,46 @@ class Recipe:
                         variant_seed=o.pop("variant_seed", 0),
                         n_train=o.pop("n_train", None), shuffle=o.pop("shuffle", "none"),
                         shuffle_seed=o.pop("shuffle_seed", 0),
-                        preprocess=o.pop("preprocess", "default"), live=live_data)
+                        preprocess=o.pop("preprocess", "default"),
+                        drop_last=o.pop("drop_last", True), live=live_data)
         name = o.pop("optimizer", "sgd")
         lr = o.pop("lr", 3e-3 if name in ("adam", "adamw") else 0.1)
         factory = o.pop("optimizer_factory", None)
         if factory is not None and name == "sgd" and "optimizer" not in overrides:
             name = "custom"
+        opt_kwargs = o.pop("optimizer_kwargs", None) or {}
+        if name == "custom":
+            builtin_only = sorted(BUILTIN_OPTIM_OVERRIDES & set(overrides))
+            if builtin_only:
+                raise TypeError(f"{', '.join(map(repr, builtin_only))} appl"
+                                f"{'ies' if len(builtin_only) == 1 else 'y'} to the built-in "
+                                f"optimizers (sgd, adam, adamw), not to the user optimizer "
+                                f"{factory!r}; pass {'it' if len(builtin_only) == 1 else 'them'} "
+                                f"in `optimizer_kwargs` (--optimizer-kwargs)")
+            if isinstance(factory, str):
+                _import_path("optimizer", factory)
+                opt_kwargs = canonical_kwargs("optimizer", factory,
+                                              _json_kwargs("optimizer kwargs", opt_kwargs))
         optim = OptimSpec(name=name, lr=lr, momentum=o.pop("momentum", 0.9),
                           nesterov=o.pop("nesterov", False),
                           weight_decay=o.pop("weight_decay", 0.0),
                           schedule=o.pop("schedule", "cosine"),
                           warmup_steps=o.pop("warmup_steps", 0),
-                          clip_norm=o.pop("clip_norm", None), factory=factory,
-                          kwargs=o.pop("optimizer_kwargs", None) or {})
+                          clip_norm=o.pop("clip_norm", None), factory=factory, kwargs=opt_kwargs)
         if "param_filter" in o and o["param_filter"] is None:
             o["param_filter"] = ()
         return cls(model=model, data=data, optim=optim, **o)
+
+    def with_canonical_kwargs(self) -> "Recipe":
+        """This recipe with the kwargs of its model and optimizer factories (import paths) stripped
+        of arguments given at the factory's default (:func:`canonical_kwargs`): the form
+        :meth:`paper` builds. Not applied when reading a stored recipe (its hash stays as stored)."""
+        m, o = self.model, self.optim
+        if m.family == "module" and m.live is None and m.kwargs:
+            m = dataclasses.replace(m, kwargs=canonical_kwargs("model", m.factory, m.kwargs))
+        if o.name == "custom" and o.kwargs:
+            o = dataclasses.replace(o, kwargs=canonical_kwargs("optimizer", o.factory, o.kwargs))
+        return dataclasses.replace(self, model=m, optim=o)
 
     def describe(self) -> str:
         """A short label of the model and data, e.g. ``MLP[64] on digits``."""

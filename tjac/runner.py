@@ -521,6 +521,9 @@ def _summarize(run, run_id, op, check, seconds, tol):
     out = {"P": op.shape[0], "T": op.num_steps, "seconds": seconds, "tol": tol,
            "adjoint_rel_error": check.adjoint_rel_error,
            "spectrum": view.spectrum_summary(structural=structural_ones(op.problem))}
+    order = op.problem.order
+    out["batches"] = {"n_train": order.n, "batch_size": order.batch_size,
+                      "per_epoch": order.per_epoch, "dropped_per_epoch": order.dropped}
     for which in ("top", "bottom"):
         if store.solve_arrays(run, which) is not None:
             out[which] = view.solve_summary(which)
