@@ -274,7 +274,7 @@ class FuncOptimizer:
 
 def build(spec: OptimSpec, total_steps: int):
     if spec.name == "custom":
-        from .models.imports import resolve
+        from ._imports import resolve
 
         factory = resolve(spec.factory, what="optimizer")
         try:

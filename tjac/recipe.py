@@ -81,7 +81,7 @@ def canonical_kwargs(what: str, path: str, kwargs: dict) -> dict:
     that reach a ``**kwargs``, are kept as given."""
     if not kwargs:
         return kwargs
-    from .models.imports import resolve
+    from ._imports import resolve
 
     obj = resolve(path, what=what)
     if not callable(obj):

@@ -12,7 +12,7 @@ from torch import nn
 from . import losses
 from .._checks import seeded_construction
 from .base import Model, ModelError, ParamInfo, seed_dropouts
-from .imports import ImportPathError, resolve
+from .._imports import ImportPathError, resolve
 from .layers import SeededDropout, activation, activation_derivs, truncated_normal
 from .losses import cross_entropy, mse
 from .chain import matches as chain_matches

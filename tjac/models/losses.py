@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .imports import resolve
+from .._imports import resolve
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
