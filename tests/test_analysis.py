@@ -3,7 +3,8 @@ import torch
 
 import tjac
 from tjac.analysis import spectrum_summary, structural_ones, verify_structural
-from tjac.linalg import materialize, region_counts
+from tjac.analysis import region_counts
+from tjac.linalg import materialize
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adam"])

@@ -10,7 +10,7 @@ import torch
 import tjac
 from tjac.analysis import spectrum_summary
 from tjac.cli import main
-from tjac.linalg import region_counts
+from tjac.analysis import region_counts
 from tjac.query import open as open_store
 
 EPS = 1e-3

@@ -378,7 +378,7 @@ def _certified(w: dict) -> str:
 
 
 def _summary_table(out, png):
-    from .linalg.regions import format_count
+    from .analysis.regions import format_count
 
     s = out.summary
     sp = s["spectrum"]
@@ -495,7 +495,7 @@ def cmd_query(a):
         if a.json:
             print(json.dumps(out))
             return 0
-        from .linalg.regions import format_count
+        from .analysis.regions import format_count
 
         counts = ", ".join(f"{n} {format_count(out, n, sep=' ')}" for n in ("chaotic", "bulk", "stable"))
         known = (f"all {out['P']} sigma" if out["complete"] else

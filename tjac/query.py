@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import store
-from .linalg.regions import EPSILONS, region_counts
+from .analysis.regions import EPSILONS, region_counts
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ class Run:
         """Chaotic / bulk / stable at ``eps`` over :meth:`spectrum`, each value certified to its r:
         a count at face value (``None`` unless all P values are known), its bounds
         (``<region>_min``/``_max``), how many values are ``ambiguous`` (within r of a boundary) and
-        how many ``unknown`` (see :class:`tjac.linalg.Regions`)."""
+        how many ``unknown`` (see :class:`tjac.analysis.Regions`)."""
         import torch
 
         sp = self.spectrum()

@@ -1,9 +1,10 @@
 """The paper's analyses as functions of a recipe, an operator and solver results."""
 
+from .regions import EPSILONS, REGIONS, Regions, alignment, region_counts
 from .structural import StructuralOnes, structural_ones, verify_structural
 from .summary import spectrum_summary
 
-__all__ = ["StructuralOnes", "spectrum_summary", "structural_ones", "verify_structural"]
+__all__ = ["EPSILONS", "REGIONS", "Regions", "alignment", "region_counts", "StructuralOnes", "spectrum_summary", "structural_ones", "verify_structural"]
 from .experiments import AnalysisResult, movement, overlap_runs, subspace_overlap
 from .response import ood_kl, perturbation_response
 from .restricted import Complement, Whole, restricted_sweep, restricted_training

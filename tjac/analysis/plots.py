@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .regions import REGIONS
+
 REGION_COLORS = {"chaotic": "C3", "bulk": "C2", "stable": "C0"}
-REGIONS = ("chaotic", "bulk", "stable")
 
 
 def _plt():

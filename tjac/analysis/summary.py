@@ -1,6 +1,6 @@
 """Region counts, exactly-1 counts and alignment, gathered into one JSON-ready summary.
 
-Every count respects the certificates (see :mod:`tjac.linalg.regions`): a value s certified to r
+Every count respects the certificates (see :mod:`tjac.analysis.regions`): a value s certified to r
 is only known to lie in [s - r, s + r], and a partial spectrum leaves the other values unknown, so
 each count comes with its bounds and the number of ambiguous values, and is ``None`` at face value
 when not all P values are known.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..linalg import bound_only
-from ..linalg.regions import EPSILONS, alignment, interval_counts, region_counts
+from .regions import EPSILONS, alignment, interval_counts, region_counts
 
 
 def spectrum_summary(S: torch.Tensor, *, P: int, certificate=None, U=None, V=None,

@@ -9,7 +9,6 @@ from .decomp import ToleranceError, choose_method, default_tol, roundoff_floor, 
 from .dense import dense_svd, materialize
 from .plan import SolvePlan, plan_solve
 from .progress import Progress
-from .regions import Regions, alignment, region_counts
 
-__all__ = ["Progress", "SolvePlan", "plan_solve", "ToleranceError", "default_tol", "roundoff_floor", "BOUND_ONLY", "ConvergenceError", "bound_only", "DenseOperator", "Regions", "SVDResult", "choose_method",
-           "dense_svd", "fresh_residuals", "materialize", "orthonormalize", "region_counts", "svd", "alignment", "small_svd"]
+__all__ = ["Progress", "SolvePlan", "plan_solve", "ToleranceError", "default_tol", "roundoff_floor", "BOUND_ONLY", "ConvergenceError", "bound_only", "DenseOperator", "SVDResult", "choose_method",
+           "dense_svd", "fresh_residuals", "materialize", "orthonormalize", "svd", "small_svd"]
