@@ -330,41 +330,64 @@ def test_to_linear_operator_matches_the_dense_jacobian():
         L @ X.float()
 
 
-def test_gpytorch_lanczos_falls_short_where_ours_is_exact():
-    """Why the quadrature runs its own Lanczos (module doc of tjac.analysis.density): gpytorch's
-    lanczos_tridiag stops on an absolute beta <= 1e-6, so on J scaled by 1e-4 (the same spectrum
-    in other units) it ends after a few steps and its Gauss rule misses moments an m-step rule
-    has; ours is scale-invariant and matches the exact moments e^T A^j e / ||z||^2, j < 2m."""
-    from linear_operator.utils.lanczos import lanczos_tridiag
-
-    from tjac.analysis.density import _ProbeLanczos
-
+def _scaled_probe_and_moments(m):
+    """J scaled by 1e-4 (the spectrum of ``spectrum(0)`` in other units: J^T J up to 2.25e-6),
+    one Rademacher probe z, and the exact moments e^T A^j e of A = J^T J from e = z / ||z||,
+    j < 2m."""
     s = spectrum(0) * 1e-4
     op, _ = planted(s, seed=0)
-    P, m = len(s), 6
-    z = (torch.randint(0, 2, (P, 1), generator=torch.Generator().manual_seed(0),
+    z = (torch.randint(0, 2, (len(s), 1), generator=torch.Generator().manual_seed(0),
                        dtype=torch.float64) * 2 - 1)
     A = op.A.T @ op.A
-    zn = (z / z.norm()).flatten()
-    exact = np.array([float(zn @ torch.linalg.matrix_power(A, j) @ zn) for j in range(2 * m)])
+    e = (z / z.norm()).flatten()
+    exact = np.array([float(e @ torch.linalg.matrix_power(A, j) @ e) for j in range(2 * m)])
+    return op, A, z, exact
 
-    def moments(nodes, weights):
-        w = weights / weights.sum()
-        return np.array([float((w * nodes ** j).sum()) for j in range(2 * m)])
 
-    _, T = lanczos_tridiag(lambda X: A @ X, m, torch.float64, torch.device("cpu"), A.shape,
-                           init_vecs=z, tol=1e-10)
+def _moments(nodes, weights, m):
+    w = weights / weights.sum()
+    return np.array([float((w * nodes ** j).sum()) for j in range(2 * m)])
+
+
+def test_our_lanczos_is_scale_invariant_and_matches_the_exact_moments():
+    """Why the quadrature runs its own Lanczos (module doc of tjac.analysis.density): its
+    stopping test is relative to lambda_max, so on J scaled by 1e-4 (J^T J below 2.3e-6) all m
+    steps run and the m-node Gauss rule has the exact moments e^T A^j e, j < 2m; the same rule
+    of the unscaled J is the scaled one's nodes times 1e8 with the same weights."""
+    from tjac.analysis.density import _ProbeLanczos
+
+    m = 6
+    op, A, z, exact = _scaled_probe_and_moments(m)
+    runs = []
+    for J in (op, DenseOperator(op.A * 1e4)):
+        run = _ProbeLanczos(J, z, None)
+        for _ in range(m):
+            run.step()
+        runs.append(run.quadrature(len(z), np.zeros(0), 0.0))
+    q, big = runs
+    assert len(q.nodes[0]) == m and not any(q.exact)
+    assert np.allclose(_moments(q.nodes[0], q.weights[0], m), exact, rtol=1e-8, atol=0)
+    assert np.allclose(big.nodes[0] * 1e-8, q.nodes[0], rtol=1e-8)
+    assert np.allclose(big.weights[0], q.weights[0], rtol=1e-8)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "measured with linear_operator 0.6.1: lanczos_tridiag stops every probe on an absolute "
+    "beta <= 1e-6, so J scaled by 1e-4 ends after 2 of 6 steps and its rule misses the moments "
+    "j >= 4 by 9-95%; an XPASS means gpytorch fixed it (then reconsider using it)"))
+def test_gpytorch_lanczos_tridiag_runs_scaled_operators():
+    """gpytorch's Lanczos on the same scaled operator: it should run the m steps asked and give
+    the exact moments, as ours does. It does not (the xfail reason), which is why tjac does not
+    use it; the test documents that without failing the suite once gpytorch changes."""
+    lanczos = pytest.importorskip("linear_operator.utils.lanczos")
+    m = 6
+    _, A, z, exact = _scaled_probe_and_moments(m)
+    _, T = lanczos.lanczos_tridiag(lambda X: A @ X, m, torch.float64, torch.device("cpu"),
+                                   A.shape, init_vecs=z, tol=1e-10)
+    assert T.shape[-1] == m, f"stopped after {T.shape[-1]} of {m} steps"
     th, ev = torch.linalg.eigh(T)
-    theirs = moments(th.numpy(), (ev[0] ** 2).numpy())
-    run = _ProbeLanczos(op, z, None)
-    for _ in range(m):
-        run.step()
-    q = run.quadrature(P, np.zeros(0), 0.0)
-    ours = moments(q.nodes[0], q.weights[0])
-    scale = exact.copy()
-    assert np.allclose(ours, exact, rtol=1e-8, atol=0) and len(q.nodes[0]) == m
-    assert T.shape[-1] < m or not np.allclose(theirs, scale, rtol=1e-8, atol=0), \
-        "gpytorch's lanczos_tridiag now runs scaled operators: reconsider using it"
+    theirs = _moments(th.numpy(), (ev[0] ** 2).numpy(), m)
+    assert np.allclose(theirs, exact, rtol=1e-8, atol=0), theirs / exact - 1
 
 
 # -- stored in a run -------------------------------------------------------------------------------
