@@ -260,7 +260,13 @@ def test_float32_operators_detect_closed_krylov_spaces():
     q = slq(op32, probes=6, steps=50, seed=0, method="slq")
     assert q.steps <= 7 and all(q.exact)
     est, low, up = q.probe_counts(0.9, 1.1)
-    assert np.allclose(low, up)
+    # the closed rules are exact up to the float32 products' round-off (the estimates miss the
+    # exact measure by up to 4e-5 of ~20): the bracket keeps that spread (~6e-3) and no more
+    _, S, Vh = torch.linalg.svd(op32.A.double())
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randint(0, 2, (100, 6), generator=g, dtype=torch.float64) * 2 - 1
+    exact = ((Vh @ Z) ** 2)[(S >= 0.9) & (S <= 1.1)].sum(0).numpy()
+    assert np.all(low <= exact) and np.all(exact <= up) and np.all(up - low < 0.02)
 
 
 def test_regions_from_one_quadrature_bracket_each_region():
@@ -324,41 +330,64 @@ def test_to_linear_operator_matches_the_dense_jacobian():
         L @ X.float()
 
 
-def test_gpytorch_lanczos_falls_short_where_ours_is_exact():
-    """Why the quadrature runs its own Lanczos (module doc of tjac.analysis.density): gpytorch's
-    lanczos_tridiag stops on an absolute beta <= 1e-6, so on J scaled by 1e-4 (the same spectrum
-    in other units) it ends after a few steps and its Gauss rule misses moments an m-step rule
-    has; ours is scale-invariant and matches the exact moments e^T A^j e / ||z||^2, j < 2m."""
-    from linear_operator.utils.lanczos import lanczos_tridiag
-
-    from tjac.analysis.density import _ProbeLanczos
-
+def _scaled_probe_and_moments(m):
+    """J scaled by 1e-4 (the spectrum of ``spectrum(0)`` in other units: J^T J up to 2.25e-6),
+    one Rademacher probe z, and the exact moments e^T A^j e of A = J^T J from e = z / ||z||,
+    j < 2m."""
     s = spectrum(0) * 1e-4
     op, _ = planted(s, seed=0)
-    P, m = len(s), 6
-    z = (torch.randint(0, 2, (P, 1), generator=torch.Generator().manual_seed(0),
+    z = (torch.randint(0, 2, (len(s), 1), generator=torch.Generator().manual_seed(0),
                        dtype=torch.float64) * 2 - 1)
     A = op.A.T @ op.A
-    zn = (z / z.norm()).flatten()
-    exact = np.array([float(zn @ torch.linalg.matrix_power(A, j) @ zn) for j in range(2 * m)])
+    e = (z / z.norm()).flatten()
+    exact = np.array([float(e @ torch.linalg.matrix_power(A, j) @ e) for j in range(2 * m)])
+    return op, A, z, exact
 
-    def moments(nodes, weights):
-        w = weights / weights.sum()
-        return np.array([float((w * nodes ** j).sum()) for j in range(2 * m)])
 
-    _, T = lanczos_tridiag(lambda X: A @ X, m, torch.float64, torch.device("cpu"), A.shape,
-                           init_vecs=z, tol=1e-10)
+def _moments(nodes, weights, m):
+    w = weights / weights.sum()
+    return np.array([float((w * nodes ** j).sum()) for j in range(2 * m)])
+
+
+def test_our_lanczos_is_scale_invariant_and_matches_the_exact_moments():
+    """Why the quadrature runs its own Lanczos (module doc of tjac.analysis.density): its
+    stopping test is relative to lambda_max, so on J scaled by 1e-4 (J^T J below 2.3e-6) all m
+    steps run and the m-node Gauss rule has the exact moments e^T A^j e, j < 2m; the same rule
+    of the unscaled J is the scaled one's nodes times 1e8 with the same weights."""
+    from tjac.analysis.density import _ProbeLanczos
+
+    m = 6
+    op, A, z, exact = _scaled_probe_and_moments(m)
+    runs = []
+    for J in (op, DenseOperator(op.A * 1e4)):
+        run = _ProbeLanczos(J, z, None)
+        for _ in range(m):
+            run.step()
+        runs.append(run.quadrature(len(z), np.zeros(0), 0.0))
+    q, big = runs
+    assert len(q.nodes[0]) == m and not any(q.exact)
+    assert np.allclose(_moments(q.nodes[0], q.weights[0], m), exact, rtol=1e-8, atol=0)
+    assert np.allclose(big.nodes[0] * 1e-8, q.nodes[0], rtol=1e-8)
+    assert np.allclose(big.weights[0], q.weights[0], rtol=1e-8)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "measured with linear_operator 0.6.1: lanczos_tridiag stops every probe on an absolute "
+    "beta <= 1e-6, so J scaled by 1e-4 ends after 2 of 6 steps and its rule misses the moments "
+    "j >= 4 by 9-95%; an XPASS means gpytorch fixed it (then reconsider using it)"))
+def test_gpytorch_lanczos_tridiag_runs_scaled_operators():
+    """gpytorch's Lanczos on the same scaled operator: it should run the m steps asked and give
+    the exact moments, as ours does. It does not (the xfail reason), which is why tjac does not
+    use it; the test documents that without failing the suite once gpytorch changes."""
+    lanczos = pytest.importorskip("linear_operator.utils.lanczos")
+    m = 6
+    _, A, z, exact = _scaled_probe_and_moments(m)
+    _, T = lanczos.lanczos_tridiag(lambda X: A @ X, m, torch.float64, torch.device("cpu"),
+                                   A.shape, init_vecs=z, tol=1e-10)
+    assert T.shape[-1] == m, f"stopped after {T.shape[-1]} of {m} steps"
     th, ev = torch.linalg.eigh(T)
-    theirs = moments(th.numpy(), (ev[0] ** 2).numpy())
-    run = _ProbeLanczos(op, z, None)
-    for _ in range(m):
-        run.step()
-    q = run.quadrature(P, np.zeros(0), 0.0)
-    ours = moments(q.nodes[0], q.weights[0])
-    scale = exact.copy()
-    assert np.allclose(ours, exact, rtol=1e-8, atol=0) and len(q.nodes[0]) == m
-    assert T.shape[-1] < m or not np.allclose(theirs, scale, rtol=1e-8, atol=0), \
-        "gpytorch's lanczos_tridiag now runs scaled operators: reconsider using it"
+    theirs = _moments(th.numpy(), (ev[0] ** 2).numpy(), m)
+    assert np.allclose(theirs, exact, rtol=1e-8, atol=0), theirs / exact - 1
 
 
 # -- stored in a run -------------------------------------------------------------------------------
@@ -570,3 +599,38 @@ def test_extrapolated_steps_do_not_overflow_when_the_bracket_stalls():
     assert _extrapolate(hist, 0.05, None) is None          # the plain recurrence: no estimate
     assert _extrapolate(hist, 0.05, 1000) == 1000          # capped by a spanning basis
     assert _extrapolate([(100, 40.0, 100.0), (200, 20.0, 100.0)], 0.05, None) == 800  # 1/m
+
+
+def test_float32_brackets_contain_each_probes_exact_measure_with_ends_off_the_values():
+    """A float32 operator (products in float32, the recurrence in float64): the products'
+    round-off makes the rules those of a J^T J + H with ||H|| ~ eps32 sigma_max^2, which moves
+    mass across an end even when no sigma lies near it: 362 of these 504 per-probe brackets
+    missed with the float32 recurrence, 358 with the float64 one alone (misses of ~1e-4 of a
+    probe's count). Every per-probe bracket must contain the exact measure of the float32 matrix
+    (float64 SVD), and stay narrow where float32 resolves the ends."""
+    f = dict(dtype=torch.float64)
+    s = torch.cat([torch.logspace(-3, -1.4, 20, **f), torch.linspace(0.05, 4, 100, **f)])
+    op, _ = planted(s, seed=1)
+    A32 = op.A.float()
+    op32 = DenseOperator(A32)
+    _, S, Vh = torch.linalg.svd(A32.double())
+    sig = S.flip(0).numpy()                          # ascending, with their right vectors
+    g = torch.Generator().manual_seed(2)
+    Z = torch.randint(0, 2, (len(s), 6), generator=g, dtype=torch.float64) * 2 - 1
+    w = ((Vh.flip(0) @ Z) ** 2).numpy()              # (values, probes)
+    mids = np.sqrt(sig[:-1] * sig[1:])               # ends halfway (in log) between values
+    rng = np.random.default_rng(0)
+    pairs = [sorted(rng.choice(len(mids), 2, replace=False)) for _ in range(84)]
+    q = slq(op32, probes=6, steps=120, seed=2, method="slq")   # converged: narrow brackets
+    assert q.roundoff() > 0
+    missed, widths = 0, []
+    for i, j in pairs:
+        lo, hi = float(mids[i]), float(mids[j])
+        exact = w[(sig >= lo) & (sig <= hi)].sum(0)
+        _, low, up = q.probe_counts(lo, hi)
+        missed += int(((low > exact + 1e-9) | (exact > up + 1e-9)).sum())
+        if lo > 0.1:
+            widths.append(float((up - low).mean()))
+    assert missed == 0, missed
+    # far below sigma_max's round-off the width stays a small share of a probe's count (~60)
+    assert max(widths) < 0.1, max(widths)

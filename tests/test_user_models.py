@@ -236,11 +236,26 @@ def test_mse_regression_matches_a_closed_form_free_oracle():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not tjac.replay.compiler_available(), reason="torch.compile needs a C++ compiler")
-@pytest.mark.parametrize("name", ["plain_mlp", "tiny_block"])
+@pytest.mark.parametrize("name", ["plain_mlp", pytest.param("tiny_block", marks=pytest.mark.xfail(
+    strict=False, reason="measured on torch 2.13 CPU: torch.compile gives tiny_block wrong products "
+    "(JVP off by 2.0e-2, VJP by 1.4e-2 against eager); the replay's guard falls back to eager, "
+    "which the products-only comparison used to pass"))])
 def test_user_model_compiled_backend_matches_eager(name):
-    """torch.compile of functional_call steps, with clipping: the products (after the replay's own
-    check against eager, which falls back on a wrong graph) equal eager's to 1e-12."""
-    _agrees_with_eager(tjac.Recipe.paper(**MODELS[name], clip_norm=0.05, **SMALL), "compiled")
+    """torch.compile of functional_call steps, with clipping: the products equal eager's to 1e-12,
+    and they are the compiled graphs' own. The replay checks its first product in each direction
+    against eager and on a mismatch falls back to eager for good, so equal products alone would
+    pass with compile broken: both directions must have passed that check, with no fallback."""
+    op, _ = _agrees_with_eager(tjac.Recipe.paper(**MODELS[name], clip_norm=0.05, **SMALL),
+                               "compiled")
+    assert_ran_compiled(op)
+
+
+def assert_ran_compiled(op):
+    """``op``'s products came from its compiled graphs: no direction fell back to eager, and the
+    first product of each (a full replay) passed the check against eager."""
+    rp = op._replay
+    assert rp.name == "compiled" and rp.fallback == {}, getattr(rp, "fallback", None)
+    assert {("jvp", False), ("vjp", False)} <= rp._verified, rp._verified
 
 
 def _agrees_with_eager(recipe, backend):

@@ -6,9 +6,9 @@ components τ_j of its eigenvectors, scaled by ‖z‖², are the nodes and weig
 rule of the spectral measure μ_z = Σ_i (zᵀv_i)² δ(λ − σ_i²). Since E[(zᵀv_i)²] = 1, the number of
 σ_i in [lo, hi] is E[μ_z([lo², hi²])]: one probe is one unbiased sample, and every probe's
 products share one training replay (the probes are the columns of one block). By default
-(``reorth='full'``) each probe is reorthogonalized in full (twice, classical Gram–Schmidt) in the
-operator's dtype (float64 by default: a float32 operator gives float32 rules, with the breakdown
-test at 1e3 eps), so T_m is the exact Gauss rule to round-off: no ghost copies of the large
+(``reorth='full'``) each probe is reorthogonalized in full (twice, classical Gram–Schmidt) in
+float64 (a float32 operator's products are promoted; the breakdown test is at 1e3 eps of the
+operator's dtype), so T_m is the exact Gauss rule to round-off: no ghost copies of the large
 values. ``reorth='none'`` keeps no basis (below).
 
 **A probe whose Krylov space closes** (β_m below 1e-8 λ_max, round-off amplified by the basis'
@@ -36,10 +36,23 @@ at 2,500 steps where the full recurrence reached 10% at 500 (BENCHMARKS.md, "Int
 about ten times the products. It is for memory, not speed; ``reorth='auto'`` takes the full
 recurrence while its basis fits.
 
-**Precision.** Every rule is exact only to the round-off of the operator's dtype, about
-ε σ_max² in σ²: in float64 that is far below any window counted here, but in float32 (ε = 1.2e-7)
-ends below ~3e-4 σ_max, ends within ~1e-7 σ_max² of a σ², and windows narrower than that are not
-guaranteed (float64 is the default; a float32 operator gives float32 rules).
+**Precision.** The recurrence, its basis and its reorthogonalization run in float64 whatever
+the operator's dtype (a float32 operator's products are promoted: the basis takes 8 bytes a
+value). The products keep their own round-off: a float32 product gives (JᵀJ + E) x with
+‖E x‖ ≈ 0.7–1.3 ε σ_max² for a unit x (ε = 1.2e-7, measured at P = 120–500), so the rules are
+those of a JᵀJ + H with ‖H‖ ≲ η = 2 ε σ_max² (``ROUNDOFF_SPREAD``, :meth:`Quadrature.roundoff`).
+H moves each atom by at most η, and it turns the eigenvectors: mass crosses an end t even where
+no σ² lies near it, to first order at most about √(F (M − F)) ‖H‖ / d (F the probe's mass below
+t, M its total, d the distance from t to the nearest σ²). For products below float64 each
+probe's bracket is therefore taken with its ends moved out (in) by η and widened at each end by
+that term, with d the distance to the rule's nearest Gauss node. This is a round-off model, not
+a theorem: on planted float32 spectra (P = 120–300, ends between the σ, both recurrences)
+13–50% of the per-probe brackets missed the exact measure without it (by ~1e-4 of a probe's
+count; 362 of the 504 converged ones in ``tests/test_density.py``, 358 with the float64
+recurrence alone), none with it, and the largest miss it had to cover was under 1% of the
+term. The price is width where float32 cannot tell: ends below ~5e-4 σ_max, within ~η of a σ²,
+or near a Gauss node open the bracket instead of missing. In float64 the term is left out (η
+would be ~4e-16 σ_max², far below any window counted here): float64 results are unchanged.
 
 **A bracket you can defend.** The m Lanczos steps fix the first 2m + 1 moments of μ_z (the
 coefficients α_1…α_m, β_1…β_m). Among all measures with those moments, the distribution function
@@ -110,6 +123,10 @@ BREAKDOWN = 1e-8            # float64; in a lower precision 1e3 eps of the opera
 DENSE_MEMORY_SHARE = 0.5   # the dense fallback may use this share of the available memory
 CHECK_SPACING = 0.05       # resolution checks at least this share of the steps apart (overshoot)
 RADAU_STEP_OFF = 4         # times a Radau end may step off a Gauss node (1e-9 scale, then x10)
+# products below float64 (float32): J^T J x comes back as (J^T J + E) x, ||E x|| measured at
+# 0.7-1.3 eps sigma_max^2 per unit x (P = 120-500, float32); the rules are then those of a
+# J^T J + H with ||H|| within about this many eps sigma_max^2 (module doc, "Precision")
+ROUNDOFF_SPREAD = 2.0
 
 
 @dataclass(frozen=True)
@@ -181,50 +198,40 @@ class Quadrature:
     def probe_counts(self, lo: float, hi: float):
         """(estimate, lower, upper) per probe for the σ interval [lo, hi] (deflated values
         excluded); a probe that closed on a zero beta has an exact rule (lower = upper, but for
-        nodes within round-off of an end, which count on both sides)."""
+        nodes within round-off of an end, which count on both sides). Products in a precision
+        below float64 widen each bracket by their round-off (:meth:`roundoff`, module doc)."""
         a, b = lo * lo, hi * hi
+        eta = self.roundoff()
         est, low, up = [], [], []
         jac = self.jacobi or [None] * len(self.nodes)
         for x, w, exact, ab in zip(self.nodes, self.weights, self.exact, jac):
             c = np.concatenate([[0.0], np.cumsum(w)])          # c[p] = sum of the first p weights
             inside = (x >= a) & (x <= b)
             est.append(float(w[inside].sum()))
-            if ab is not None and ab[1][-1] > 0:
-                # Markov-Krein: F(t - 0) in [L_t, L_t + rho_t] and F(t) in the same, from the
-                # Gauss-Radau rule through t (L_t: its mass below t, rho_t: its mass at t). A
-                # probe that closed keeps the (round-off) beta it closed at: its rule is exact
-                # only up to that beta, so an end close to a node stays open (module doc;
-                # values below the round-off of J^T J, sigma^2 < ~1e-8 sigma_max^2, included)
-                Fa = (0.0, 0.0) if a <= 0.0 else _radau_bounds(*ab, c[-1], a)
-                Fb = (c[-1], c[-1]) if b == math.inf else _radau_bounds(*ab, c[-1], b)
-                low.append(max(0.0, Fb[0] - Fa[1]))
-                up.append(max(0.0, Fb[1] - Fa[0]))
-                continue
-            if exact and ab is not None:  # closed on a zero beta: the rule is the measure itself,
-                # its nodes to the round-off of the operator's dtype: a node that close to an end
-                # may lie on either side of it (nothing lies below 0: J^T J >= 0)
-                tol = 1e3 * self.eps * max(float(x.max(initial=0.0)), a,
-                                           b if b < math.inf else 0.0)
-                a_lo, a_up = (-math.inf, -math.inf) if a <= 0.0 else (a + tol, a - tol)
-                low.append(float(w[(x >= a_lo) & (x <= b - tol)].sum()))
-                up.append(float(w[(x >= a_up) & (x <= b + tol)].sum()))
-                continue
-            # no coefficients (a rule built elsewhere): the Gauss rule's own partial sums, for a
-            # closed probe too (its rule is exact only up to the beta it closed at)
-            pb = int(np.searchsorted(x, b, side="right"))      # nodes <= b: indices < pb
-            pa = int(np.searchsorted(x, a, side="left"))       # nodes < a: indices < pa
-            n = len(x)
-            # F(b): node p = pb - 1 is the last <= b; lower sum_{j<p}, upper sum_{j<=p+1}
-            Fb_lo, Fb_up = c[max(pb - 1, 0)], c[min(pb + 1, n)]
-            if b == math.inf:   # the whole measure
-                Fb_lo = Fb_up = c[n]
-            # F(a - 0): the last node < a is pa - 1
-            Fa_lo, Fa_up = c[max(pa - 1, 0)], c[min(pa + 1, n)]
-            if a <= 0.0:        # J^T J >= 0: nothing lies below 0
-                Fa_lo = Fa_up = 0.0
-            low.append(max(0.0, Fb_lo - Fa_up))
-            up.append(max(0.0, Fb_up - Fa_lo))
+            if eta == 0.0:
+                lw, uw = _bracket(x, w, c, exact, ab, a, b, self.eps)
+            else:
+                # the rules are those of J^T J + H, ||H|| <= eta: each atom moved by at most
+                # eta (the ends step out, or in, by it) and each end's count moved by the
+                # first-order perturbation of the spectral projector (_roundoff_mass)
+                a_in, a_out = (a, a) if a <= 0.0 else (a + eta, max(a - eta, 0.0))
+                b_in, b_out = (b, b) if b == math.inf else (b - eta, b + eta)
+                lw = _bracket(x, w, c, exact, ab, a_in, b_in, self.eps)[0] if b_in > a_in \
+                    else 0.0
+                uw = _bracket(x, w, c, exact, ab, a_out, b_out, self.eps)[1]
+                r = _roundoff_mass(x, c, a, eta) + _roundoff_mass(x, c, b, eta)
+                lw, uw = max(0.0, lw - r), min(float(c[-1]), uw + r)
+            low.append(lw)
+            up.append(uw)
         return np.array(est), np.array(low), np.array(up)
+
+    def roundoff(self) -> float:
+        """The spread, in σ², that the products' round-off gives the rules' measure: 0 for
+        float64 products (the recurrence's own round-off, handled in place), else
+        ``ROUNDOFF_SPREAD`` eps σ_max² of the operator's dtype (module doc)."""
+        if self.method == "dense" or self.eps <= float(np.finfo(np.float64).eps):
+            return 0.0
+        return ROUNDOFF_SPREAD * self.eps * self.sigma_max ** 2
 
     def count(self, lo: float, hi: float, *, confidence: float = 0.95,
               resolved: bool = True) -> IntervalCount:
@@ -332,13 +339,14 @@ def slq(op, *, probes: int = 16, steps: int = 200, seed: int = 0, deflate=None,
     if target is not None:
         _check_interval(*target)
     V, dsig = _deflation(deflate, P)
+    work = _work_dtype(op.dtype)
     if V is not None:
-        V = V.to(op.device, op.dtype)
+        V = V.to(op.device, work)
     if method == "dense":
         return _dense(op, V, dsig)
     t0 = time.perf_counter()
     budget = _available(available_bytes, op.device)
-    per_step = P * probes * op.dtype.itemsize
+    per_step = P * probes * work.itemsize   # the basis is kept in the recurrence's dtype
     space = P - (0 if V is None else V.shape[1])
     need = (min(steps, space) + 2) * per_step  # the full basis
     if reorth == "auto":
@@ -351,7 +359,7 @@ def slq(op, *, probes: int = 16, steps: int = 200, seed: int = 0, deflate=None,
                           f"per call, fewer steps or reorth='none'")
     gen = torch.Generator().manual_seed(int(seed))
     Z = (torch.randint(0, 2, (P, probes), generator=gen, dtype=torch.float64) * 2 - 1)
-    Z = Z.to(op.device, op.dtype)
+    Z = Z.to(op.device, work)
     if V is not None:
         Z = Z - V @ (V.T @ Z)
     run = _ProbeLanczos(op, Z, V, reorth=reorth)
@@ -503,13 +511,17 @@ class _ProbeLanczos:
         self.beta_closed = np.zeros(N)        # the (round-off) beta at which a probe closed
         self.products = 0
         self.lam_max = 0.0
+        # the products' round-off (the operator's dtype), whatever the recurrence runs in
+        self.eps = float(torch.finfo(op.dtype).eps)
 
     @property
     def m(self):
         return len(self.alpha)
 
     def _apply(self, X):
-        W = self.op.rmatmat(self.op.matmat(X))
+        # in the operator's dtype; a lower precision's products come back promoted (the
+        # recurrence, its basis and its reorthogonalization run in float64: _work_dtype)
+        W = self.op.rmatmat(self.op.matmat(X.to(self.op.dtype))).to(X.dtype)
         self.products += 2 * X.shape[1]
         if self.V is not None:
             W = W - self.V @ (self.V.T @ W)
@@ -543,7 +555,7 @@ class _ProbeLanczos:
         self.alpha.append(an)
         self.length[act.numpy()] += 1
         self.lam_max = max(self.lam_max, float(np.abs(an).max()) + 2 * float(bn.max()))
-        eps, scale = torch.finfo(W.dtype).eps, max(self.lam_max, 1e-300)
+        eps, scale = self.eps, max(self.lam_max, 1e-300)
         closed = act.numpy() & (bn <= max(BREAKDOWN, 1e3 * eps) * scale)
         self.exact |= closed
         self.beta_closed[closed] = np.where(bn[closed] <= eps * scale, 0.0, bn[closed])
@@ -594,7 +606,7 @@ class _ProbeLanczos:
             smax = max(smax, float(dsig.max()))
         return Quadrature(nodes, weights, P, len(nodes), int(self.length.max()), self.products,
                           time.perf_counter() - t0, smax, list(self.exact), dsig, jacobi=jacobi,
-                          reorth=self.reorth, eps=float(torch.finfo(self.Q[-1].dtype).eps))
+                          reorth=self.reorth, eps=self.eps)
 
 
 class _Basis:
@@ -621,6 +633,57 @@ class _Basis:
         for c, a in zip(self.chunks, coefs):
             w = w - torch.bmm(c, a)
         return w.squeeze(2).T
+
+
+def _bracket(x, w, c, exact, ab, a, b, eps):
+    """(lower, upper) on one probe's count over [a, b] (in σ²) from its rule: Gauss nodes ``x``,
+    weights ``w`` (partial sums ``c``), ``exact`` (closed), Lanczos coefficients ``ab`` (or
+    None); ``eps``: the operator dtype's round-off."""
+    if ab is not None and ab[1][-1] > 0:
+        # Markov-Krein: F(t - 0) in [L_t, L_t + rho_t] and F(t) in the same, from the
+        # Gauss-Radau rule through t (L_t: its mass below t, rho_t: its mass at t). A
+        # probe that closed keeps the (round-off) beta it closed at: its rule is exact
+        # only up to that beta, so an end close to a node stays open (module doc;
+        # values below the round-off of J^T J, sigma^2 < ~1e-8 sigma_max^2, included)
+        Fa = (0.0, 0.0) if a <= 0.0 else _radau_bounds(*ab, c[-1], a)
+        Fb = (c[-1], c[-1]) if b == math.inf else _radau_bounds(*ab, c[-1], b)
+        return max(0.0, Fb[0] - Fa[1]), max(0.0, Fb[1] - Fa[0])
+    if exact and ab is not None:  # closed on a zero beta: the rule is the measure itself,
+        # its nodes to the round-off of the operator's dtype: a node that close to an end
+        # may lie on either side of it (nothing lies below 0: J^T J >= 0)
+        tol = 1e3 * eps * max(float(x.max(initial=0.0)), a, b if b < math.inf else 0.0)
+        a_lo, a_up = (-math.inf, -math.inf) if a <= 0.0 else (a + tol, a - tol)
+        return (float(w[(x >= a_lo) & (x <= b - tol)].sum()),
+                float(w[(x >= a_up) & (x <= b + tol)].sum()))
+    # no coefficients (a rule built elsewhere): the Gauss rule's own partial sums, for a
+    # closed probe too (its rule is exact only up to the beta it closed at)
+    pb = int(np.searchsorted(x, b, side="right"))      # nodes <= b: indices < pb
+    pa = int(np.searchsorted(x, a, side="left"))       # nodes < a: indices < pa
+    n = len(x)
+    # F(b): node p = pb - 1 is the last <= b; lower sum_{j<p}, upper sum_{j<=p+1}
+    Fb_lo, Fb_up = c[max(pb - 1, 0)], c[min(pb + 1, n)]
+    if b == math.inf:   # the whole measure
+        Fb_lo = Fb_up = c[n]
+    # F(a - 0): the last node < a is pa - 1
+    Fa_lo, Fa_up = c[max(pa - 1, 0)], c[min(pa + 1, n)]
+    if a <= 0.0:        # J^T J >= 0: nothing lies below 0
+        Fa_lo = Fa_up = 0.0
+    return max(0.0, Fb_lo - Fa_up), max(0.0, Fb_up - Fa_lo)
+
+
+def _roundoff_mass(x, c, t, eta) -> float:
+    """How much of one probe's mass the products' round-off (a symmetric H, ||H|| <= ``eta``)
+    can move across the end t: the first-order change of the spectral projector below t,
+    z^T (P_H - P) z, is at most about sqrt(F (M - F)) ||H|| / d for the mass F below t, the
+    total M and d the distance from t to the nearest value (here: the nearest Gauss node ``x``;
+    ``c``: the rule's partial sums). 0 at t = 0 and t = inf (F is exact there); M at a node."""
+    if t <= 0.0 or t == math.inf or len(x) == 0:
+        return 0.0
+    M = float(c[-1])
+    F = float(c[int(np.searchsorted(x, t, side="left"))])
+    d = float(np.min(np.abs(x - t)))
+    r = eta * math.sqrt(max(F * (M - F), 0.0))
+    return M if r >= M * d else r / d
 
 
 def _radau_bounds(alpha, beta, mass, t, _depth=0):
@@ -694,6 +757,15 @@ def _dense_is_cheaper(run, P, target, rtol, steps, budget) -> bool:
     else:
         need = steps
     return 2 * int(run.active.shape[0]) * need > P
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The Lanczos recurrence's dtype: float64 for an operator in a lower precision (its
+    products are promoted; the basis and the reorthogonalization then add no round-off of their
+    own to the products'), else the operator's."""
+    if dtype.is_floating_point and torch.finfo(dtype).bits < 64:
+        return torch.float64
+    return dtype
 
 
 def _check_interval(lo, hi):
