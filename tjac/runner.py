@@ -20,6 +20,7 @@ import torch
 
 from . import __version__, _checks, distributed, query, replay, store
 from .analysis import structural_ones
+from .analysis.summary import trivial_spectrum
 from .checkpoint import LanczosCheckpoint
 from .linalg import Progress, default_tol, fresh_residuals, plan_solve, small_svd, svd
 from .linalg.dense import column_blocks, dense_bottom_torch, dense_values, numpy_dtype
@@ -515,6 +516,11 @@ def _summarize(run, run_id, op, check, seconds, tol):
         if store.solve_arrays(run, which) is not None:
             out[which] = view.solve_summary(which)
     out["train"] = op.problem.evaluate(op.trajectory.thetaT, op.trajectory.buffers)
+    # J = c I (the check's probes) or all sigma equal (the two ends): said, logged and stored
+    out["warnings"] = trivial_spectrum(getattr(check, "scalar", None), out["spectrum"],
+                                       both_ends="top" in out and "bottom" in out, tol=tol)
+    for w in out["warnings"]:
+        log.warning("run %s: %s", run_id, w)
     out["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return out
 
