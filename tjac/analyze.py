@@ -515,19 +515,19 @@ def known_regions(run, eps: float, problem=None) -> dict:
     (:mod:`tjac.analysis.structural`, exact whatever the solves found): the bulk holds at least
     that many at any eps, so the other regions' upper bounds drop by what the bulk's lower bound
     gains. ``structural_ones`` says how many there are (None when the run's recipe cannot be
-    rebuilt here, e.g. in-memory data: then the counts are the stored solves' alone). Counts
-    already exact are left alone; a structural count above the bulk's upper bound (the solves
+    rebuilt here, e.g. in-memory data, or its data changed since (:func:`tjac.rebuild.problem_of`):
+    then the counts are the stored solves' alone). Counts already exact are left alone; a structural count above the bulk's upper bound (the solves
     certify more values outside the bulk than the derivation allows) is reported
     (``structural_conflict``) and not applied."""
     from .analysis.structural import structural_ones
-    from .problem import Problem
 
     reg = dict(run.regions(eps))
     try:
         n1 = int(structural_ones(problem if problem is not None
-                                 else Problem(run.recipe)).n_exact_singular)
-    except (ValueError, ImportError) as e:  # a recipe naming in-memory arrays, a live module, or
-        # code that does not import here (DataError, ModelError, ImportPathError)
+                                 else rebuild.problem_of(run)).n_exact_singular)
+    except (ValueError, ImportError) as e:  # a recipe naming in-memory arrays, a live module,
+        # code that does not import here (DataError, ModelError, ImportPathError), or data that
+        # changed since the run (StoreError)
         log.warning("run %s: structural sigma = 1 directions not derived (%s)", run.id, e)
         reg["structural_ones"] = None
         return reg
