@@ -80,7 +80,8 @@ def _check_what(what) -> list[str]:
     return list(dict.fromkeys(what))
 
 
-_OPTIONAL = ("overlap", "ood", "jacobian-null", "density")  # left out of "all" where they cannot run
+# left out of "all that apply" where they cannot run
+_OPTIONAL = ("overlap", "ood", "jacobian-null", "density")
 
 
 def _applicable(todo, explicit, run, oth, problem, ones, top, bottom, *, dense, eps, eps_grid,
@@ -516,9 +517,9 @@ def known_regions(run, eps: float, problem=None) -> dict:
     that many at any eps, so the other regions' upper bounds drop by what the bulk's lower bound
     gains. ``structural_ones`` says how many there are (None when the run's recipe cannot be
     rebuilt here, e.g. in-memory data, or its data changed since (:func:`tjac.rebuild.problem_of`):
-    then the counts are the stored solves' alone). Counts already exact are left alone; a structural count above the bulk's upper bound (the solves
-    certify more values outside the bulk than the derivation allows) is reported
-    (``structural_conflict``) and not applied."""
+    then the counts are the stored solves' alone). Counts already exact are left alone; a
+    structural count above the bulk's upper bound (the solves certify more values outside the bulk
+    than the derivation allows) is reported (``structural_conflict``) and not applied."""
     from .analysis.structural import structural_ones
 
     reg = dict(run.regions(eps))
