@@ -277,3 +277,18 @@ class PartlyFrozen(nn.Module):
 
 def partly_frozen(width=8):
     return PartlyFrozen(width)
+
+
+def lion_sign(lr=0.02, beta1=0.9, beta2=0.99, weight_decay=0.0):
+    """Lion (Chen et al. 2023) in the optax style: the step is lr * sign(interpolated momentum),
+    whose derivative is zero, so J = (1 - lr * weight_decay)^T I exactly."""
+
+    def init(params):
+        return (torch.zeros_like(params),)
+
+    def update(grads, state, params, step):
+        (m,) = state
+        u = torch.sign(beta1 * m + (1 - beta1) * grads) + weight_decay * params
+        return -lr * u, (beta2 * m + (1 - beta2) * grads,)
+
+    return init, update

@@ -23,9 +23,10 @@ import logging
 import numpy as np
 import torch
 
-from . import query, store
-from .analysis.experiments import (AnalysisResult, _need_solve, check_eps, complement_basis, movement,
-                          overlap_runs, random_basis, regions_of, subspace_overlap)
+from . import query, rebuild, store
+from .analysis.experiments import (AnalysisResult, _need_solve, check_eps, check_eps_grid,
+                                   complement_basis, movement, overlap_runs, random_basis,
+                                   regions_of, subspace_overlap)
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +56,16 @@ def _stored(run, which):
 
 
 def _dense(problem, run) -> Triplets:
-    import torch
-
     from .linalg import materialize
-    from .operator import TrainingJacobian
 
     P = run.P
     if P > DENSE_MAX_P:
         raise ValueError(f"--dense forms J (P x P); P = {P} > {DENSE_MAX_P}: use the stored solves")
-    op = TrainingJacobian(problem)
-    if not np.array_equal(op.thetaT.cpu().numpy(), run.thetaT()):
-        raise ValueError(f"run {run.id!r}: retraining does not reproduce the stored theta_T")
+    op = rebuild.operator_of(run, problem)  # theta_T checked against the stored one
     U, S, Vh = torch.linalg.svd(materialize(op))
-    return Triplets(S.cpu().numpy(), U.cpu().numpy(), Vh.T.cpu().numpy(), "dense")
+    out = Triplets(S.cpu().numpy(), U.cpu().numpy(), Vh.T.cpu().numpy(), "dense")
+    out.problem = op.problem  # (the one that reproduced theta_T)
+    return out
 
 
 def _check_what(what) -> list[str]:
@@ -82,6 +80,72 @@ def _check_what(what) -> list[str]:
     return list(dict.fromkeys(what))
 
 
+# left out of "all that apply" where they cannot run
+_OPTIONAL = ("overlap", "ood", "jacobian-null", "density")
+
+
+def _applicable(todo, explicit, run, oth, problem, ones, top, bottom, *, dense, eps, eps_grid,
+                ks) -> list[str]:
+    """``todo`` with every analysis' preconditions checked before any work: one asked for by name
+    that cannot run is refused (ValueError, one line; nothing computed or written); of "all that
+    apply" (``explicit`` False) the optional ones that cannot run are left out and the others
+    refused."""
+    from .analysis.bulk import MAX_DENSE_P
+
+    P, out = run.P, []
+
+    def need(r, which):
+        try:
+            _need_solve(r, which)
+        except ValueError as e:
+            return str(e)
+
+    def why(w):
+        if w == "overlap":
+            if oth is None:
+                return "analysis 'overlap' needs a second run (--other RUN, e.g. another seed)"
+            if oth.P != P:
+                return (f"analysis 'overlap' compares runs of one P: run {run.id!r} has P = {P}, "
+                        f"run {oth.id!r} P = {oth.P}")
+            if not (dense and set(todo) - {"bulk", "overlap"}) and not any(
+                    _stored(run, e) is not None and _stored(oth, e) is not None
+                    for e in ("top", "bottom")):
+                return ("analysis 'overlap' needs the same solve (top or bottom) in both runs; "
+                        + (need(run, "top") or need(oth, "top")))
+        if w == "density" and not eps < 1:
+            return f"analysis 'density' counts |sigma - 1| <= eps for eps in (0, 1), got {eps}"
+        if w == "ood" and problem.recipe.loss != "cross_entropy":
+            return (f"analysis 'ood' compares class probabilities: it needs loss 'cross_entropy', "
+                    f"not {problem.recipe.loss!r}")
+        if w == "jacobian-null" and P > MAX_DENSE_P:
+            return (f"analysis 'jacobian-null' forms G^T G densely (P x P); P = {P} > "
+                    f"{MAX_DENSE_P}")
+        if w == "jacobian-null" and not dense and ones.basis.shape[1] == 0:
+            return ("analysis 'jacobian-null' has no bulk directions without the dense path: this "
+                    "recipe has no structural sigma = 1 directions; rerun with --dense (small P)")
+        if not dense and top is None and (w == "perturbation" or (
+                bottom is None and w in ("movement", "ood", "restricted"))):
+            return need(run, "top")
+        if w == "perturbation" and eps_grid is not None:
+            check_eps_grid(eps_grid)
+        if w == "restricted" and (not ks or any(isinstance(k, bool) or not isinstance(k, int)
+                                                or k < 1 for k in ks)):
+            return f"analysis 'restricted': `ks` must hold positive integers, got {list(ks)}"
+        return None
+
+    for w in todo:
+        reason = why(w)
+        if reason is None:
+            out.append(w)
+        elif explicit or w not in _OPTIONAL:
+            raise ValueError(reason)
+        else:
+            log.info("analysis %r left out: %s", w, reason)
+    if dense and set(out) - {"bulk", "overlap"} and P > DENSE_MAX_P:
+        raise ValueError(f"--dense forms J (P x P); P = {P} > {DENSE_MAX_P}: use the stored solves")
+    return out
+
+
 def analyze(store_path, run_id: str, what=None, *, other: str | None = None, eps: float = 1e-3,
             dense: bool = False, rng: int = 0, eps_grid=None, ks=(1, 2, 4, 8, 16, 32),
             k_ood: int = 8, n_random: int = 20, commit: bool = True, log_fn=None) -> dict:
@@ -91,40 +155,35 @@ def analyze(store_path, run_id: str, what=None, *, other: str | None = None, eps
     took in its attrs (``seconds``)."""
     import time
 
-    from .problem import Problem
     from .analysis.structural import structural_ones
 
     explicit = what is not None
     todo = _check_what(what)
+    if not explicit:
+        todo.remove("density")  # costs products (or a dense J): asked for by name only
     eps = check_eps(eps)
     res = query.open(store_path)
     run = res.run(run_id)
     oth = res.run(other) if other is not None else None
-    if "overlap" in todo and oth is None:
-        if explicit:
-            raise ValueError("analysis 'overlap' needs a second run (--other RUN, e.g. another seed)")
-        todo.remove("overlap")
     top, bottom = _stored(run, "top"), _stored(run, "bottom")
-    if not dense:  # refused before any work: say which solve to compute
-        if top is None and ("perturbation" in todo or (
-                bottom is None and {"movement", "ood", "restricted"} & set(todo))):
-            _need_solve(run, "top")
-    problem = Problem(run.recipe)
+    problem = rebuild.problem_of(run)  # the stored data, recipe and theta_0, or refused
     ones = structural_ones(problem)
-    if not explicit:  # "all that apply"
-        from .analysis.bulk import MAX_DENSE_P
-
-        todo.remove("density")  # costs products (or a dense J): asked for by name only
-
-        if problem.recipe.loss != "cross_entropy":
-            todo.remove("ood")
-        if run.P > MAX_DENSE_P or (not dense and ones.basis.shape[1] == 0):
-            todo.remove("jacobian-null")
-    full = _dense(problem, run) if dense and set(todo) - {"bulk", "overlap"} else None
+    todo = _applicable(todo, explicit, run, oth, problem, ones, top, bottom, dense=dense, eps=eps,
+                       eps_grid=eps_grid, ks=ks)
+    # theta_T retrained and checked before any product or write (the dense path's operator's own
+    # training checks it; analyze_density checks its operator's)
+    full = full_other = None
+    if dense and set(todo) - {"bulk", "overlap"}:
+        full = _dense(problem, run)
+        problem = full.problem
+    elif set(todo) - {"density"}:
+        problem = rebuild.trained(run, problem)
+    if full is not None and "overlap" in todo:
+        full_other = _dense(rebuild.problem_of(oth), oth)
     P = run.P
     out = {}
     say = log_fn or (lambda s: None)
-    ctx = _Ctx(run, oth, problem, full, top, bottom, ones, eps, rng, P)
+    ctx = _Ctx(run, oth, problem, full, top, bottom, ones, eps, rng, P, full_other)
     jobs = {"movement": lambda: [ctx.movement()],
             "overlap": lambda: ctx.overlap(n_random),
             "perturbation": lambda: ctx.perturbation(eps_grid),
@@ -148,8 +207,9 @@ def analyze(store_path, run_id: str, what=None, *, other: str | None = None, eps
 
 
 class _Ctx:
-    def __init__(self, run, other, problem, full, top, bottom, ones, eps, rng, P):
+    def __init__(self, run, other, problem, full, top, bottom, ones, eps, rng, P, full_other=None):
         self.run, self.other, self.problem, self.full = run, other, problem, full
+        self.full_other = full_other
         self.top, self.bottom, self.ones, self.eps, self.rng, self.P = top, bottom, ones, eps, rng, P
 
     # the directions -------------------------------------------------------------------------------
@@ -203,10 +263,8 @@ class _Ctx:
             if all(have):
                 out.append(overlap_runs(self.run, self.other, which, n_random=n_random, rng=self.rng))
         if self.full is not None:
-            from .problem import Problem
-
             A = self.bulk_basis()[0]
-            Bf = _dense(Problem(self.other.recipe), self.other)
+            Bf = self.full_other
             o = np.argsort(np.abs(Bf.sigma - 1), kind="stable")
             o = o[np.abs(Bf.sigma[o] - 1) <= self.eps]
             r = subspace_overlap(A, Bf.V[:, o], n_random=min(n_random, 5), rng=self.rng,
@@ -336,17 +394,23 @@ def analyze_density(path, run_id: str, *, eps=EPSILONS, probes: int = 16, seed: 
     deflated (counted exactly). One quadrature serves every ``eps``: its steps are those the
     smallest ``eps`` needs for the bulk count to reach ``rtol``. ``reorth``: the Lanczos
     vectors' reorthogonalization (:func:`tjac.analysis.slq`; 'auto' drops it only when the full
-    basis would not fit)."""
-    from .operator import TrainingJacobian
-
+    basis would not fit). The operator (rebuilt or given) must be the run's: its data, recipe hash,
+    theta_0 and theta_T are checked against the stored ones before any product
+    (:mod:`tjac.rebuild`; :class:`tjac.store.StoreError` otherwise, nothing written)."""
     eps = tuple(float(e) for e in eps)
     if not eps or any(not 0 < e < 1 for e in eps):
         raise ValueError(f"every eps must be in (0, 1), got {eps!r}")
     run = query.open(path).run(run_id)
-    if op is None:
-        op = TrainingJacobian(run.recipe)
-    if op.shape[0] != run.P:
-        raise ValueError(f"the operator has P = {op.shape[0]}, run {run_id!r} has P = {run.P}")
+    if op is None:  # the stored data, recipe, theta_0 and theta_T, or refused
+        op = rebuild.operator_of(run)
+    else:
+        if op.shape[0] != run.P:
+            raise ValueError(f"the operator has P = {op.shape[0]}, run {run_id!r} has P = "
+                             f"{run.P}")
+        from .runner import _same_inputs
+
+        _same_inputs(run, run.id, op.problem, "analyze")
+        rebuild.check_thetaT(run, op.thetaT, op.problem)
     deflate, n_defl = None, 0
     if deflate_top:
         try:
@@ -452,19 +516,19 @@ def known_regions(run, eps: float, problem=None) -> dict:
     (:mod:`tjac.analysis.structural`, exact whatever the solves found): the bulk holds at least
     that many at any eps, so the other regions' upper bounds drop by what the bulk's lower bound
     gains. ``structural_ones`` says how many there are (None when the run's recipe cannot be
-    rebuilt here, e.g. in-memory data: then the counts are the stored solves' alone). Counts
-    already exact are left alone; a structural count above the bulk's upper bound (the solves
-    certify more values outside the bulk than the derivation allows) is reported
-    (``structural_conflict``) and not applied."""
+    rebuilt here, e.g. in-memory data, or its data changed since (:func:`tjac.rebuild.problem_of`):
+    then the counts are the stored solves' alone). Counts already exact are left alone; a
+    structural count above the bulk's upper bound (the solves certify more values outside the bulk
+    than the derivation allows) is reported (``structural_conflict``) and not applied."""
     from .analysis.structural import structural_ones
-    from .problem import Problem
 
     reg = dict(run.regions(eps))
     try:
         n1 = int(structural_ones(problem if problem is not None
-                                 else Problem(run.recipe)).n_exact_singular)
-    except (ValueError, ImportError) as e:  # a recipe naming in-memory arrays, a live module, or
-        # code that does not import here (DataError, ModelError, ImportPathError)
+                                 else rebuild.problem_of(run)).n_exact_singular)
+    except (ValueError, ImportError) as e:  # a recipe naming in-memory arrays, a live module,
+        # code that does not import here (DataError, ModelError, ImportPathError), or data that
+        # changed since the run (StoreError)
         log.warning("run %s: structural sigma = 1 directions not derived (%s)", run.id, e)
         reg["structural_ones"] = None
         return reg

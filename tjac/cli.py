@@ -426,6 +426,7 @@ def _summary_table(out, png):
                      f"{sp['sigma_min']:.2g}"
                      f"{' is one' if sp.get('sigma_min_bound_only') else ''})")
     lines.append(f"  adjoint check {s['adjoint_rel_error']:.1e}" + (f"; figure {png}" if png else ""))
+    lines.extend(f"  warning: {w}" for w in s.get("warnings", []))
     return "\n".join(lines)
 
 

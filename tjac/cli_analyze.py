@@ -2,7 +2,10 @@
 
 Each analysis is stored in the run's ``analyses/`` group (:mod:`tjac.analyze`) and its key
 numbers are printed, one line each. Bad input (an unknown analysis, a run without the solve an
-analysis needs, eps <= 0, ...) is one line on stderr and exit 2, as everywhere in ``tjac``.
+analysis needs, eps <= 0, ...) is one line on stderr and exit 2, as everywhere in ``tjac``; the
+whole ``--what`` list is checked before any analysis runs, and a run whose data, recipe or
+retrained theta_T are no longer the stored ones is refused (:mod:`tjac.rebuild`): nothing is
+written then.
 """
 
 from __future__ import annotations

@@ -30,12 +30,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CheckReport:
-    """What :meth:`TrainingJacobian.check` verified."""
+    """What :meth:`TrainingJacobian.check` verified. ``scalar``: c when J v = c v and
+    J^T w = c w on every random probe to sqrt(eps) of the dtype (J = c I: every singular value is
+    |c| and the spectrum says nothing about training, e.g. a sign-based optimizer's update, whose
+    derivative is zero, gives J = I); None otherwise."""
 
     deterministic: bool
     replay_matches_trajectory: bool
     adjoint_rel_error: float
     jvp_repeat_max_diff: float
+    scalar: float | None = None
 
 
 class TrainingJacobian:
@@ -334,7 +338,21 @@ class TrainingJacobian:
             raise ValueError(f"adjoint identity <Jv,w> = <v,J^T w> fails: relative error {rel:.3e} "
                              f"> {tol:.1e}")
         log.info("check passed: deterministic, replay exact, adjoint rel. error %.2e", rel)
-        return CheckReport(True, True, rel, diff)
+        return CheckReport(True, True, rel, diff, _scalar_map(V, JV1, W, JtW, self.dtype))
+
+
+def _scalar_map(V, JV, W, JtW, dtype) -> float | None:
+    """c if J maps every probe v to c v and J^T every w to c w, to sqrt(eps) of ``dtype``
+    relative to the probes' images, else None (the check's own products: no extra replay). A
+    random probe is an eigenvector only of a multiple of I (with probability 1), and
+    E ||(J - c I) v||^2 = ||J - c I||_F^2 for Gaussian v."""
+    X = torch.cat([V, W], 1).double()
+    Y = torch.cat([JV, JtW], 1).double()
+    c = float((X * Y).sum() / (X * X).sum())
+    tol = float(torch.finfo(dtype).eps) ** 0.5
+    if float((Y - c * X).norm()) <= tol * max(float(Y.norm()), abs(c) * float(X.norm())):
+        return c
+    return None
 
 
 def theta_sha256(theta: torch.Tensor) -> str:

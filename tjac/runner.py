@@ -20,6 +20,7 @@ import torch
 
 from . import __version__, _checks, distributed, query, replay, store
 from .analysis import structural_ones
+from .analysis.summary import trivial_spectrum
 from .checkpoint import LanczosCheckpoint
 from .linalg import Progress, default_tol, fresh_residuals, plan_solve, small_svd, svd
 from .linalg.dense import column_blocks, dense_bottom_torch, dense_values, numpy_dtype
@@ -371,26 +372,28 @@ def _plans(problem, P: int, k_top: int, k_bottom: int, method: str, checkpoint, 
     return plans, budget
 
 
-def _same_inputs(run, run_id: str, problem) -> None:
-    """Refuse to resume (or to report as complete) a run whose recipe, theta_0 or data differ from
-    the ones it was started on: the recipe's hash, SHA-256 of theta_0, of each data file, or of the
-    arrays. Runs written before these digests were stored carry none (their resume still checks
-    theta_T bit for bit)."""
+def _same_inputs(run, run_id: str, problem, action: str = "resume") -> None:
+    """Refuse to resume (or to report as complete; ``action`` names what is refused, e.g.
+    "analyze" for :mod:`tjac.rebuild`) a run whose recipe, theta_0 or data differ from the ones it
+    was started on: the recipe's hash, SHA-256 of theta_0, of each data file, or of the arrays.
+    Runs written before these digests were stored carry none (their resume still checks theta_T
+    bit for bit)."""
     prov = run.attrs.get("provenance", {})
     sha = prov.get("model", {}).get("theta0_sha256")
     if sha and sha != theta_sha256(problem.init_theta()):
         raise store.StoreError(f"run {run_id!r} was started from another theta_0 (the model "
                                f"{prov['model'].get('class')!r} initialises differently now); "
-                               f"cannot resume it")
-    _same_data(run, run_id, problem.data.sources)
+                               f"cannot {action} it")
+    _same_data(run, run_id, problem.data.sources, action)
     stored_hash, now = run.attrs.get("recipe_hash"), problem.recipe.hash()
     if stored_hash and stored_hash != now:  # (another epochs, lr, seed, ... under an explicit id)
+        hint = ("repeat its settings to resume it, pass --overwrite to recompute it, or choose "
+                "another --run-id" if action == "resume" else f"cannot {action} it")
         raise store.StoreError(f"run {run_id!r} was started from another recipe (hash "
-                               f"{stored_hash}, not {now}); repeat its settings to resume it, pass "
-                               f"--overwrite to recompute it, or choose another --run-id")
+                               f"{stored_hash}, not {now}); {hint}")
 
 
-def _same_data(run, run_id: str, sources: dict) -> None:
+def _same_data(run, run_id: str, sources: dict, action: str = "resume") -> None:
     stored = run.attrs.get("provenance", {}).get("data")
     if not stored:
         return
@@ -399,11 +402,11 @@ def _same_data(run, run_id: str, sources: dict) -> None:
         if now != digest:
             what = "is missing" if now is None else "has changed (SHA-256 differs)"
             raise store.StoreError(f"run {run_id!r}: the data {name!r} it was started on {what}; "
-                                   f"cannot resume on different data")
+                                   f"cannot {action} on different data")
     extra = set(sources) - set(stored)
     if extra:
         raise store.StoreError(f"run {run_id!r} was started on other data ({', '.join(stored)}), "
-                               f"not {', '.join(sorted(extra))}; cannot resume")
+                               f"not {', '.join(sorted(extra))}; cannot {action}")
 
 
 def _svd_full(J):
@@ -528,6 +531,11 @@ def _summarize(run, run_id, op, check, seconds, tol):
         if store.solve_arrays(run, which) is not None:
             out[which] = view.solve_summary(which)
     out["train"] = op.problem.evaluate(op.trajectory.thetaT, op.trajectory.buffers)
+    # J = c I (the check's probes) or all sigma equal (the two ends): said, logged and stored
+    out["warnings"] = trivial_spectrum(getattr(check, "scalar", None), out["spectrum"],
+                                       both_ends="top" in out and "bottom" in out, tol=tol)
+    for w in out["warnings"]:
+        log.warning("run %s: %s", run_id, w)
     out["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return out
 

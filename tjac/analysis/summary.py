@@ -50,3 +50,29 @@ def spectrum_summary(S: torch.Tensor, *, P: int, certificate=None, U=None, V=Non
         out["alignment_mean_bulk"] = float(a[bulk].mean()) if bool(bulk.any()) else None
         out["alignment_mean_other"] = float(a[~bulk].mean()) if bool((~bulk).any()) else None
     return out
+
+
+def trivial_spectrum(scalar: float | None, spectrum: dict, *, both_ends: bool,
+                     tol: float) -> list[str]:
+    """Warnings for a spectrum that says nothing about training (a run's summary ``warnings``).
+
+    ``scalar``: c of :class:`tjac.operator.CheckReport` (J v = c v on the adjoint check's random
+    probes: J = c I, found without a product of its own). Else, with both ends solved
+    (``both_ends``) or every value known, a ``spectrum`` (:func:`spectrum_summary`) whose sigma_max
+    and sigma_min agree to their certificates (or ``tol`` sigma_max): J = s Q with Q orthogonal."""
+    if scalar is not None:
+        what = "J = I" if abs(scalar - 1) <= 1e-12 else f"J = {scalar:.12g} I"
+        return [f"{what} (J v = {'v' if what == 'J = I' else 'c v'} on the adjoint check's random "
+                f"probes to round-off): every singular value is {abs(scalar):.12g}, so the "
+                f"spectrum says nothing about training; the optimizer's update does not depend "
+                f"on theta through its derivative (e.g. a sign-based update such as Lion's, whose "
+                f"derivative is zero)"]
+    hi, lo = spectrum.get("sigma_max"), spectrum.get("sigma_min")
+    if hi is None or lo is None or not (both_ends or spectrum.get("complete")):
+        return []
+    slack = max(2 * (spectrum.get("certificate_max") or 0.0), tol * hi)
+    if hi - lo <= slack:
+        return [f"every singular value is {hi:.12g} (sigma_max - sigma_min = {hi - lo:.1e}, "
+                f"within the certificates): J is {hi:.6g} times an orthogonal matrix and its "
+                f"spectrum says nothing about training"]
+    return []
