@@ -407,9 +407,7 @@ def analyze_density(path, run_id: str, *, eps=EPSILONS, probes: int = 16, seed: 
         if op.shape[0] != run.P:
             raise ValueError(f"the operator has P = {op.shape[0]}, run {run_id!r} has P = "
                              f"{run.P}")
-        from .runner import _same_inputs
-
-        _same_inputs(run, run.id, op.problem, "analyze")
+        rebuild.same_inputs(run, run.id, op.problem, "analyze")
         rebuild.check_thetaT(run, op.thetaT, op.problem)
     deflate, n_defl = None, 0
     if deflate_top:

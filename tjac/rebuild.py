@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import store
+from .operator import theta_sha256
 from .problem import Problem
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ def problem_of(run, *, action: str = "analyze") -> Problem:
     (:class:`tjac.store.StoreError`) when its data, recipe hash or theta_0 differ from the stored
     ones (module doc). ``action`` names what is refused in the message."""
     from .data import digest
-    from .runner import _same_data, _same_inputs
 
     recipe = run.recipe
     try:
@@ -42,9 +42,9 @@ def problem_of(run, *, action: str = "analyze") -> Problem:
     except ValueError:  # e.g. in-memory arrays: Problem() says why it cannot rebuild them
         now = None
     if now is not None:  # before the data is parsed: a changed file is named, not misread
-        _same_data(run, run.id, now, action)
+        same_data(run, run.id, now, action)
     problem = Problem(recipe)
-    _same_inputs(run, run.id, problem, action)
+    same_inputs(run, run.id, problem, action)
     return problem
 
 
@@ -118,3 +118,40 @@ def _func_problem(problem: Problem) -> Problem | None:
     if not getattr(problem.model, "recognised", False):
         return None
     return Problem(problem.recipe, model_backend="func")
+
+
+def same_inputs(run, run_id: str, problem, action: str = "resume") -> None:
+    """Refuse to resume (or to report as complete; ``action`` names what is refused, e.g.
+    "analyze" for :mod:`tjac.rebuild`) a run whose recipe, theta_0 or data differ from the ones it
+    was started on: the recipe's hash, SHA-256 of theta_0, of each data file, or of the arrays.
+    Runs written before these digests were stored carry none (their resume still checks theta_T
+    bit for bit)."""
+    prov = run.attrs.get("provenance", {})
+    sha = prov.get("model", {}).get("theta0_sha256")
+    if sha and sha != theta_sha256(problem.init_theta()):
+        raise store.StoreError(f"run {run_id!r} was started from another theta_0 (the model "
+                               f"{prov['model'].get('class')!r} initialises differently now); "
+                               f"cannot {action} it")
+    same_data(run, run_id, problem.data.sources, action)
+    stored_hash, now = run.attrs.get("recipe_hash"), problem.recipe.hash()
+    if stored_hash and stored_hash != now:  # (another epochs, lr, seed, ... under an explicit id)
+        hint = ("repeat its settings to resume it, pass --overwrite to recompute it, or choose "
+                "another --run-id" if action == "resume" else f"cannot {action} it")
+        raise store.StoreError(f"run {run_id!r} was started from another recipe (hash "
+                               f"{stored_hash}, not {now}); {hint}")
+
+
+def same_data(run, run_id: str, sources: dict, action: str = "resume") -> None:
+    stored = run.attrs.get("provenance", {}).get("data")
+    if not stored:
+        return
+    for name, digest in stored.items():
+        now = sources.get(name)
+        if now != digest:
+            what = "is missing" if now is None else "has changed (SHA-256 differs)"
+            raise store.StoreError(f"run {run_id!r}: the data {name!r} it was started on {what}; "
+                                   f"cannot {action} on different data")
+    extra = set(sources) - set(stored)
+    if extra:
+        raise store.StoreError(f"run {run_id!r} was started on other data ({', '.join(stored)}), "
+                               f"not {', '.join(sorted(extra))}; cannot {action}")

@@ -26,6 +26,7 @@ from .linalg import Progress, default_tol, fresh_residuals, plan_solve, small_sv
 from .linalg.dense import column_blocks, dense_bottom_torch, dense_values, numpy_dtype
 from .linalg.plan import HEADROOM
 from .operator import TrainingJacobian, theta_sha256
+from .rebuild import same_inputs
 from .recipe import Recipe
 from .problem import Problem
 
@@ -144,7 +145,7 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
                "block": None if block is None else int(block)}
     with store.Writer(store_path) as w:
         if w.has_run(run_id) and not overwrite:
-            _same_inputs(w.run(run_id), run_id, problem)
+            same_inputs(w.run(run_id), run_id, problem)
             _same_request(w.run(run_id), run_id, store_path, request)
         if w.has_run(run_id):
             status = w.run(run_id).attrs.get("status")
@@ -370,43 +371,6 @@ def _plans(problem, P: int, k_top: int, k_bottom: int, method: str, checkpoint, 
                               f"with more memory")
     budget = None if have is None else max(1, have - int(-(-reserved // HEADROOM)))
     return plans, budget
-
-
-def _same_inputs(run, run_id: str, problem, action: str = "resume") -> None:
-    """Refuse to resume (or to report as complete; ``action`` names what is refused, e.g.
-    "analyze" for :mod:`tjac.rebuild`) a run whose recipe, theta_0 or data differ from the ones it
-    was started on: the recipe's hash, SHA-256 of theta_0, of each data file, or of the arrays.
-    Runs written before these digests were stored carry none (their resume still checks theta_T
-    bit for bit)."""
-    prov = run.attrs.get("provenance", {})
-    sha = prov.get("model", {}).get("theta0_sha256")
-    if sha and sha != theta_sha256(problem.init_theta()):
-        raise store.StoreError(f"run {run_id!r} was started from another theta_0 (the model "
-                               f"{prov['model'].get('class')!r} initialises differently now); "
-                               f"cannot {action} it")
-    _same_data(run, run_id, problem.data.sources, action)
-    stored_hash, now = run.attrs.get("recipe_hash"), problem.recipe.hash()
-    if stored_hash and stored_hash != now:  # (another epochs, lr, seed, ... under an explicit id)
-        hint = ("repeat its settings to resume it, pass --overwrite to recompute it, or choose "
-                "another --run-id" if action == "resume" else f"cannot {action} it")
-        raise store.StoreError(f"run {run_id!r} was started from another recipe (hash "
-                               f"{stored_hash}, not {now}); {hint}")
-
-
-def _same_data(run, run_id: str, sources: dict, action: str = "resume") -> None:
-    stored = run.attrs.get("provenance", {}).get("data")
-    if not stored:
-        return
-    for name, digest in stored.items():
-        now = sources.get(name)
-        if now != digest:
-            what = "is missing" if now is None else "has changed (SHA-256 differs)"
-            raise store.StoreError(f"run {run_id!r}: the data {name!r} it was started on {what}; "
-                                   f"cannot {action} on different data")
-    extra = set(sources) - set(stored)
-    if extra:
-        raise store.StoreError(f"run {run_id!r} was started on other data ({', '.join(stored)}), "
-                               f"not {', '.join(sorted(extra))}; cannot {action}")
 
 
 def _svd_full(J):
