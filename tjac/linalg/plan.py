@@ -19,10 +19,12 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
   Lanczos the fewest (``LANCZOS_TOP_PRODUCTS``: top-16 at tol 1e-6 on the paper's net, Lanczos
   at block 1/2/4/8 used 0.45/0.51/0.68/0.91 of randomized's products). Where replays do not get
   cheaper per vector in blocks (measured: a 1e5-parameter BatchNorm CNN through torch.func, 0.167 s
-  per vector and step alone, 0.191 s at block 4, 0.496 s at block 24), ``auto`` takes Lanczos at the block that
-  minimizes products x seconds per vector, given the operator's measured costs per block
-  (:meth:`tjac.TrainingJacobian.vector_costs`, from its autotune), when that is predicted at least
-  ``LANCZOS_TOP_MARGIN`` times cheaper.
+  per vector and step alone, 0.191 s at block 4, 0.496 s at block 24), ``auto`` takes Lanczos, given
+  the operator's measured costs per block (:meth:`tjac.TrainingJacobian.vector_costs`, from its
+  autotune), where products x seconds per vector are predicted at least ``LANCZOS_TOP_MARGIN``
+  times cheaper than randomized's; of those widths the widest within ``LANCZOS_WIDTH_MARGIN``
+  (20%) of the cheapest (:func:`prefer`: the autotuner's rule, so costs within noise of each other
+  never flip the pick).
 
 * ``lanczos`` spilled (bottom, :mod:`tjac.linalg.spill`): the same products; both bases on disk
   (2 P n values, n ~ products / 2), in RAM a read chunk, a few P x b blocks, the k Ritz vectors and
@@ -200,6 +202,26 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
                     seconds=seconds)
 
 
+def prefer(costs: dict, order, margin: float):
+    """The first key of ``order`` (a fixed order of preference, the default first) whose cost in
+    ``costs`` is within ``margin`` of the cheapest: ``margin * c < c - c_min`` rules a key out, so
+    a later key replaces an earlier one only where it is at least ``margin`` (a fraction, 0.2:
+    20%) cheaper. Costs that differ by noise smaller than the margin never change the pick; keys of
+    ``order`` without a cost are passed over, and costs of keys not in ``order`` come last. None
+    when nothing has a cost."""
+    keys = [k for k in order if costs.get(k) is not None]
+    keys += [k for k in costs if k not in keys and costs[k] is not None]
+    if not keys:
+        return None
+    best = min(costs[k] for k in keys)
+    return next(k for k in keys if (1 - margin) * costs[k] < best or costs[k] == best)
+
+
+# Lanczos widths compared with each other by the autotuner's rule (tjac.replay.autotune.MARGIN):
+# the widest within this share of the cheapest prediction (fewer replays, the same cost)
+LANCZOS_WIDTH_MARGIN = 0.2
+
+
 def _top_by_cost(P, k, kw, vector_costs, replay_block):
     """Lanczos at the block width whose products x seconds per vector undercut randomized block
     Krylov's by ``LANCZOS_TOP_MARGIN``, given measured seconds per vector at each replay width
@@ -215,15 +237,15 @@ def _top_by_cost(P, k, kw, vector_costs, replay_block):
     c_r = cost(l)
     if c_r is None or c_r <= 0:
         return None
-    best = None
-    for b, share in LANCZOS_TOP_PRODUCTS.items():
-        c = cost(b)
-        if b <= k and c is not None and LANCZOS_TOP_MARGIN * share * c < c_r \
-                and (best is None or share * c < best[1]):
-            best = (b, share * c, c)
-    if best is None:
+    # Lanczos replaces randomized (the default) only at widths predicted LANCZOS_TOP_MARGIN times
+    # cheaper; of those the widest within LANCZOS_WIDTH_MARGIN of the cheapest (measured costs
+    # within noise of each other do not flip the width)
+    pred = {b: share * cost(b) for b, share in LANCZOS_TOP_PRODUCTS.items()
+            if b <= k and cost(b) is not None and LANCZOS_TOP_MARGIN * share * cost(b) < c_r}
+    b = prefer(pred, sorted(pred, reverse=True), LANCZOS_WIDTH_MARGIN)
+    if b is None:
         return None
-    b, _, c = best
+    c = cost(b)
     r = estimate("randomized", P, k, "top", **kw)
     lz = estimate("lanczos", P, k, "top", **{**kw, "block": b})
     products = max(2 * k, int(round(LANCZOS_TOP_PRODUCTS[b] * r.products)))
