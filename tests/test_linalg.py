@@ -451,6 +451,21 @@ def test_auto_weighs_measured_replay_costs_for_the_top():
     assert roomy.method == "randomized" and roomy.fits
 
 
+def test_plan_lanczos_width_does_not_flip_on_noise():
+    """Two Lanczos widths predicted within 20% of each other: the plan takes the narrower (fewer
+    products) whichever measured a few percent cheaper (the autotuner's margin rule, tjac.linalg.plan.prefer)."""
+    from tjac.linalg import plan_solve
+
+    for c1, c2 in ((1.0, 0.9), (1.0, 0.87)):  # 0.45 c1 against 0.51 c2: 0.459 vs 0.4437
+        costs = {1: c1, 2: c2, 4: 2.0, 16: 3.0}
+        p = plan_solve(5000, 16, "top", vector_costs=costs, replay_block=128)
+        assert (p.method, p.estimate.block) == ("lanczos", 1)
+    # a width predicted 20% or more cheaper than the narrower one wins
+    p = plan_solve(5000, 16, "top", vector_costs={1: 1.0, 2: 0.7, 4: 2.0, 16: 3.0},
+                   replay_block=128)
+    assert (p.method, p.estimate.block) == ("lanczos", 2)
+
+
 def test_svd_auto_takes_single_vector_lanczos_when_the_operator_measured_it_cheaper():
     """The operator's own autotune measurements decide (here a tuning as a CNN's would read); the
     solve is then Lanczos at block 1 and agrees with the dense SVD."""

@@ -498,7 +498,8 @@ def _krylov_resumable(w, run, op, which, k, tol, method, progress, block, *, pla
     if plan is not None:
         log.info("solve %s", plan.describe())
     report = Progress(f"{which}-{k} {method}", k=k, emit=log.info, bar=progress,
-                      expected_products=None if plan is None else plan.estimate.products)
+                      expected_products=None if plan is None else plan.estimate.products,
+                      max_products=None if plan is None else plan.estimate.max_products)
     extra = {"spill_dir": spill_dir} if spill else {}
     try:
         r = svd(op, k, which=which, method=method, tol=tol, block=block, checkpoint=ckpt,

@@ -13,8 +13,11 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
   ``LANCZOS_BOTTOM_FACTOR`` P^2 values.
 * ``lanczos``, top: a basis of ``max_basis`` vectors per side, restarted; products about two
   bases' worth.
-* ``randomized``, top: l = k + 8 columns per pass, about ``RANDOMIZED_PASSES`` passes of 2 l
-  products (measured 4-8 on the paper's spectra); memory three P x (passes l) blocks.
+* ``randomized``, top: l = k + 8 columns per pass, l products to start and about
+  ``RANDOMIZED_PASSES`` passes of 2 l (measured at k = 16: 12 passes on the paper's net, 600
+  products; 10 on a sweep's run, 504), never more than l + 2P (the basis fills) nor than
+  ``RANDOMIZED_MAX_PASSES`` passes (``max_products``, the bound progress reports once past the
+  estimate); memory three P x (passes l) blocks.
 * The top by cost: randomized needs the most products but in the widest blocks; single-vector
   Lanczos the fewest (``LANCZOS_TOP_PRODUCTS``: top-16 at tol 1e-6 on the paper's net, Lanczos
   at block 1/2/4/8 used 0.45/0.51/0.68/0.91 of randomized's products). Where replays do not get
@@ -22,7 +25,7 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
   per vector and step alone, 0.191 s at block 4, 0.496 s at block 24), ``auto`` takes Lanczos, given
   the operator's measured costs per block (:meth:`tjac.TrainingJacobian.vector_costs`, from its
   autotune), where products x seconds per vector are predicted at least ``LANCZOS_TOP_MARGIN``
-  times cheaper than randomized's; of those widths the widest within ``LANCZOS_WIDTH_MARGIN``
+  times cheaper than randomized's; of those widths the narrowest within ``LANCZOS_WIDTH_MARGIN``
   (20%) of the cheapest (:func:`prefer`: the autotuner's rule, so costs within noise of each other
   never flip the pick).
 
@@ -48,7 +51,8 @@ DENSE_FACTOR = 8            # values of P^2 at the dense path's peak (J, its cop
 DENSE_BOTTOM_FACTOR = 1     # values of P^2 at the bottom-only dense path's peak (J, in place)
 LANCZOS_BOTTOM_PRODUCTS = 1.25
 LANCZOS_BOTTOM_FACTOR = 10  # values of P^2 at long-basis Lanczos' peak
-RANDOMIZED_PASSES = 6
+RANDOMIZED_PASSES = 12
+RANDOMIZED_MAX_PASSES = 30  # svd's default maxiter for randomized (times ceil(k / l))
 # products of top-k Lanczos at each block width, as a share of randomized block Krylov's (measured:
 # top-16, tol 1e-6, the paper's net: 272/308/408/544 against 600; BENCHMARKS.md "User models")
 LANCZOS_TOP_PRODUCTS = {1: 0.45, 2: 0.51, 4: 0.68, 8: 0.91}
@@ -69,6 +73,7 @@ class Estimate:
     spill: bool = False
     bottom_only: bool = False  # dense: J's QR gives the bottom only (no full spectrum)
     block: int | None = None   # the solver's block width, when the plan chose it
+    max_products: int | None = None  # at most this many, where the method bounds its products
 
     def as_dict(self) -> dict:
         out = {"method": self.method, "products": self.products, "bytes": self.bytes,
@@ -76,6 +81,8 @@ class Estimate:
                "bottom_only": self.bottom_only}
         if self.block is not None:
             out["block"] = self.block
+        if self.max_products is not None:
+            out["max_products"] = self.max_products
         return out
 
     def label(self) -> str:
@@ -123,7 +130,9 @@ class SolvePlan:
         e = self.estimate
         t = f", ~{_duration(e.seconds)}" if e.seconds is not None else ""
         d = f" + ~{_gib(e.disk_bytes)} GiB on disk" if e.spill else ""
-        return (f"{self.which}-{self.k}: {e.label()}, ~{e.products:,} products, "
+        most = (f" (at most {e.max_products:,})"
+                if e.max_products is not None and e.max_products != e.products else "")
+        return (f"{self.which}-{self.k}: {e.label()}, ~{e.products:,} products{most}, "
                 f"~{_gib(e.bytes)} GiB{d}{t} ({self.reason})")
 
     def refusal(self) -> str:
@@ -182,12 +191,18 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
                         bytes=int(values * itemsize + 2 * min(SPILL_CHUNK_BYTES, disk // 2)),
                         seconds=seconds,
                         disk_bytes=int(disk), spill=True)
+    most = None
     if method == "dense":
         products, values = P, DENSE_FACTOR * P * P
+        most = P
     elif method == "randomized":
         l = min(P, block or (k + 8))
-        passes = RANDOMIZED_PASSES * -(-k // min(l, k))
-        products = min(P, l * (2 * passes + 1))
+        per = -(-k // min(l, k))  # a block narrower than k takes more passes
+        passes = RANDOMIZED_PASSES * per
+        # l to start, 2 l per pass (4 l with a narrow block's random directions), until the
+        # basis holds all P directions
+        most = min(l + 2 * P, l * ((2 if l >= k else 4) * RANDOMIZED_MAX_PASSES * per + 1))
+        products = min(most, l * (2 * passes + 1))
         values = 3 * P * min(P, l * passes)
     elif which == "bottom":
         products = min(int(LANCZOS_BOTTOM_PRODUCTS * P) + 4 * k, 2 * P)
@@ -199,7 +214,7 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
         values = 3 * P * n + 7 * n * n
     seconds = None if seconds_per_product is None else products * seconds_per_product
     return Estimate(method=method, products=int(products), bytes=int(values * itemsize),
-                    seconds=seconds)
+                    seconds=seconds, max_products=most)
 
 
 def prefer(costs: dict, order, margin: float):
@@ -218,7 +233,7 @@ def prefer(costs: dict, order, margin: float):
 
 
 # Lanczos widths compared with each other by the autotuner's rule (tjac.replay.autotune.MARGIN):
-# the widest within this share of the cheapest prediction (fewer replays, the same cost)
+# the narrowest (fewest products) within this share of the cheapest prediction
 LANCZOS_WIDTH_MARGIN = 0.2
 
 
@@ -238,11 +253,11 @@ def _top_by_cost(P, k, kw, vector_costs, replay_block):
     if c_r is None or c_r <= 0:
         return None
     # Lanczos replaces randomized (the default) only at widths predicted LANCZOS_TOP_MARGIN times
-    # cheaper; of those the widest within LANCZOS_WIDTH_MARGIN of the cheapest (measured costs
-    # within noise of each other do not flip the width)
+    # cheaper; of those the narrowest (fewest products) within LANCZOS_WIDTH_MARGIN of the
+    # cheapest (measured costs within noise of each other do not flip the width)
     pred = {b: share * cost(b) for b, share in LANCZOS_TOP_PRODUCTS.items()
             if b <= k and cost(b) is not None and LANCZOS_TOP_MARGIN * share * cost(b) < c_r}
-    b = prefer(pred, sorted(pred, reverse=True), LANCZOS_WIDTH_MARGIN)
+    b = prefer(pred, sorted(pred), LANCZOS_WIDTH_MARGIN)
     if b is None:
         return None
     c = cost(b)
