@@ -415,7 +415,9 @@ def test_resume_reuses_the_stored_pick(tmp_path, monkeypatch):
     assert (out.summary["backend"], out.summary["block"]) == ("eager", 3)
 
 
-def test_two_identical_tiny_runs_give_bitwise_identical_sigma(tmp_path):
+def test_two_identical_tiny_runs_give_bitwise_identical_sigma(tmp_path, caplog):
+    import logging
+
     import numpy as np
 
     from tjac.cli import main
@@ -425,7 +427,10 @@ def test_two_identical_tiny_runs_give_bitwise_identical_sigma(tmp_path):
             "--k-top", "3", "--k-bottom", "3", "--png", "none", "-q"]
     sig = []
     for name in ("a", "b"):
-        assert main(args + ["--store", str(tmp_path / f"{name}.zarr")]) == 0
+        with caplog.at_level(logging.INFO, logger="tjac"):  # (what -v shows)
+            assert main(args + ["--store", str(tmp_path / f"{name}.zarr")]) == 0
+        assert "autotune: fused at width 128 (the default: P x T" in caplog.text
+        caplog.clear()
         res = open_store(str(tmp_path / f"{name}.zarr"))
         run = res.run(res.runs()[0])
         assert run.provenance["autotune"]["seconds_per_vector_step"] == {}  # nothing timed
