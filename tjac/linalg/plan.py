@@ -219,7 +219,7 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
 
 def prefer(costs: dict, order, margin: float):
     """The first key of ``order`` (a fixed order of preference, the default first) whose cost in
-    ``costs`` is within ``margin`` of the cheapest: ``margin * c < c - c_min`` rules a key out, so
+    ``costs`` is within ``margin`` of the cheapest: ``c - c_min >= margin * c`` rules a key out, so
     a later key replaces an earlier one only where it is at least ``margin`` (a fraction, 0.2:
     20%) cheaper. Costs that differ by noise smaller than the margin never change the pick; keys of
     ``order`` without a cost are passed over, and costs of keys not in ``order`` come last. None
