@@ -447,8 +447,10 @@ def test_auto_weighs_measured_replay_costs_for_the_top():
     assert (narrow.method, narrow.estimate.block) == ("lanczos", 2)
     assert plan_solve(4810, 16, "bottom", vector_costs=cnn, replay_block=4).method == "dense"
     # Lanczos' basis needs more memory than randomized's blocks: where only randomized fits, it
-    roomy = plan_solve(10**7, 16, "top", vector_costs=cnn, replay_block=4,
-                       available_bytes=50 * 2**30)
+    # (k = 8: 12 passes of 16 columns, against Lanczos' basis of 256)
+    roomy = plan_solve(10**7, 8, "top", vector_costs=cnn, replay_block=4,
+                       available_bytes=55 * 2**30)
+    assert plan_solve(10**7, 8, "top", vector_costs=cnn, replay_block=4).method == "lanczos"
     assert roomy.method == "randomized" and roomy.fits
 
 
