@@ -145,8 +145,8 @@ def test_plan_states_products_memory_and_time_and_refuses_what_cannot_fit(synth,
                                           r"0.00 GiB of memory available"):
         svd(op, 6, which="bottom")
     assert op.num_matvecs == 0
-    monkeypatch.setattr(_checks, "available_bytes", lambda device: 2_000_000)
-    r = svd(op, 3, which="top", method="randomized", tol=1e-6)  # 3 * 400 * 143 values in 2 MB
+    # 3 * 400 * (13 passes of 11) values (the accumulated blocks) fit in 2 MB
+    r = svd(op, 3, which="top", method="randomized", tol=1e-6, max_memory=2_000_000)
     assert r.plan["method"] == "randomized" and r.plan["fits"]
 
 
@@ -483,6 +483,21 @@ def test_auto_over_ranks_costs_a_block_by_its_busiest_rank_and_never_leaves_rank
     # against randomized's 6 per rank (0.169 x 6 / 24 = 0.042): under the 1.5x margin, randomized
     assert plan_solve(105_962, 16, "top", vector_costs=cnn, replay_block=4,
                       world_size=4).method == "randomized"
+
+
+def test_plan_lanczos_width_does_not_flip_on_noise():
+    """Two Lanczos widths predicted within 20% of each other: the plan takes the narrower (fewer
+    products) whichever measured a few percent cheaper (the autotuner's margin rule, tjac.linalg.plan.prefer)."""
+    from tjac.linalg import plan_solve
+
+    for c1, c2 in ((1.0, 0.9), (1.0, 0.87)):  # 0.40 c1 against 0.46 c2: 0.414 vs 0.400
+        costs = {1: c1, 2: c2, 4: 2.0, 16: 3.0}
+        p = plan_solve(5000, 16, "top", vector_costs=costs, replay_block=128)
+        assert (p.method, p.estimate.block) == ("lanczos", 1)
+    # a width predicted 20% or more cheaper than the narrower one wins
+    p = plan_solve(5000, 16, "top", vector_costs={1: 1.0, 2: 0.65, 4: 2.0, 16: 3.0},
+                   replay_block=128)
+    assert (p.method, p.estimate.block) == ("lanczos", 2)
 
 
 def test_svd_auto_takes_single_vector_lanczos_when_the_operator_measured_it_cheaper():

@@ -128,3 +128,36 @@ def test_runner_spills_the_bottom_when_nothing_else_fits(tmp_path, monkeypatch, 
     assert bool(((torch.as_tensor(t.sigma) - s).abs() <= torch.as_tensor(t.certificate)
                  + 1e-14 * float(torch.linalg.svdvals(tjac.linalg.materialize(op))[0])).all())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr"]  # the spill is gone
+
+
+def test_promised_products_equal_the_products_used_on_small_operators():
+    """The plan's product count is what the method uses where it is fixed (dense: P; randomized
+    until its basis fills: l + 2P, not P), and otherwise bounded by ``max_products``, the number
+    the progress lines fall back on once past the estimate."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(100, 100, generator=g, dtype=torch.float64)
+    seen = []
+    r = svd(DenseOperator(A), 16, which="top", tol=1e-10,
+            callback=Progress("top-16", k=16, interval=0, emit=seen.append))
+    assert r.method == "randomized" and r.all_converged
+    used = r.num_matvecs + r.num_rmatvecs
+    assert r.plan["expected_products"] == used == 24 + 2 * 100  # l to start, 2 l a pass, to P
+    assert f"{used:,} of ~{used:,} products" in seen[-1]
+    d = svd(DenseOperator(A), 4, which="top", method="dense")
+    assert d.plan["expected_products"] == d.num_matvecs + d.num_rmatvecs == 100
+    # a training Jacobian: the estimate (12 passes) may be passed, the bound may not
+    op = tjac.TrainingJacobian(tiny(), backend="eager")
+    t = svd(op, 16, which="top", tol=1e-8)
+    assert t.method == "randomized" and t.all_converged
+    assert t.num_matvecs + t.num_rmatvecs <= t.plan["expected_max_products"]
+
+
+def test_past_the_estimate_the_time_left_comes_from_the_bound():
+    clock, lines = Clock(), []
+    p = Progress("top-16 randomized", k=16, expected_products=600, max_products=1464,
+                 clock=clock, emit=lines.append, interval=0)
+    clock.t += 70
+    p({"basis": 336, "n_converged": 10, "products": 700})
+    rate = 70 / 700
+    assert lines[-1].endswith(f"past the plan's ~600, at most 1,464: <= "
+                              f"{(1464 - 700) * rate:.0f} s left")

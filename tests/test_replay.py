@@ -5,6 +5,7 @@ import torch
 
 import tjac
 from tjac import bench, replay
+from tjac.replay.autotune import decide, preference
 from tjac.trajectory import Problem, Trajectory
 
 from conftest import assert_close, tiny
@@ -236,12 +237,13 @@ def test_autotune_picks_a_measured_pair_and_explains_skips():
     prob = Problem(tiny())
     # the threshold is far above any replay here, so the skip does not depend on this machine's
     # load (with the default 1 s, a tiny replay on a busy 2-core host was once projected above it)
-    out = replay.autotune(prob, blocks=(2, 4), steps=2, compile_threshold_s=1e6)
+    # (tiny=0: timed although P x T is small)
+    out = replay.autotune(prob, blocks=(2, 4), steps=2, compile_threshold_s=1e6, tiny=0)
     assert out["backend"] in out["seconds_per_vector_step"]
     table = out["seconds_per_vector_step"]
     assert set(table) >= {"eager", "fused"}
-    best = min(v for row in table.values() for v in row.values())
-    assert table[out["backend"]][str(out["block"])] == best
+    order = preference(list(table) + ["compiled"], (2, 4), "fused")
+    assert (out["backend"], out["block"]) == decide(table, order)
     # a replay below the threshold cannot pay for a compile: skipped with the reason
     if replay.compiler_available():
         assert "would not pay off" in out["skipped"]["compiled"]
@@ -249,6 +251,7 @@ def test_autotune_picks_a_measured_pair_and_explains_skips():
         assert "C++ compiler" in out["skipped"]["compiled"]
     only = replay.autotune(prob, blocks=(3,), backends=["eager"], steps=1)
     assert (only["backend"], only["block"]) == ("eager", 3)
+    assert only["seconds_per_vector_step"] == {}  # one candidate: nothing to time
     with pytest.raises(replay.Unsupported):
         replay.autotune(Problem(tiny(family="cnn", hidden=(2,), n_train=64, epochs=1)),
                        backends=["fused"])
@@ -277,7 +280,9 @@ def test_runner_records_the_backend_in_provenance(tmp_path):
                               backend="eager")
     prov = open_store(str(tmp_path / "s.zarr")).run(out.run_id).provenance
     assert prov["autotune"]["backend"] == "eager"
-    assert set(prov["autotune"]["seconds_per_vector_step"]) == {"eager"}
+    # a tiny run times nothing, and says why
+    assert prov["autotune"]["seconds_per_vector_step"] == {}
+    assert "P x T" in prov["autotune"]["reason"]
 
 
 def test_cli_refuses_an_unsupported_backend(tmp_path, capsys):
@@ -304,6 +309,156 @@ def test_autotune_stops_widening_where_blocks_stop_paying():
     assert not stop_widening([0.2, 0.3, 0.35, 0.1])                 # a wide one wins again: go on
     # where every width is cheap to measure all are, in order (no stop: the pick stays the same
     # from run to run whatever the timing noise)
-    out = replay.autotune(Problem(tiny()), blocks=(8, 1, 2, 4), backends=["eager"], steps=1)
+    out = replay.autotune(Problem(tiny()), blocks=(8, 1, 2, 4), backends=["eager"], steps=1,
+                          tiny=0)
     assert list(out["seconds_per_vector_step"]["eager"]) == ["1", "2", "4", "8"]
     assert not [k for k in out["skipped"] if "wider than" in k]
+
+
+def test_decide_keeps_the_default_within_the_margin_and_switches_beyond_it():
+    """The pick rule on synthetic medians (no timing): the default, first in the fixed order,
+    stays unless another candidate is at least 20% cheaper per vector."""
+    import numpy as np
+
+    order = preference(["eager", "fused", "double-backward"], (1, 4, 128), "fused")
+    assert order[0] == ("fused", 128) and order[1] == ("fused", 4)
+    assert order[3:6] == [("eager", 128), ("eager", 4), ("eager", 1)]
+    # equal true costs under +-10% noise: the ratio of any two stays above 0.8, never a switch
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        noisy = {b: {str(w): float(rng.uniform(0.9, 1.1)) for w in (1, 4, 128)}
+                 for b in ("fused", "eager", "double-backward")}
+        assert decide(noisy, order) == ("fused", 128)
+    # a candidate 19% cheaper does not switch; 20% and more do
+    assert decide({"fused": {"128": 1.0, "4": 0.81}}, order) == ("fused", 128)
+    assert decide({"fused": {"128": 1.0, "4": 0.8}}, order) == ("fused", 4)
+    assert decide({"fused": {"128": 1.0}, "eager": {"1": 0.5}}, order) == ("eager", 1)
+    # among candidates within 20% of the cheapest, the earlier in the order: noise between two
+    # winners (4 at 0.5 or 0.45, 1 at 0.45 or 0.5) does not flip the width either
+    for c4, c1 in ((0.5, 0.45), (0.45, 0.5)):
+        assert decide({"fused": {"128": 1.0, "4": c4, "1": c1}}, order) == ("fused", 4)
+    # the default not measured (widening stopped): the first measured one within the margin
+    assert decide({"eager": {"1": 1.0, "4": 0.9}}, order) == ("eager", 4)
+    assert decide({}, order) is None
+
+
+def _fake(costs, calls, warm=None):
+    """A ``measure`` for autotune: seconds per vector-step from ``costs`` {(backend, width): s},
+    the warm-up first (``warm``: {(backend, width): s}, default the cost), recording each call."""
+    def measure(name, k):
+        calls.append((name, k))
+        c = costs[(name, k)]
+        return [(warm or {}).get((name, k), c), c * 1.02, c, c * 0.99]
+    return measure
+
+
+@needs_compiler
+def test_autotune_on_injected_costs_switches_only_on_a_clear_win_and_gates_compiled():
+    prob = Problem(tiny(width=8))
+    T = prob.num_steps
+    base = {("fused", 128): 1.0, ("fused", 4): 0.9, ("eager", 128): 2.0, ("eager", 4): 2.0}
+    kw = dict(blocks=(4, 128), backends=["eager", "fused", "compiled"], steps=2, tiny=0)
+    calls = []
+    assert T < 20  # (one product's replays at 1 s per vector-step: shorter than a compile)
+    out = replay.autotune(prob, measure=_fake(base, calls), products=1, **kw)
+    assert (out["backend"], out["block"]) == ("fused", 128)  # 10% cheaper: noise, no switch
+    assert "the default" in out["reason"]
+    # the solve's replays (1 product: T x 1 s) are shorter than a compile (20 s): not measured
+    assert ("compiled", 128) not in calls and "would not pay off" in out["skipped"]["compiled"]
+    assert out["seconds_per_vector_step"]["fused"] == {"4": 0.9, "128": 1.0}  # the medians
+    out = replay.autotune(prob, measure=_fake({**base, ("fused", 4): 0.7}, []), products=1, **kw)
+    assert (out["backend"], out["block"]) == ("fused", 4)
+    # compiled 40% cheaper; its compile (warm-up minus cost: 100 s) against the saving over the
+    # projected solve (0.4 s x T x products), which must exceed both directions' compiles
+    comp = {**base, ("compiled", 128): 0.6}
+    warm = {("compiled", 128): 0.6 + 100.0 / (128 * 2)}
+    few = replay.autotune(prob, measure=_fake(comp, [], warm), products=int(200 / (0.4 * T)),
+                          **kw)
+    assert few["backend"] == "fused" and "less than its compiles" in few["skipped"]["compiled"]
+    many = replay.autotune(prob, measure=_fake(comp, [], warm), products=int(300 / (0.4 * T)),
+                           **kw)
+    assert (many["backend"], many["block"]) == ("compiled", 128)
+
+
+def test_a_tiny_replay_times_nothing_and_takes_the_default():
+    calls = []
+    prob = Problem(tiny())
+    assert prob.num_params * prob.num_steps <= replay.autotune.__globals__["TINY_PARAM_STEPS"]
+    out = replay.autotune(prob, measure=_fake({}, calls))
+    assert calls == [] and out["seconds_per_vector_step"] == {}
+    assert (out["backend"], out["block"]) == ("fused", 128) and "P x T" in out["reason"]
+    cnn = replay.autotune(Problem(tiny(family="cnn", hidden=(2,), n_train=64, epochs=1)),
+                          measure=_fake({}, calls))
+    assert calls == [] and (cnn["backend"], cnn["block"]) == ("eager", 128)
+
+
+def test_resume_reuses_the_stored_pick(tmp_path, monkeypatch):
+    """A run interrupted after its autotune resumes with the pick stored in its provenance, not a
+    new one (here the stored pick differs from what a fresh tune would make)."""
+    from tjac import runner
+    from tjac.operator import TrainingJacobian
+    from tjac.query import open as open_store
+
+    path, r = str(tmp_path / "s.zarr"), tiny()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(runner, "_krylov_resumable", killed)
+        with pytest.raises(KeyboardInterrupt):
+            runner.run_analysis(r, path, k_top=2, k_bottom=0, method="randomized",
+                                backend="eager", block=3)
+    stored = open_store(path).run(open_store(path).runs()[0]).provenance["autotune"]
+    assert (stored["backend"], stored["block"]) == ("eager", 3)
+
+    def no_tuning(self, **kw):
+        raise AssertionError("a resume must not tune again")
+
+    monkeypatch.setattr(TrainingJacobian, "autotune", no_tuning)
+    out = runner.run_analysis(r, path, k_top=2, k_bottom=0, method="randomized", resume=True,
+                              block=3)  # (backend 'auto' now: the stored pick still wins)
+    assert (out.summary["backend"], out.summary["block"]) == ("eager", 3)
+
+
+def test_two_identical_tiny_runs_give_bitwise_identical_sigma(tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    from tjac.cli import main
+    from tjac.query import open as open_store
+
+    args = ["run", "--width", "4", "--epochs", "2", "--n-train", "128", "--batch-size", "32",
+            "--k-top", "3", "--k-bottom", "3", "--png", "none", "-q"]
+    sig = []
+    for name in ("a", "b"):
+        with caplog.at_level(logging.INFO, logger="tjac"):  # (what -v shows)
+            assert main(args + ["--store", str(tmp_path / f"{name}.zarr")]) == 0
+        assert "autotune: fused at width 128 (the default: P x T" in caplog.text
+        caplog.clear()
+        res = open_store(str(tmp_path / f"{name}.zarr"))
+        run = res.run(res.runs()[0])
+        assert run.provenance["autotune"]["seconds_per_vector_step"] == {}  # nothing timed
+        sig.append((run.top().sigma, run.bottom().sigma, run.sigma("all")))
+    for x, y in zip(*sig):
+        assert np.array_equal(x, y)
+
+
+def test_scale_passes_backend_and_block_to_every_run(tmp_path):
+    from tjac.cli import main
+    from tjac.query import open as open_store
+
+    path = str(tmp_path / "s.zarr")
+    assert main(["scale", "--widths", "2,3", "--epochs", "1", "--k-top", "2", "--k-bottom", "2",
+                 "--no-density", "--backend", "eager", "--block", "5", "--store", path,
+                 "--png", str(tmp_path / "s.png"), "-q"]) == 0
+    res = open_store(path)
+    assert len(res.runs()) == 2
+    for rid in res.runs():
+        run = res.run(rid)
+        tuned = run.provenance["autotune"]
+        assert (tuned["backend"], tuned["block"]) == ("eager", 5)
+        assert run.summary["block"] == 5 and run.summary["backend"] == "eager"
+    assert main(["scale", "--widths", "2", "--epochs", "1", "--family", "cnn", "--backend",
+                 "fused", "--store", str(tmp_path / "c.zarr"), "-q"]) == 2

@@ -220,13 +220,23 @@ class TrainingJacobian:
         return self.rmatmat(_col(w)).reshape(-1)
 
     def autotune(self, *, blocks=(1, 4, 8, 16, 32, 64, 128), backends=None, steps: int = 10,
-                 compile_threshold_s: float = 1.0) -> dict:
-        """Time each replay backend and block width on ``steps`` steps of this run
-        (:func:`tjac.replay.autotune`), switch to the fastest pair (``backend``, ``block_size``) and
-        return the measurements. Timing-based: two calls may pick differently (every pick gives the
-        same products to ~1e-15; pin ``backend`` for bitwise reproducibility)."""
+                 compile_threshold_s: float | None = None, products: int | None = None,
+                 **kw) -> dict:
+        """Pick the replay backend and block width on ``steps`` steps of this run
+        (:func:`tjac.replay.autotune`), switch to the pick (``backend``, ``block_size``) and return
+        it with the measurements. The default (``auto``'s backend at the widest block) is kept
+        unless another is at least 20% cheaper per vector by the median of repeated timings, and
+        nothing is timed for a run with P x T <= :data:`tjac.replay.autotune.TINY_PARAM_STEPS`
+        (the same pick every time, so bitwise-identical products). Between runs too close to
+        call either way, two calls may still pick differently (every pick gives the same
+        products to ~1e-15; pin ``backend`` and the width for bitwise reproducibility).
+        ``products``: the vector products the solve is projected to take (default P), which
+        decides whether ``compiled`` can pay for its compile; other keywords go to
+        :func:`tjac.replay.autotune`."""
+        if compile_threshold_s is not None:
+            kw["compile_threshold_s"] = compile_threshold_s
         tuned = replay.autotune(self.problem, blocks=blocks, backends=backends, steps=steps,
-                                compile_threshold_s=compile_threshold_s, trajectory=self.trajectory)
+                                trajectory=self.trajectory, products=products, **kw)
         self.apply_tuning(tuned)
         return tuned
 

@@ -74,8 +74,10 @@ def run_analysis(recipe: Recipe, store_path: str, *, k_top: int = 32, k_bottom: 
     """Run the analysis of ``recipe`` into ``store_path`` (see module doc).
 
     ``backend`` (see :mod:`tjac.replay`): ``auto`` measures the candidates with
-    :meth:`TrainingJacobian.autotune` once per run; a name pins it (its block width is still tuned). The
-    choice lives in the run's provenance and a resume reuses it (same arithmetic, same chunks).
+    :meth:`TrainingJacobian.autotune` once per run (keeping the default unless another is 20%
+    cheaper; nothing timed for a tiny run); a name pins it (its block width is still tuned
+    unless ``block`` is given: ``block`` is the replay width too). The choice, and why, lives in
+    the run's provenance (``autotune``) and a resume reuses it (same arithmetic, same chunks).
     A resume must repeat the run's solve settings (``k_top``, ``k_bottom``, ``tol``, ``method``,
     ``block``): other settings are refused (:class:`tjac.store.StoreError`), never mixed in.
     ``tol`` defaults to :func:`tjac.linalg.default_tol` of the recipe's dtype (1e-8 in float64,
@@ -203,7 +205,11 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
                                       block, op, started=run.attrs.get("provenance", {})
                                       .get("plans", {}).get("top"))
         else:  # (replaces the debris of a creation that was killed before its status was written)
-            tuned = op.autotune(backends=None if backend == "auto" else [backend])
+            # a --block is the replay width too (vectors per replay): only backends are compared
+            # then, and a pinned backend with a --block times nothing
+            tuned = op.autotune(backends=None if backend == "auto" else [backend],
+                                products=sum(p.estimate.products for p in plans.values()),
+                                **({} if block is None else {"blocks": (block,)}))
             plans = _plan_top_by_cost(plans, problem, P, k_top, method, checkpoint, spill_dir,
                                       block, op)
             prov = provenance(recipe, op, argv)
@@ -471,7 +477,8 @@ def _krylov_resumable(w, run, op, which, k, tol, method, progress, block, *, pla
     if plan is not None:
         log.info("solve %s", plan.describe())
     report = Progress(f"{which}-{k} {method}", k=k, emit=log.info, bar=progress,
-                      expected_products=None if plan is None else plan.estimate.products)
+                      expected_products=None if plan is None else plan.estimate.products,
+                      max_products=None if plan is None else plan.estimate.max_products)
     extra = {"spill_dir": spill_dir} if spill else {}
     try:
         r = svd(op, k, which=which, method=method, tol=tol, block=block, checkpoint=ckpt,

@@ -45,10 +45,13 @@ def sweep_recipes(family: str, widths, depths, seeds=(0,), **overrides) -> list[
 def run_sweep(recipes, store_path, *, k_top=16, k_bottom=16, tol=None, method="auto",
               resume=True, progress=None, log=print, epsilons=EPSILONS, probes: int = 16,
               density: bool = True, max_steps: int = 2000, rtol: float = 0.05,
-              reorth: str = "full", group=None) -> list[dict]:
+              reorth: str = "full", group=None, backend: str = "auto",
+              block: int | None = None) -> list[dict]:
     """Analyse every (run id, recipe) into ``store_path`` and return one row per run (a table's
     line: certified top, region estimates with brackets, exact counts where the dense path ran,
-    the structural σ = 1 count, cost).
+    the structural σ = 1 count, cost). ``backend`` and ``block`` go to every run
+    (:func:`tjac.runner.run_analysis`: a replay backend by name pins it, a block width is the
+    solver's and the replays' width).
 
     Under a process group (``group``, a :class:`tjac.distributed.Group` that every rank passes
     with the same arguments) whole runs go to ranks: the runs not yet complete in the store are
@@ -64,7 +67,7 @@ def run_sweep(recipes, store_path, *, k_top=16, k_bottom=16, tol=None, method="a
     resumable (its temporary store is dropped)."""
     opts = dict(k_top=k_top, k_bottom=k_bottom, tol=tol, method=method, resume=resume,
                 progress=progress, epsilons=tuple(epsilons), probes=probes, density=density,
-                max_steps=max_steps, rtol=rtol, reorth=reorth)
+                max_steps=max_steps, rtol=rtol, reorth=reorth, backend=backend, block=block)
     if group is not None and group.world_size > 1:
         return _sweep_distributed(recipes, store_path, group, log, opts)
     if resume:
@@ -241,13 +244,14 @@ def import_incoming(store_path: str, recipes) -> list[str]:
 
 
 def _sweep_one(run_id, recipe, store_path, *, k_top, k_bottom, tol, method, resume, progress,
-               epsilons, probes, density, max_steps, rtol, reorth) -> dict:
+               epsilons, probes, density, max_steps, rtol, reorth, backend="auto",
+               block=None) -> dict:
     from .analyze import analyze_density
     from .query import open as open_store
 
     out = runner.run_analysis(recipe, store_path, k_top=k_top, k_bottom=k_bottom, tol=tol,
                               method=method, run_id=run_id, resume=resume, progress=progress,
-                              group=None)
+                              group=None, backend=backend, block=block)
     s = out.summary
     sp = s["spectrum"]
     run = open_store(store_path).run(run_id)

@@ -12,7 +12,7 @@ from .. import _checks
 from ._base import ConvergenceError, Counted, SVDResult, Timer, fresh_residuals
 from .dense import dense_bottom_torch, dense_svd, materialize_host
 from .lanczos import gkl
-from .plan import plan_solve
+from .plan import RANDOMIZED_MAX_PASSES, plan_solve
 from .randomized import randomized
 from .spill import gkl_spilled
 
@@ -225,7 +225,8 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
 
         def callback(info):  # noqa: F811 (the solver's dict plus the counters progress needs)
             user_callback({**info, "products": cop.num_matvecs + cop.num_rmatvecs,
-                           "expected_products": plan.estimate.products, "elapsed": timer()})
+                           "expected_products": plan.estimate.products,
+                           "max_products": plan.estimate.max_products, "elapsed": timer()})
     if tol is None:
         tol = default_tol(op.dtype)
     cop = Counted(op)
@@ -270,7 +271,8 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
     else:
         if method == "randomized":
             l = block or (k + 8)
-            kr = randomized(cop, k, tol=tol, maxiter=maxiter or 30 * -(-k // min(l, k)), block=l,
+            kr = randomized(cop, k, tol=tol, block=l,
+                            maxiter=maxiter or RANDOMIZED_MAX_PASSES * -(-k // min(l, k)),
                             v0=v0, gen=gen, callback=callback)
         elif plan.spill:
             b = block or min(16, P)

@@ -13,17 +13,21 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
   the dense path's): at n ~ P, ``LANCZOS_BOTTOM_FACTOR`` P^2 values.
 * ``lanczos``, top: a basis of ``max_basis`` vectors per side, restarted; products about two
   bases' worth.
-* ``randomized``, top: l = k + 8 columns per pass, about ``RANDOMIZED_PASSES`` passes of 2 l
-  products (measured 7-19, median 13, over the committed runs from P = 1,060 to 112,810); memory
-  three P x (passes l) blocks.
+* ``randomized``, top: l = k + 8 columns per pass, l products to start and about
+  ``RANDOMIZED_PASSES`` passes of 2 l (measured 7-19, median 13, over the committed runs from
+  P = 1,060 to 112,810), never more than l + 2P (the basis fills) nor than
+  ``RANDOMIZED_MAX_PASSES`` passes (``max_products``, the bound progress reports once past the
+  estimate); memory three P x (passes l) blocks.
 * The top by cost: randomized needs the most products but in the widest blocks; single-vector
   Lanczos the fewest (``LANCZOS_TOP_PRODUCTS``: top-16 at tol 1e-6 on the paper's net, Lanczos
   at block 1/2/4/8 used 0.40/0.46/0.63/0.86 of randomized's products). Where replays do not get
   cheaper per vector in blocks (measured: a 1e5-parameter BatchNorm CNN through torch.func, 0.167 s
-  per vector and step alone, 0.191 s at block 4, 0.496 s at block 24), ``auto`` takes Lanczos at the block that
-  minimizes products x seconds per vector, given the operator's measured costs per block
-  (:meth:`tjac.TrainingJacobian.vector_costs`, from its autotune), when that is predicted at least
-  ``LANCZOS_TOP_MARGIN`` times cheaper.
+  per vector and step alone, 0.191 s at block 4, 0.496 s at block 24), ``auto`` takes Lanczos, given
+  the operator's measured costs per block (:meth:`tjac.TrainingJacobian.vector_costs`, from its
+  autotune), where products x seconds per vector are predicted at least ``LANCZOS_TOP_MARGIN``
+  times cheaper than randomized's; of those widths the narrowest within ``LANCZOS_WIDTH_MARGIN``
+  (20%) of the cheapest (:func:`prefer`: the autotuner's rule, so costs within noise of each other
+  never flip the pick).
 
 * ``lanczos`` spilled (bottom, :mod:`tjac.linalg.spill`): the same products; both bases on disk
   (2 P n values, n ~ products / 2), in RAM a read chunk, a few P x b blocks, the k Ritz vectors and
@@ -59,6 +63,7 @@ RANDOMIZED_PASSES = 13
 # (top-products-paper.json, benchmarks/bench_top_products.py: top-16, tol 1e-6, the paper's net,
 # 240/276/376/512 products against randomized's 600; rounded up to 2 decimals).
 LANCZOS_TOP_PRODUCTS = {1: 0.40, 2: 0.46, 4: 0.63, 8: 0.86}
+RANDOMIZED_MAX_PASSES = 30  # svd's default maxiter for randomized (times ceil(k / l))
 # ... and Lanczos is taken only where it is predicted this many times cheaper: the shares come from
 # one spectrum (on the 1e5 MLP's fused costs in operator.json the shares predict 0.65x, just past)
 LANCZOS_TOP_MARGIN = 1.5
@@ -76,6 +81,7 @@ class Estimate:
     spill: bool = False
     bottom_only: bool = False  # dense: J's QR gives the bottom only (no full spectrum)
     block: int | None = None   # the solver's block width, when the plan chose it
+    max_products: int | None = None  # at most this many, where the method bounds its products
 
     def as_dict(self) -> dict:
         out = {"method": self.method, "products": self.products, "bytes": self.bytes,
@@ -83,6 +89,8 @@ class Estimate:
                "bottom_only": self.bottom_only}
         if self.block is not None:
             out["block"] = self.block
+        if self.max_products is not None:
+            out["max_products"] = self.max_products
         return out
 
     def label(self) -> str:
@@ -130,7 +138,9 @@ class SolvePlan:
         e = self.estimate
         t = f", ~{_duration(e.seconds)}" if e.seconds is not None else ""
         d = f" + ~{_gib(e.disk_bytes)} GiB on disk" if e.spill else ""
-        return (f"{self.which}-{self.k}: {e.label()}, ~{e.products:,} products, "
+        most = (f" (at most {e.max_products:,})"
+                if e.max_products is not None and e.max_products != e.products else "")
+        return (f"{self.which}-{self.k}: {e.label()}, ~{e.products:,} products{most}, "
                 f"~{_gib(e.bytes)} GiB{d}{t} ({self.reason})")
 
     def refusal(self) -> str:
@@ -189,12 +199,18 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
                         bytes=int(values * itemsize + 2 * min(SPILL_CHUNK_BYTES, disk // 2)),
                         seconds=seconds,
                         disk_bytes=int(disk), spill=True)
+    most = None
     if method == "dense":
         products, values = P, DENSE_FACTOR * P * P
+        most = P
     elif method == "randomized":
         l = min(P, block or (k + 8))
-        passes = RANDOMIZED_PASSES * -(-k // min(l, k))
-        products = min(P, l * (2 * passes + 1))
+        per = -(-k // min(l, k))  # a block narrower than k takes more passes
+        passes = RANDOMIZED_PASSES * per
+        # l to start, 2 l per pass (4 l with a narrow block's random directions), until the
+        # basis holds all P directions
+        most = min(l + 2 * P, l * ((2 if l >= k else 4) * RANDOMIZED_MAX_PASSES * per + 1))
+        products = min(most, l * (2 * passes + 1))
         values = 3 * P * min(P, l * passes)
     elif which == "bottom":
         products = min(int(LANCZOS_BOTTOM_PRODUCTS * P) + 4 * k, 2 * P)
@@ -206,7 +222,27 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
         values = 3 * P * n + 7 * n * n
     seconds = None if seconds_per_product is None else products * seconds_per_product
     return Estimate(method=method, products=int(products), bytes=int(values * itemsize),
-                    seconds=seconds)
+                    seconds=seconds, max_products=most)
+
+
+def prefer(costs: dict, order, margin: float):
+    """The first key of ``order`` (a fixed order of preference, the default first) whose cost in
+    ``costs`` is within ``margin`` of the cheapest: ``c - c_min >= margin * c`` rules a key out, so
+    a later key replaces an earlier one only where it is at least ``margin`` (a fraction, 0.2:
+    20%) cheaper. Costs that differ by noise smaller than the margin never change the pick; keys of
+    ``order`` without a cost are passed over, and costs of keys not in ``order`` come last. None
+    when nothing has a cost."""
+    keys = [k for k in order if costs.get(k) is not None]
+    keys += [k for k in costs if k not in keys and costs[k] is not None]
+    if not keys:
+        return None
+    best = min(costs[k] for k in keys)
+    return next(k for k in keys if (1 - margin) * costs[k] < best or costs[k] == best)
+
+
+# Lanczos widths compared with each other by the autotuner's rule (tjac.replay.autotune.MARGIN):
+# the narrowest (fewest products) within this share of the cheapest prediction
+LANCZOS_WIDTH_MARGIN = 0.2
 
 
 def _top_by_cost(P, k, kw, vector_costs, replay_block, world_size=1):
@@ -236,15 +272,16 @@ def _top_by_cost(P, k, kw, vector_costs, replay_block, world_size=1):
     c_r = spread(l)
     if c_r is None or c_r <= 0:
         return None
-    best = None
-    for b, share in LANCZOS_TOP_PRODUCTS.items():
-        c = spread(b)
-        if n <= b <= k and c is not None and LANCZOS_TOP_MARGIN * share * c < c_r \
-                and (best is None or share * c < best[1]):
-            best = (b, share * c, c)
-    if best is None:
+    # Lanczos replaces randomized (the default) only at widths predicted LANCZOS_TOP_MARGIN times
+    # cheaper; of those the narrowest (fewest products) within LANCZOS_WIDTH_MARGIN of the
+    # cheapest (measured costs within noise of each other do not flip the width). A width below
+    # the world size would leave ranks idle: never a candidate.
+    pred = {b: share * spread(b) for b, share in LANCZOS_TOP_PRODUCTS.items()
+            if n <= b <= k and spread(b) is not None and LANCZOS_TOP_MARGIN * share * spread(b) < c_r}
+    b = prefer(pred, sorted(pred), LANCZOS_WIDTH_MARGIN)
+    if b is None:
         return None
-    b, _, c = best
+    c = spread(b)
     r = estimate("randomized", P, k, "top", **kw)
     lz = estimate("lanczos", P, k, "top", **{**kw, "block": b})
     products = max(2 * k, int(round(LANCZOS_TOP_PRODUCTS[b] * r.products)))

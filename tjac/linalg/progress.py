@@ -7,8 +7,9 @@
     bottom-16 lanczos: basis 1,024, 3/16 certified, 2,048 of ~24,000 products, 0.41 s/product,
     ~2.5 h left  (one line)
 
-(the time left is the plan's remaining products times the measured seconds per product), or
-updates a bar (``bar``: a tqdm-like factory, e.g. ``lambda **kw: tqdm(**kw)``), whose own rate gives
+(the time left is the plan's remaining products times the measured seconds per product; past the
+plan's estimate, the method's bound where it has one: ``..., past the plan's ~600, at most 1,464:
+<= 3 min left``), or updates a bar (``bar``: a tqdm-like factory, e.g. ``lambda **kw: tqdm(**kw)``), whose own rate gives
 the ETA. The clock is injectable, so tests drive it without sleeping.
 """
 
@@ -25,12 +26,14 @@ class Progress:
     """Callback of one solve (``label`` e.g. ``"bottom-16 lanczos"``, ``k`` triplets wanted).
 
     ``emit(line)`` receives the lines (default: discarded); ``bar(total=, desc=, unit=)`` makes a
-    bar instead (no lines then). ``expected_products`` defaults to the callback's own
-    ``expected_products`` (the plan's)."""
+    bar instead (no lines then). ``expected_products`` and ``max_products`` (a bound on them,
+    where the method has one) default to the callback's own (the plan's)."""
 
     def __init__(self, label: str, *, k: int | None = None, expected_products: int | None = None,
-                 interval: float | None = None, clock=time.monotonic, emit=None, bar=None):
+                 max_products: int | None = None, interval: float | None = None,
+                 clock=time.monotonic, emit=None, bar=None):
         self.label, self.k, self.expected = label, k, expected_products
+        self.most = max_products
         self.interval = INTERVAL if interval is None else interval
         self.clock, self.emit, self.bar_factory = clock, emit, bar
         self.t0 = clock()
@@ -43,6 +46,8 @@ class Progress:
         """An ``svd`` callback dict (``products``, ``basis``, ``n_converged``, ...)."""
         if self.expected is None and info.get("expected_products") is not None:
             self.expected = int(info["expected_products"])
+        if self.most is None and info.get("max_products") is not None:
+            self.most = int(info["max_products"])
         self.update(int(info.get("products", self.products)), basis=info.get("basis"),
                     certified=info.get("n_converged"))
 
@@ -75,6 +80,9 @@ class Progress:
             parts.append(f"{rate:.3g} s/product")
             if self.expected and self.expected > products:
                 parts.append(f"~{_duration((self.expected - products) * rate)} left")
+            elif self.expected and self.most and self.most > products:
+                parts.append(f"past the plan's ~{self.expected:,}, at most {self.most:,}: "
+                             f"<= {_duration((self.most - products) * rate)} left")
             elif self.expected:
                 parts.append("past the plan's expected products")
         else:
@@ -85,7 +93,8 @@ class Progress:
         if self.bar is None:
             self.bar = self.bar_factory(total=self.expected, desc=self.label, unit="product")
         if self.expected and products > (self.bar.total or 0):
-            self.bar.total = products  # past the plan's estimate: the bar stays honest
+            # past the plan's estimate: the method's bound, else what is done (the bar stays honest)
+            self.bar.total = self.most if self.most and self.most > products else products
         self.bar.update(products - self.bar.n)
         post = {}
         if basis is not None:

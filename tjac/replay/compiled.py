@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import types
 import weakref
 
@@ -34,10 +35,12 @@ class CompiledReplay(EagerReplay):
         _require(problem, self.name)
         self._jvp_c, self._vjp_c, self._lr, self._bc = _compiled_steps(problem)
         self._width = None
+        # (direction, width) compiled for this problem (every replay of it shares the graphs)
+        self._compiled = _SEEN.setdefault(problem, set())
         self._verified: set = set()
         self.fallback: dict = {}  # direction -> reason it runs eagerly
 
-    def _padded(self, V, fn):
+    def _padded(self, V, fn, direction):
         # one layout for every call: graphs are specialised on strides too (a (1, P) view of a
         # (P, 1) column has stride 1 where a copy has P), and each recompile costs a full compile
         k = V.shape[0]
@@ -45,19 +48,29 @@ class CompiledReplay(EagerReplay):
             self._width = k
         X = V.new_zeros(self._width, V.shape[1])
         X[:k] = V
-        return fn(X)[:k]
+        key = (direction, self._width)
+        if key in self._compiled:
+            return fn(X)[:k]
+        log.info("torch.compile: compiling the %s step at width %d (20-70 s on CPU) ...",
+                 direction.upper(), self._width)
+        t = time.perf_counter()
+        out = fn(X)[:k]
+        self._compiled.add(key)
+        log.info("torch.compile: %s step at width %d compiled, first replay done in %.1f s",
+                 direction.upper(), self._width, time.perf_counter() - t)
+        return out
 
     def jvp(self, V, steps: int | None = None):
         if "jvp" in self.fallback:
             return super().jvp(V, steps)
-        out = self._padded(V, lambda X: self._jvp(X, steps))
+        out = self._padded(V, lambda X: self._jvp(X, steps), "jvp")
         return self._verify("jvp", out, lambda: super(CompiledReplay, self).jvp(V, steps),
                             partial=steps is not None and steps < self.problem.num_steps)
 
     def vjp(self, W):
         if "vjp" in self.fallback:
             return super().vjp(W)
-        out = self._padded(W, self._vjp)
+        out = self._padded(W, self._vjp, "vjp")
         return self._verify("vjp", out, lambda: super(CompiledReplay, self).vjp(W), partial=False)
 
     def _verify(self, direction, out, eager, *, partial):
@@ -96,6 +109,7 @@ class CompiledReplay(EagerReplay):
 
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SEEN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _compiled_steps(problem):
