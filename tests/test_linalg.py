@@ -487,7 +487,7 @@ def test_auto_over_ranks_costs_a_block_by_its_busiest_rank_and_never_leaves_rank
 
 def test_plan_lanczos_width_does_not_flip_on_noise():
     """Two Lanczos widths predicted within 20% of each other: the plan takes the narrower (fewer
-    products) whichever measured a few percent cheaper (the autotuner's margin rule, tjac.linalg.plan.prefer)."""
+    products) whichever measured a few percent cheaper (the autotuner's margin rule, tjac._prefer.prefer)."""
     from tjac.linalg import plan_solve
 
     for c1, c2 in ((1.0, 0.9), (1.0, 0.87)):  # 0.40 c1 against 0.46 c2: 0.414 vs 0.400

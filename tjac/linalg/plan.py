@@ -26,7 +26,7 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
   the operator's measured costs per block (:meth:`tjac.TrainingJacobian.vector_costs`, from its
   autotune), where products x seconds per vector are predicted at least ``LANCZOS_TOP_MARGIN``
   times cheaper than randomized's; of those widths the narrowest within ``LANCZOS_WIDTH_MARGIN``
-  (20%) of the cheapest (:func:`prefer`: the autotuner's rule, so costs within noise of each other
+  (20%) of the cheapest (:func:`tjac._prefer.prefer`: the autotuner's rule, so costs within noise of each other
   never flip the pick).
 
 * ``lanczos`` spilled (bottom, :mod:`tjac.linalg.spill`): the same products; both bases on disk
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .._prefer import prefer
 from .dense import dense_bottom_block
 
 DENSE_FACTOR = 8            # values of P^2 at the dense path's peak (J, its copy, U, V^T, work)
@@ -223,21 +224,6 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
     seconds = None if seconds_per_product is None else products * seconds_per_product
     return Estimate(method=method, products=int(products), bytes=int(values * itemsize),
                     seconds=seconds, max_products=most)
-
-
-def prefer(costs: dict, order, margin: float):
-    """The first key of ``order`` (a fixed order of preference, the default first) whose cost in
-    ``costs`` is within ``margin`` of the cheapest: ``c - c_min >= margin * c`` rules a key out, so
-    a later key replaces an earlier one only where it is at least ``margin`` (a fraction, 0.2:
-    20%) cheaper. Costs that differ by noise smaller than the margin never change the pick; keys of
-    ``order`` without a cost are passed over, and costs of keys not in ``order`` come last. None
-    when nothing has a cost."""
-    keys = [k for k in order if costs.get(k) is not None]
-    keys += [k for k in costs if k not in keys and costs[k] is not None]
-    if not keys:
-        return None
-    best = min(costs[k] for k in keys)
-    return next(k for k in keys if (1 - margin) * costs[k] < best or costs[k] == best)
 
 
 # Lanczos widths compared with each other by the autotuner's rule (tjac.replay.autotune.MARGIN):

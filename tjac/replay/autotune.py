@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ..linalg.plan import prefer
+from .._prefer import prefer
 from ..trajectory import Trajectory
 from .support import BACKENDS, supported
 
@@ -79,7 +79,7 @@ def preference(backends, blocks, default_backend) -> list:
 def decide(table: dict, order, margin: float = MARGIN):
     """The pick among measured costs ``table`` ({backend: {width: s}}, widths as strings or ints):
     the first candidate of ``order`` (:func:`preference`) whose cost is within ``margin`` of the
-    cheapest (:func:`tjac.linalg.plan.prefer`). So the default (first) stays unless another is at
+    cheapest (:func:`tjac._prefer.prefer`). So the default (first) stays unless another is at
     least ``margin`` cheaper, and noise smaller than that never changes the pick. Returns
     ``(backend, width)`` (width an int), or None when nothing was measured."""
     costs = {(b, int(w)): float(c) for b, row in table.items() for w, c in row.items()}
