@@ -279,6 +279,46 @@ def test_regions_from_one_quadrature_bracket_each_region():
     assert r["stable"].lower <= int((s < 0.99).sum()) <= r["stable"].upper
 
 
+
+def test_an_interval_holding_none_or_all_of_the_mass_keeps_the_estimate_inside_its_bracket():
+    """No sigma above 1.2: a count over [lo, inf) with lo above it is exactly 0 for every probe
+    (the Gauss estimate and the truth), and over [0, hi) it is all of the probe's mass. The
+    Radau bracket's ends are sums of another rule's weights (F(inf) the Gauss ones), equal to
+    the mass only to a few ulps: the lower bound of an empty interval came out at ~1e-13 > 0,
+    above the estimate and the truth, and matplotlib refused the stored counts' error bars
+    (analyze_density's chaotic count, eps = 0.3, on the tiny recipe)."""
+    s = torch.linspace(0.1, 1.2, 200, dtype=torch.float64)
+    op, _ = planted(s, seed=2)
+    for steps in (10, 25, 40):
+        q = slq(op, probes=8, steps=steps, seed=0, method="slq")
+        assert q.jacobi is not None and not any(q.exact)
+        for lo, hi in [(1.3, math.inf), (2.0, math.inf), (10.0, math.inf), (0.0, 1.3),
+                       (0.0, 2.0), (0.0, math.inf)]:
+            est, low, up = q.probe_counts(lo, hi)
+            assert np.all(low <= est) and np.all(est <= up), (steps, lo, hi, est - low, up - est)
+            c = q.count(lo, hi)
+            assert c.lower <= c.estimate <= c.upper, (steps, lo, hi, c)
+            if hi == math.inf and lo > 1.2:
+                assert np.all(est == 0) and np.all(low == 0) and c.lower == 0
+            else:
+                assert c.lower <= 200 <= c.upper
+
+
+def test_gauss_bracket_without_coefficients_nests_the_estimate_bit_for_bit():
+    """The estimate and the Gauss rule's partial-sum bracket are differences of the same partial
+    sums: a separate sum of the same weights differs in the last bits (w.sum() exceeded
+    cumsum(w)[-1] for about a quarter of random rules), which put an all-inclusive estimate above
+    its own upper bound."""
+    rng = np.random.default_rng(0)
+    nodes = [np.sort(rng.random(25) * 4.0) for _ in range(60)]
+    weights = [rng.random(25) * 12.0 for _ in range(60)]
+    q = Quadrature(nodes, weights, 300, 60, 25, 0, 0.0, 2.0, [False] * 60)
+    for lo, hi in [(0.0, math.inf), (0.0, 2.5), (0.3, math.inf), (0.5, 1.5)]:
+        est, low, up = q.probe_counts(lo, hi)
+        assert np.all(low <= est) and np.all(est <= up), (lo, hi, est - up)
+        c = q.count(lo, hi)
+        assert c.lower <= c.estimate <= c.upper
+
 def test_bad_input_is_refused_with_one_line():
     op, V = planted(spectrum(0))
     with pytest.raises(ValueError, match="eps"):

@@ -65,9 +65,11 @@ nodes, exact to degree 2m) puts mass L_t below t and ρ_t at t, and
 where ρ_t, the Christoffel function at t, is the narrowest bracket those moments allow. A count
 over [a, b] is F(b) − F(a − 0), so each probe's count lies in a guaranteed
 [L_b − L_a − ρ_a, L_b + ρ_b − L_a] (the quadrature's part of the error: it shrinks as nodes crowd
-the interval's ends). This is about half as wide as the bracket the Gauss rule's own partial sums
-give (Σ_{j<p} τ_j ≤ F(t) ≤ Σ_{j≤p+1} τ_j for θ_p ≤ t < θ_{p+1}: two nodes' weights per end),
-which is used for a :class:`Quadrature` that carries no coefficients. The sampling part is the
+the interval's ends), widened by (m + 1) ε ‖z‖², the round-off of the rules' weights (an
+interval holding none of a probe's mass otherwise got a lower bound a few ulps above 0, above
+its estimate and the truth). This is about half as wide as the bracket the Gauss rule's own
+partial sums give (Σ_{j<p} τ_j ≤ F(t) ≤ Σ_{j≤p+1} τ_j for θ_p ≤ t < θ_{p+1}: two nodes' weights
+per end), which is used for a :class:`Quadrature` that carries no coefficients. The sampling part is the
 spread across probes: the reported bracket is [mean(lower) − t·se(lower), mean(upper) + t·se(upper)]
 with Student's t at ``confidence`` (default 95%). The point estimate is the plain Gauss-rule count
 (nodes inside the interval), its ``stderr`` the probes' standard error.
@@ -206,8 +208,7 @@ class Quadrature:
         jac = self.jacobi or [None] * len(self.nodes)
         for x, w, exact, ab in zip(self.nodes, self.weights, self.exact, jac):
             c = np.concatenate([[0.0], np.cumsum(w)])          # c[p] = sum of the first p weights
-            inside = (x >= a) & (x <= b)
-            est.append(float(w[inside].sum()))
+            est.append(_mass(x, c, a, b))   # the same partial sums as the brackets
             if eta == 0.0:
                 lw, uw = _bracket(x, w, c, exact, ab, a, b, self.eps)
             else:
@@ -246,10 +247,13 @@ class Quadrature:
         N = len(est)
         t = _t_quantile(confidence, N - 1)
         se = lambda x: float(np.std(x, ddof=1) / math.sqrt(N)) if N > 1 else math.inf  # noqa: E731
-        lower = max(0.0, float(low.mean()) - t * se(low)) + dfl
-        upper = min(float(self.P), float(up.mean()) + t * se(up) + dfl)
-        return IntervalCount(lo, hi, float(est.mean()) + dfl, lower, upper, se(est), confidence,
-                             "slq", self.P, N, self.steps, self.products, self.seconds,
+        # a count is at most P; the probes' masses (about P - deflated) carry round-off, so the
+        # estimate is held to P as its bracket is (else it can end a few ulps above the bracket)
+        P = float(self.P)
+        lower = min(P, max(0.0, float(low.mean()) - t * se(low)) + dfl)
+        upper = min(P, float(up.mean()) + t * se(up) + dfl)
+        return IntervalCount(lo, hi, min(P, float(est.mean()) + dfl), lower, upper, se(est),
+                             confidence, "slq", self.P, N, self.steps, self.products, self.seconds,
                              self.sigma_max, float((up - low).mean()), dfl, resolved)
 
     @property
@@ -647,14 +651,18 @@ def _bracket(x, w, c, exact, ab, a, b, eps):
         # values below the round-off of J^T J, sigma^2 < ~1e-8 sigma_max^2, included)
         Fa = (0.0, 0.0) if a <= 0.0 else _radau_bounds(*ab, c[-1], a)
         Fb = (c[-1], c[-1]) if b == math.inf else _radau_bounds(*ab, c[-1], b)
-        return max(0.0, Fb[0] - Fa[1]), max(0.0, Fb[1] - Fa[0])
+        # each end sums m + 1 squared eigenvector components of its own rule (F(inf): the
+        # Gauss weights), which add up to the probe's mass only to ~(m + 1) eps: an interval
+        # holding none of the mass got a lower bound of a few ulps of ||z||^2 (above its Gauss
+        # count and the truth, 0), so the bracket is widened by that round-off
+        d = (len(ab[0]) + 1) * float(np.finfo(np.float64).eps) * float(c[-1])
+        return max(0.0, Fb[0] - Fa[1] - d), max(0.0, Fb[1] - Fa[0] + d)
     if exact and ab is not None:  # closed on a zero beta: the rule is the measure itself,
         # its nodes to the round-off of the operator's dtype: a node that close to an end
         # may lie on either side of it (nothing lies below 0: J^T J >= 0)
         tol = 1e3 * eps * max(float(x.max(initial=0.0)), a, b if b < math.inf else 0.0)
         a_lo, a_up = (-math.inf, -math.inf) if a <= 0.0 else (a + tol, a - tol)
-        return (float(w[(x >= a_lo) & (x <= b - tol)].sum()),
-                float(w[(x >= a_up) & (x <= b + tol)].sum()))
+        return _mass(x, c, a_lo, b - tol), _mass(x, c, a_up, b + tol)
     # no coefficients (a rule built elsewhere): the Gauss rule's own partial sums, for a
     # closed probe too (its rule is exact only up to the beta it closed at)
     pb = int(np.searchsorted(x, b, side="right"))      # nodes <= b: indices < pb
@@ -669,6 +677,14 @@ def _bracket(x, w, c, exact, ab, a, b, eps):
     if a <= 0.0:        # J^T J >= 0: nothing lies below 0
         Fa_lo = Fa_up = 0.0
     return max(0.0, Fb_lo - Fa_up), max(0.0, Fb_up - Fa_lo)
+
+
+def _mass(x, c, a, b) -> float:
+    """A rule's mass on [a, b] as a difference of its partial sums ``c`` (nodes ``x``
+    ascending): estimates and brackets taken from the same sums nest exactly (rounding is
+    monotone), where separate sums of the same weights differ in the last bits."""
+    return max(0.0, float(c[int(np.searchsorted(x, b, side="right"))]
+                          - c[int(np.searchsorted(x, a, side="left"))]))
 
 
 def _roundoff_mass(x, c, t, eta) -> float:
