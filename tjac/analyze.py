@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import query, rebuild, store
+from .analysis.regions import COUNT_EPSILONS, REGIONS
 from .analysis.experiments import (AnalysisResult, _need_solve, check_eps, check_eps_grid,
                                    complement_basis, movement, overlap_runs, random_basis,
                                    regions_of, subspace_overlap)
@@ -380,11 +381,8 @@ def _density(store_path, run_id, eps, seed) -> list:
     return [AnalysisResult("counts", {}, {**info, "counts": counts, "committed": True})]
 
 
-EPSILONS = (1e-2, 1e-3)
-REGIONS = ("chaotic", "bulk", "stable")
 
-
-def analyze_density(path, run_id: str, *, eps=EPSILONS, probes: int = 16, seed: int = 0,
+def analyze_density(path, run_id: str, *, eps=COUNT_EPSILONS, probes: int = 16, seed: int = 0,
                     rtol: float = 0.05, max_steps: int = 2000, method: str = "auto",
                     deflate_top: bool = True, bandwidth: float = 0.05, op=None,
                     confidence: float = 0.95, reorth: str = "full") -> dict:

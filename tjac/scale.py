@@ -18,9 +18,8 @@ import shutil
 import numpy as np
 
 from . import runner
+from .analysis.regions import COUNT_EPSILONS
 from .recipe import Recipe
-
-EPSILONS = (1e-2, 1e-3)
 
 
 def sweep_recipes(family: str, widths, depths, seeds=(0,), **overrides) -> list[tuple[str, Recipe]]:
@@ -43,7 +42,7 @@ def sweep_recipes(family: str, widths, depths, seeds=(0,), **overrides) -> list[
 
 
 def run_sweep(recipes, store_path, *, k_top=16, k_bottom=16, tol=None, method="auto",
-              resume=True, progress=None, log=print, epsilons=EPSILONS, probes: int = 16,
+              resume=True, progress=None, log=print, epsilons=COUNT_EPSILONS, probes: int = 16,
               density: bool = True, max_steps: int = 2000, rtol: float = 0.05,
               reorth: str = "full", group=None, backend: str = "auto",
               block: int | None = None) -> list[dict]:
@@ -292,7 +291,7 @@ def _sweep_one(run_id, recipe, store_path, *, k_top, k_bottom, tol, method, resu
     return row
 
 
-def format_row(r, eps=EPSILONS[0]):
+def format_row(r, eps=COUNT_EPSILONS[0]):
     c = r["counts"].get(repr(eps))
     if c is None:
         reg = "regions unknown"
@@ -327,7 +326,7 @@ def fit_power(P, y) -> tuple[float, float]:
     return float(coef[0]), float(math.sqrt(max(cov[0, 0], 0.0)))
 
 
-def quantities(rows, eps=EPSILONS[0]) -> dict:
+def quantities(rows, eps=COUNT_EPSILONS[0]) -> dict:
     """name -> (P, values) of every swept quantity, one point per run."""
     out = {"seconds": ([r["P"] for r in rows], [r["seconds"] for r in rows]),
            "sigma_max": ([r["P"] for r in rows], [r["sigma_max"] for r in rows]),
@@ -341,7 +340,7 @@ def quantities(rows, eps=EPSILONS[0]) -> dict:
     return out
 
 
-def spread(rows, eps=EPSILONS[0]) -> dict:
+def spread(rows, eps=COUNT_EPSILONS[0]) -> dict:
     """name -> one entry per P: the seed-to-seed ``mean``, standard deviation ``sd`` (ddof 1; None
     with one seed), relative ``cv`` = sd / mean and the number of seeds ``n``."""
     out = {}
@@ -360,12 +359,12 @@ def spread(rows, eps=EPSILONS[0]) -> dict:
     return out
 
 
-def fits(rows, eps=EPSILONS[0]) -> dict:
+def fits(rows, eps=COUNT_EPSILONS[0]) -> dict:
     return {n: dict(zip(("exponent", "stderr"), fit_power(P, y)))
             for n, (P, y) in quantities(rows, eps).items()}
 
 
-def plot_scaling(rows, path, eps=EPSILONS[0]):
+def plot_scaling(rows, path, eps=COUNT_EPSILONS[0]):
     """Log-log plots of each quantity against P with its fitted exponent; returns the cost
     exponent (seconds ~ P^a)."""
     import matplotlib
