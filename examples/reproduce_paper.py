@@ -10,7 +10,7 @@
    experiments on the other runs use their tops: the overlaps compare chaotic subspaces, and the
    side-by-side regions of a top-only run are brackets. A complete run already in the store is
    reused.
-2. Every experiment of ``tjac.analyze.analyze`` on the clean run (overlap against the second
+2. Every experiment of ``tjac.analyze_store.analyze`` on the clean run (overlap against the second
    seed), plus the top/bottom overlap of clean against shuffled labels.
 3. Variants side by side (spectra, regions, |sigma - 1|) and the bulk prediction for every run.
 4. The bulk prediction across widths (``--bulk-widths``): these runs use the dense path, because a
@@ -31,9 +31,9 @@ import time
 import tjac
 from tjac import runner, store
 from tjac.analysis import overlap_runs, predict_bulk
-from tjac.analyze import analyze, known_regions, spectra_side_by_side
+from tjac.analyze_store import analyze, known_regions, spectra_side_by_side
 from tjac.analysis.plots import analysis_figure, bulk_prediction_figure
-from tjac.analyze import commit_result, key_numbers
+from tjac.analyze_store import commit_result, key_numbers
 
 VARIANTS = {"clean": {}, "seed1": {"seed": 1}, "shuffled": {"data": "shuffled_labels"},
             "noise": {"data": "white_noise"}, "adam": {"optimizer": "adam"}}

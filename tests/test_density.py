@@ -432,7 +432,7 @@ def test_gpytorch_lanczos_tridiag_runs_scaled_operators():
 
 # -- stored in a run -------------------------------------------------------------------------------
 def test_analyze_density_round_trips_through_the_store(tmp_path, capsys):
-    from tjac.analyze import analyze_density
+    from tjac.analyze_store import analyze_density
     from tjac.runner import run_analysis
 
     recipe = tjac.Recipe.paper(width=4, epochs=2, n_train=128)
@@ -484,7 +484,7 @@ def test_analyze_density_round_trips_through_the_store(tmp_path, capsys):
 
 
 def test_analyze_density_refuses_bad_input(tmp_path, capsys):
-    from tjac.analyze import analyze_density
+    from tjac.analyze_store import analyze_density
     from tjac.cli import main
     from tjac.runner import run_analysis
 

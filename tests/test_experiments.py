@@ -15,12 +15,12 @@ import torch.nn.functional as F
 
 import tjac
 from tjac import cli, cli_analyze, store
-from tjac import analyze as analyze_mod
+from tjac import analyze_store as analyze_mod
 from tjac.analysis.experiments import regions_of
 from tjac.analysis import (AnalysisResult, Complement, movement, ood_kl, output_jacobian_null,
                            overlap_runs, perturbation_response, predict_bulk, restricted_sweep,
                            restricted_training, subspace_overlap)
-from tjac.analyze import analyze, spectra_side_by_side
+from tjac.analyze_store import analyze, spectra_side_by_side
 from tjac.analysis.plots import analysis_figure, bulk_prediction_figure
 from tjac.linalg import materialize
 
@@ -461,7 +461,7 @@ def test_reproduce_paper_script_runs_end_to_end(tmp_path):
 
 def test_known_regions_add_the_structural_ones_and_still_contain_the_truth(stored, dense):
     from tjac.analysis.structural import structural_ones
-    from tjac.analyze import known_regions
+    from tjac.analyze_store import known_regions
 
     op, _, S, _ = dense
     run = tjac.open(stored).run("a")

@@ -8,7 +8,7 @@ import pytest
 
 import tjac
 from tjac import store
-from tjac.analyze import analyze, analyze_density
+from tjac.analyze_store import analyze, analyze_density
 from tjac.cli import main
 from tjac.runner import run_analysis
 
@@ -105,12 +105,12 @@ def test_a_list_of_analyses_is_checked_whole_before_any_runs(tmp_path, capsys):
 
 
 def test_known_regions_of_a_run_whose_data_changed_are_the_solves_alone(tmp_path, caplog):
-    from tjac.analyze import known_regions
+    from tjac.analyze_store import known_regions
 
     path, data = _store(tmp_path)  # SGD: the softmax shift directions are singular
     run = tjac.open(path).run("a")
     assert known_regions(run, 1e-3)["structural_ones"] > 0  # the softmax shift directions
     _npz(data, bump=True)
-    with caplog.at_level("WARNING", logger="tjac.analyze"):
+    with caplog.at_level("WARNING", logger="tjac.analyze_store"):
         assert known_regions(run, 1e-3)["structural_ones"] is None
     assert any("d.npz" in r.getMessage() for r in caplog.records)

@@ -1,6 +1,6 @@
 """``tjac analyze STORE --run ID --what ...``: the paper's experiments on a stored run.
 
-Each analysis is stored in the run's ``analyses/`` group (:mod:`tjac.analyze`) and its key
+Each analysis is stored in the run's ``analyses/`` group (:mod:`tjac.analyze_store`) and its key
 numbers are printed, one line each. Bad input (an unknown analysis, a run without the solve an
 analysis needs, eps <= 0, ...) is one line on stderr and exit 2, as everywhere in ``tjac``; the
 whole ``--what`` list is checked before any analysis runs, and a run whose data, recipe or
@@ -17,7 +17,7 @@ import os
 
 WHAT = ("movement", "overlap", "perturbation", "restricted", "ood", "jacobian-null", "bulk",
         "density")
-# tjac.analyze.WHAT, kept literal: no torch at parse time (a test holds them equal)
+# tjac.analyze_store.WHAT, kept literal: no torch at parse time (a test holds them equal)
 
 
 def _positive_float(s):
@@ -88,7 +88,7 @@ def add_parser(subparsers, parents):
 
 
 def cmd_analyze(a) -> int:
-    from .analyze import analyze, key_numbers
+    from .analyze_store import analyze, key_numbers
     from .query import open as open_store
 
     res = open_store(a.store)

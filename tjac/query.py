@@ -357,7 +357,7 @@ class Run:
 
     def density(self):
         """The stored spectral density (``analyses/density``, written by ``tjac analyze --what
-        density`` or :func:`tjac.analyze.analyze_density`) as a :class:`tjac.analysis.Density`."""
+        density`` or :func:`tjac.analyze_store.analyze_density`) as a :class:`tjac.analysis.Density`."""
         from .analysis.density import Density
 
         a = self.analysis("density")

@@ -1,6 +1,6 @@
 """A stored run's problem and operator rebuilt for an analysis, refused unless they are the run's.
 
-An analysis of a stored run (:mod:`tjac.analyze`) rebuilds its recipe: the model, the data and the
+An analysis of a stored run (:mod:`tjac.analyze_store`) rebuilds its recipe: the model, the data and the
 training, and so J. Files can change after the run was stored (an edited ``.npz``, another
 version of the user's model code), and the rebuilt J would then be another J whose numbers get
 committed into the run. Before any product or write, :func:`problem_of` refuses, in one line

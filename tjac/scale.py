@@ -2,7 +2,7 @@
 report how the spectrum grows with P.
 
 For each size and seed: the certified top σ₁…σ_k, the matrix-free region counts with their
-brackets at each ε (:func:`tjac.analyze.analyze_density`, stored in the run's
+brackets at each ε (:func:`tjac.analyze_store.analyze_density`, stored in the run's
 ``analyses/counts`` and ``analyses/density``), the structural σ = 1 count, and, where the dense
 path ran (the whole spectrum is known), the exact counts beside the estimates. Every quantity is
 fitted against P on a log-log scale (least squares; the exponent's standard error from the fit,
@@ -245,7 +245,7 @@ def import_incoming(store_path: str, recipes) -> list[str]:
 def _sweep_one(run_id, recipe, store_path, *, k_top, k_bottom, tol, method, resume, progress,
                epsilons, probes, density, max_steps, rtol, reorth, backend="auto",
                block=None) -> dict:
-    from .analyze import analyze_density
+    from .analyze_store import analyze_density
     from .query import open as open_store
 
     out = runner.run_analysis(recipe, store_path, k_top=k_top, k_bottom=k_bottom, tol=tol,

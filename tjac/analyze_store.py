@@ -1,4 +1,5 @@
-r"""Analyses of a stored run, stored in it: :func:`analyze` runs the paper's experiments
+r"""Analyses of a stored run, stored in it (the pure functions live in :mod:`tjac.analysis`; this
+module applies them to a store and commits what they return): :func:`analyze` runs the paper's experiments
 (:mod:`tjac.analysis`) and :func:`analyze_density` the matrix-free counts and density, and each
 result is committed to ``runs/<id>/analyses/<name>``.
 
