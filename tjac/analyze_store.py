@@ -20,11 +20,13 @@ what stands for them (attribute ``notes``):
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from . import query, rebuild, store
+from .query import Triplets
 from .analysis.regions import COUNT_EPSILONS, REGIONS
 from .analysis.experiments import (AnalysisResult, _need_solve, check_eps, check_eps_grid,
                                    complement_basis, movement, overlap_runs, random_basis,
@@ -37,27 +39,19 @@ WHAT = ("movement", "overlap", "perturbation", "restricted", "ood", "jacobian-nu
 DENSE_MAX_P = 8000
 
 
-class Triplets:
-    """The singular triplets the experiments use: columns of U and V, descending sigma."""
-
-    def __init__(self, sigma, U, V, source: str):
-        self.sigma, self.U, self.V, self.source = np.asarray(sigma), U, V, source
-
-    def sub(self, idx):
-        return self.sigma[idx], self.U[:, idx], self.V[:, idx]
-
-
 def _stored(run, which):
+    """The run's stored solve at ``which`` with its singular vectors loaded (None: not solved)."""
     try:
         run.sigma(which)
     except KeyError:
         return None
     t = run._triplets(which, None)
     u, v = run.vectors(which, slice(0, len(t.sigma)))
-    return Triplets(t.sigma, np.asarray(u, np.float64).T, np.asarray(v, np.float64).T, which)
+    return replace(t, U=np.asarray(u, np.float64).T, V=np.asarray(v, np.float64).T)
 
 
-def _dense(problem, run) -> Triplets:
+def _dense(problem, run) -> tuple[Triplets, object]:
+    """All P triplets of the formed J and the problem whose training reproduced theta_T."""
     from .linalg import materialize
 
     P = run.P
@@ -65,9 +59,7 @@ def _dense(problem, run) -> Triplets:
         raise ValueError(f"--dense forms J (P x P); P = {P} > {DENSE_MAX_P}: use the stored solves")
     op = rebuild.operator_of(run, problem)  # theta_T checked against the stored one
     U, S, Vh = torch.linalg.svd(materialize(op))
-    out = Triplets(S.cpu().numpy(), U.cpu().numpy(), Vh.T.cpu().numpy(), "dense")
-    out.problem = op.problem  # (the one that reproduced theta_T)
-    return out
+    return Triplets.from_svd(S.cpu().numpy(), U.cpu().numpy(), Vh.T.cpu().numpy()), op.problem
 
 
 def _check_what(what) -> list[str]:
@@ -176,12 +168,11 @@ def analyze(store_path, run_id: str, what=None, *, other: str | None = None, eps
     # training checks it; analyze_density checks its operator's)
     full = full_other = None
     if dense and set(todo) - {"bulk", "overlap"}:
-        full = _dense(problem, run)
-        problem = full.problem
+        full, problem = _dense(problem, run)
     elif set(todo) - {"density"}:
         problem = rebuild.trained(run, problem)
     if full is not None and "overlap" in todo:
-        full_other = _dense(rebuild.problem_of(oth), oth)
+        full_other, _ = _dense(rebuild.problem_of(oth), oth)
     P = run.P
     out = {}
     say = log_fn or (lambda s: None)
@@ -199,7 +190,7 @@ def analyze(store_path, run_id: str, what=None, *, other: str | None = None, eps
         results = jobs[w]()
         dt = time.perf_counter() - t
         for r in results:
-            r.attrs.setdefault("source", full.source if full is not None else "solves")
+            r.attrs.setdefault("source", full.method if full is not None else "solves")
             r.attrs["seconds"] = dt / len(results)
             if commit and not r.attrs.get("committed"):
                 commit_result(r, store_path, run_id)
@@ -224,7 +215,7 @@ class _Ctx:
             _need_solve(self.run, "top")
         if len(parts) == 2 and len(self.top.sigma) + len(self.bottom.sigma) > self.P:
             keep = self.P - len(self.top.sigma)  # the bottom's last ones are the top's
-            parts[1] = Triplets(*(parts[1].sub(slice(0, keep))), "bottom")
+            parts[1] = parts[1].head(keep)
         return (np.concatenate([p.sigma for p in parts]), np.concatenate([p.U for p in parts], 1),
                 np.concatenate([p.V for p in parts], 1))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -29,6 +29,12 @@ def _bound_only(sigma: np.ndarray, certificate: np.ndarray) -> np.ndarray:
 
     return bound_only(torch.from_numpy(np.asarray(sigma, np.float64)),
                       torch.from_numpy(np.asarray(certificate, np.float64))).numpy()
+
+
+def roundoff_certificate(S: np.ndarray, P: int) -> np.ndarray:
+    """The certificate of values from a backward-stable SVD of a formed J without residuals: a
+    conservative p(P) = P in LAPACK's backward-error bound p(P) eps ||J||."""
+    return np.full(P, P * np.finfo(np.float64).eps * (float(S[0]) if P else 0.0))
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,26 @@ class Triplets:
     n_requested: int | None
     n_available: int
     note: str
+    U: np.ndarray | None = None  # (P, n) left / right singular vectors as columns, where loaded
+    V: np.ndarray | None = None  # (the analyses of tjac.analyze_store; None: read them lazily)
+
+    @classmethod
+    def from_svd(cls, S, U, V, *, method: str = "dense") -> "Triplets":
+        """All P triplets of a full SVD of a formed J (descending), each with the backward-error
+        round-off bound of LAPACK's SVD as its certificate (:func:`roundoff_certificate`; no
+        residuals measured: NaN)."""
+        S = np.asarray(S, np.float64)
+        P = len(S)
+        r = roundoff_certificate(S, P)
+        return cls(S, np.full((P, 2), np.nan), np.ones(P, bool), method, r, _bound_only(S, r),
+                   P, None, P, "", U, V)
+
+    def head(self, n: int) -> "Triplets":
+        """The first ``n`` rows (values, certificates and any loaded vectors)."""
+        cut = {f: getattr(self, f)[:n] for f in ("sigma", "residuals", "converged", "certificate",
+                                                 "bound_only")}
+        vec = {f: None if getattr(self, f) is None else getattr(self, f)[:, :n] for f in ("U", "V")}
+        return replace(self, **cut, **vec, n_vectors=min(n, self.n_vectors))
 
     @property
     def certified(self) -> np.ndarray:
@@ -261,8 +287,7 @@ class Run:
             res = store.spectrum_residual(self._g)
             if res is not None:
                 return Spectrum(S, np.hypot(res[:, 0], res[:, 1]), P, "residuals")
-            # a conservative p(P) = P in the backward-error bound p(P) eps ||J|| of LAPACK's SVD
-            r = np.full(P, P * np.finfo(np.float64).eps * (float(S[0]) if P else 0.0))
+            r = roundoff_certificate(S, P)
             if "top" in ends:
                 r[:len(ends["top"][1])] = ends["top"][1]
             if "bottom" in ends:
