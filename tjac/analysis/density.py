@@ -16,10 +16,12 @@ condition) stops there. Its rule is exact only up to that β: values of JᵀJ cl
 one another or to 0 (σ below ~1e-4 σ_max) are not told apart. So the closing β is kept as the last
 coefficient and the bracket below is taken with it: an interval end close to a node (within β times
 the node's last eigenvector component, or within the 1e-9 λ_max a Radau end steps off a node by)
-stays open, every other end is closed to round-off (an end exactly on a converged σ can still miss
-by ~1e-4 of a probe's count, as before). A β below ε λ_max, the round-off of the coefficients
-themselves, counts as zero: the rule is exact, but for nodes within round-off of an end (1e3 ε of
-the operator's dtype), which count on both sides of it. Taking the rule as exact instead gave a
+stays open, every other end is closed to round-off. Each Radau end steps off by 1e3 ε of the
+rule's scale (outward for both bounds): the computed T_m is exact for a measure whose atoms moved
+by round-off, and a Radau rule through a point inside such a cluster splits it across the end
+(an end exactly on a converged σ missed up to ~1e-5 of a probe's count before). A β below
+ε λ_max, the round-off of the coefficients themselves, counts as zero: the rule is exact, but for
+nodes within round-off of an end (1e3 ε of the operator's dtype), which count on both sides of it. Taking the rule as exact instead gave a
 planted near-null tail's count as 21.2 against a probe's true 4.5 (``tests/test_density.py``).
 
 **Without reorthogonalization** (``reorth='none'``: a few vectors per probe, memory O(P · probes)
@@ -29,7 +31,7 @@ analyses of the plain recurrence in finite precision, its T_m is the exact Lancz
 measure whose atoms are spread over tiny intervals around the true ones, with the same total weight
 near each, so the bracket below holds up to that spread (an end within about 1e-10 relative of a σ²
 can miss by a small share of that σ's weight: a few 1e-4 of a probe's count in stress tests with
-ends exactly on σ, as the full recurrence's Radau ends on a converged σ do; every bracket of the
+ends exactly on σ, a spread wider than the full recurrence's round-off step; every bracket of the
 benchmark runs contained the exact count). But the ghosts take nodes that would otherwise resolve
 the interval's ends: on the paper's recipe at P = 1,210 (σ_max = 32), bulk(1e-2) was still 22% wide
 at 2,500 steps where the full recurrence reached 10% at 500 (BENCHMARKS.md, "Interval counts"):
@@ -110,6 +112,7 @@ BREAKDOWN = 1e-8            # float64; in a lower precision 1e3 eps of the opera
 DENSE_MEMORY_SHARE = 0.5   # the dense fallback may use this share of the available memory
 CHECK_SPACING = 0.05       # resolution checks at least this share of the steps apart (overshoot)
 RADAU_STEP_OFF = 4         # times a Radau end may step off a Gauss node (1e-9 scale, then x10)
+RADAU_ROUNDOFF = 1e3       # a Radau end steps off by this many eps * scale (round-off of the rule)
 
 
 @dataclass(frozen=True)
@@ -195,8 +198,8 @@ class Quadrature:
                 # probe that closed keeps the (round-off) beta it closed at: its rule is exact
                 # only up to that beta, so an end close to a node stays open (module doc;
                 # values below the round-off of J^T J, sigma^2 < ~1e-8 sigma_max^2, included)
-                Fa = (0.0, 0.0) if a <= 0.0 else _radau_bounds(*ab, c[-1], a)
-                Fb = (c[-1], c[-1]) if b == math.inf else _radau_bounds(*ab, c[-1], b)
+                Fa = (0.0, 0.0) if a <= 0.0 else _radau_bracket(*ab, c[-1], a, self.eps)
+                Fb = (c[-1], c[-1]) if b == math.inf else _radau_bracket(*ab, c[-1], b, self.eps)
                 low.append(max(0.0, Fb[0] - Fa[1]))
                 up.append(max(0.0, Fb[1] - Fa[0]))
                 continue
@@ -621,6 +624,22 @@ class _Basis:
         for c, a in zip(self.chunks, coefs):
             w = w - torch.bmm(c, a)
         return w.squeeze(2).T
+
+
+def _radau_bracket(alpha, beta, mass, t, eps=float(np.finfo(np.float64).eps)):
+    """Bounds on F(t - 0) and F(t) that hold for the computed rule: ``_radau_bounds`` at
+    t - eta (lower) and t + eta (upper), eta = RADAU_ROUNDOFF eps scale. The computed T_m is the
+    exact Lanczos matrix of a measure whose atoms moved by round-off (a cluster about 1e-14
+    relative wide, in float64), so an atom at t is one on either side of t: the Radau rule through
+    a point inside the cluster splits it into a node at t and one at distance var / d from the
+    cluster's centre (d: t's distance to it), with weight ~ d / distance of the atom, beyond any
+    node tolerance as d -> 0 (measured: 2.1e-6 of a probe's count missed at 4.2e-10 from
+    t = 811). Stepping off by eta, far wider than the cluster, puts the whole cluster on one side.
+    A true atom within eta of t then counts on both sides, as for an exact rule."""
+    scale = max(float(np.max(np.abs(alpha))) + 2 * float(np.max(np.abs(beta))), abs(t), 1e-300)
+    eta = RADAU_ROUNDOFF * eps * scale
+    return (_radau_bounds(alpha, beta, mass, t - eta)[0],
+            _radau_bounds(alpha, beta, mass, t + eta)[1])
 
 
 def _radau_bounds(alpha, beta, mass, t, _depth=0):
