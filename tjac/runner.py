@@ -50,10 +50,36 @@ def provenance(recipe: Recipe, op: TrainingJacobian, argv=None) -> dict:
             "loss": recipe.loss,
             "tjac": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "scipy": scipy.__version__, "zarr": store.zarr_version(), "python": sys.version.split()[0],
-            "platform": platform.platform(), "device": str(op.device), "dtype": str(op.dtype),
+            "platform": platform.platform(), "cpu": cpu_description(),
+            "device": str(op.device), "dtype": str(op.dtype),
             "seeds": {"init": recipe.seed, "split": recipe.data.split_seed, "solver": 0},
             "argv": list(argv if argv is not None else sys.argv),
             "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def cpu_description() -> str:
+    """The CPU model and the vector kernels torch picked on it (training bits depend on both)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f
+                          if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def _not_reproduced(run_id: str, prov: dict) -> str:
+    """The one-line refusal of a resume whose training differs, naming what differs from the
+    machine that started the run (training bits depend on the CPU's and torch's kernels)."""
+    here = {"cpu": cpu_description(), "torch": torch.__version__}
+    diff = [f"{k} {prov[k]!r}, here {v!r}" for k, v in here.items()
+            if prov.get(k) is not None and prov[k] != v]
+    why = ("it was started with " + "; ".join(diff) if diff else
+           "training bits depend on the CPU's vector kernels and the torch build"
+           + ("" if "cpu" in prov else ", and the store does not record the CPU it was started on"))
+    return (f"run {run_id!r}: this machine's training does not reproduce the stored thetaT bit for "
+            f"bit ({why}); cannot resume")
 
 
 def _to_np(t: torch.Tensor) -> np.ndarray:
@@ -195,8 +221,7 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
                     if tuned:
                         op.apply_tuning(tuned)
             if not np.array_equal(stored, _to_np(op.thetaT)):
-                raise store.StoreError(f"run {run_id!r}: this machine's training does not reproduce "
-                                       f"the stored thetaT bit for bit; cannot resume")
+                raise store.StoreError(_not_reproduced(run_id, run.attrs.get("provenance", {})))
             plans = _plan_top_by_cost(plans, problem, P, k_top, method, checkpoint, spill_dir,
                                       block, op, started=run.attrs.get("provenance", {})
                                       .get("plans", {}).get("top"))
@@ -379,9 +404,12 @@ def _same_inputs(run, run_id: str, problem) -> None:
     prov = run.attrs.get("provenance", {})
     sha = prov.get("model", {}).get("theta0_sha256")
     if sha and sha != theta_sha256(problem.init_theta()):
+        cpu = prov.get("cpu")
+        where = (f", or on this CPU: it was started on {cpu!r}, here {cpu_description()!r}"
+                 if cpu and cpu != cpu_description() else "")
         raise store.StoreError(f"run {run_id!r} was started from another theta_0 (the model "
-                               f"{prov['model'].get('class')!r} initialises differently now); "
-                               f"cannot resume it")
+                               f"{prov['model'].get('class')!r} initialises differently now"
+                               f"{where}); cannot resume it")
     _same_data(run, run_id, problem.data.sources)
     stored_hash, now = run.attrs.get("recipe_hash"), problem.recipe.hash()
     if stored_hash and stored_hash != now:  # (another epochs, lr, seed, ... under an explicit id)
