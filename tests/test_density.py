@@ -465,11 +465,13 @@ def test_radau_ends_on_and_ulps_around_converged_atoms_keep_the_atom_inside(seed
     w = rng.uniform(0.0, 2.0, 100)
     for m in (20, 40):
         alpha, beta = _jacobi_of(lam, w, m)
+        gauss = np.linalg.eigvalsh(np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1))
         for k in range(len(lam)):
             for t in lam[k] + np.spacing(lam[k]) * np.arange(-3, 4):
-                lo, hi = _radau_bracket(alpha, beta, w.sum(), float(t))
                 below, upto = w[lam < t].sum(), w[lam <= t].sum()
-                assert lo - 1e-9 <= below <= upto <= hi + 1e-9, (m, t, lo, below, upto, hi)
+                for nodes in (None, gauss):   # always stepped off; only next to a Gauss node
+                    lo, hi = _radau_bracket(alpha, beta, w.sum(), float(t), nodes=nodes)
+                    assert lo - 1e-9 <= below <= upto <= hi + 1e-9, (m, t, lo, below, upto, hi)
 
 
 def test_interval_ends_on_converged_singular_values_keep_the_atom_inside_the_bracket():

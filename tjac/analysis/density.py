@@ -16,13 +16,15 @@ condition) stops there. Its rule is exact only up to that β: values of JᵀJ cl
 one another or to 0 (σ below ~1e-4 σ_max) are not told apart. So the closing β is kept as the last
 coefficient and the bracket below is taken with it: an interval end close to a node (within β times
 the node's last eigenvector component, or within the 1e-9 λ_max a Radau end steps off a node by)
-stays open, every other end is closed to round-off. Each Radau end steps off by 1e3 ε of the
-rule's scale (outward for both bounds): the computed T_m is exact for a measure whose atoms moved
-by round-off, and a Radau rule through a point inside such a cluster splits it across the end
-(an end exactly on a converged σ missed up to ~1e-5 of a probe's count before). A β below
+stays open, every other end is closed to round-off. A Radau end within 1e3 ε (of the rule's
+scale) of a Gauss node steps off by that much, outward for both bounds: the computed T_m is
+exact for a measure whose atoms moved by round-off, and a Radau rule through a point inside such a
+cluster splits it across the end (an end exactly on a converged σ missed up to ~1e-5 of a probe's
+count before). A β below
 ε λ_max, the round-off of the coefficients themselves, counts as zero: the rule is exact, but for
-nodes within round-off of an end (1e3 ε of the operator's dtype), which count on both sides of it. Taking the rule as exact instead gave a
-planted near-null tail's count as 21.2 against a probe's true 4.5 (``tests/test_density.py``).
+nodes within round-off of an end (1e3 ε of the operator's dtype), which count on both sides of it.
+Taking the rule as exact instead gave a planted near-null tail's count as 21.2 against a probe's
+true 4.5 (``tests/test_density.py``).
 
 **Without reorthogonalization** (``reorth='none'``: a few vectors per probe, memory O(P · probes)
 instead of the basis' O(P · probes · steps), and steps not capped at P) the recurrence loses
@@ -198,8 +200,8 @@ class Quadrature:
                 # probe that closed keeps the (round-off) beta it closed at: its rule is exact
                 # only up to that beta, so an end close to a node stays open (module doc;
                 # values below the round-off of J^T J, sigma^2 < ~1e-8 sigma_max^2, included)
-                Fa = (0.0, 0.0) if a <= 0.0 else _radau_bracket(*ab, c[-1], a, self.eps)
-                Fb = (c[-1], c[-1]) if b == math.inf else _radau_bracket(*ab, c[-1], b, self.eps)
+                Fa = (0.0, 0.0) if a <= 0.0 else _radau_bracket(*ab, c[-1], a, self.eps, x)
+                Fb = (c[-1], c[-1]) if b == math.inf else _radau_bracket(*ab, c[-1], b, self.eps, x)
                 low.append(max(0.0, Fb[0] - Fa[1]))
                 up.append(max(0.0, Fb[1] - Fa[0]))
                 continue
@@ -626,18 +628,23 @@ class _Basis:
         return w.squeeze(2).T
 
 
-def _radau_bracket(alpha, beta, mass, t, eps=float(np.finfo(np.float64).eps)):
+def _radau_bracket(alpha, beta, mass, t, eps=float(np.finfo(np.float64).eps), nodes=None):
     """Bounds on F(t - 0) and F(t) that hold for the computed rule: ``_radau_bounds`` at
-    t - eta (lower) and t + eta (upper), eta = RADAU_ROUNDOFF eps scale. The computed T_m is the
+    t - eta (lower) and t + eta (upper), eta = RADAU_ROUNDOFF eps scale, where a Gauss node
+    (``nodes``; None: always) lies within eta of t; elsewhere at t itself. The computed T_m is the
     exact Lanczos matrix of a measure whose atoms moved by round-off (a cluster about 1e-14
     relative wide, in float64), so an atom at t is one on either side of t: the Radau rule through
     a point inside the cluster splits it into a node at t and one at distance var / d from the
     cluster's centre (d: t's distance to it), with weight ~ d / distance of the atom, beyond any
     node tolerance as d -> 0 (measured: 2.1e-6 of a probe's count missed at 4.2e-10 from
     t = 811). Stepping off by eta, far wider than the cluster, puts the whole cluster on one side.
-    A true atom within eta of t then counts on both sides, as for an exact rule."""
+    A true atom within eta of t then counts on both sides, as for an exact rule. With no Gauss
+    node that close, no atom near t has converged (its Christoffel weight rho exceeds the atom's
+    by far more than round-off) and one rule through t suffices (half the cost)."""
     scale = max(float(np.max(np.abs(alpha))) + 2 * float(np.max(np.abs(beta))), abs(t), 1e-300)
     eta = RADAU_ROUNDOFF * eps * scale
+    if nodes is not None and not np.any(np.abs(np.asarray(nodes) - t) <= eta):
+        return _radau_bounds(alpha, beta, mass, t)
     return (_radau_bounds(alpha, beta, mass, t - eta)[0],
             _radau_bounds(alpha, beta, mass, t + eta)[1])
 
