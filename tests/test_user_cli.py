@@ -199,6 +199,28 @@ def test_resume_on_changed_data_is_refused_naming_the_file(tmp_path, capsys):
     assert code == 2 and "d.npz" in err and "changed" in err and len(err.splitlines()) == 1
 
 
+def test_a_theta0_from_another_cpu_is_refused_naming_both_cpus(tmp_path, capsys):
+    """A run started on another CPU whose init gave other bits (theta0's SHA-256 differs): the
+    refusal names the CPU it was started on and this one, besides the model's init."""
+    r = tjac.Recipe.paper(width=4, epochs=1, n_train=64, batch_size=32)
+    store = str(tmp_path / "s.zarr")
+    with pytest.raises(_Kill):
+        runner.run_analysis(r, store, k_top=2, k_bottom=2, method="dense", backend="eager",
+                            progress=_killing_bar, block=64)
+    group = zarr.open_group(str(tmp_path / "s.zarr" / "runs" / r.hash()), mode="r+")
+    prov = dict(group.attrs["provenance"])
+    assert prov["cpu"] == runner.cpu_description()
+    prov["cpu"], prov["model"] = "Other CPU (AVX2)", {**prov["model"], "theta0_sha256": "0" * 64}
+    group.attrs["provenance"] = prov
+    code = main(["run", "--width", "4", "--epochs", "1", "--n-train", "64", "--batch-size", "32",
+                 "--k-top", "2", "--k-bottom", "2", "--method", "dense", "--backend", "eager",
+                 "--store", store, "--resume", "-q", "--png", "none"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "another theta_0" in err and "'Other CPU (AVX2)'" in err
+    assert repr(runner.cpu_description()) in err
+
+
 def test_a_run_id_started_from_another_recipe_is_refused(tmp_path, capsys):
     """Under an explicit run id, other settings (here the epochs) are another recipe: neither
     reported as complete nor resumed, one line, exit 2, the stored run untouched."""
