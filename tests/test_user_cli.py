@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import zarr
 
 import tjac
 from tjac import runner
@@ -121,7 +122,7 @@ def test_own_model_example_runs_from_the_command_line(tmp_path, capsys, monkeypa
     assert run.recipe.model.factory == "own_model:small_cnn" and run.top(2).converged.all()
 
 
-def test_store_written_by_0_1_0_resumes_to_the_same_sigma(tmp_path):
+def test_store_written_by_0_1_0_resumes_to_the_same_sigma(tmp_path, capsys):
     store = tmp_path / "old.zarr"
     shutil.copytree(FIXTURE, store)
     expected = json.loads((FIXTURE.parent / "store-v0.1.0.expected.json").read_text())
@@ -131,6 +132,25 @@ def test_store_written_by_0_1_0_resumes_to_the_same_sigma(tmp_path):
     assert stored.recipe.hash() == expected["recipe_hash"]
     r = tjac.Recipe.paper(width=4, epochs=2, n_train=128, batch_size=32)
     assert r.hash() == expected["recipe_hash"]
+    # The stored theta0 and thetaT are the init's and the training's bits on the CPU that wrote
+    # the fixture; another CPU's kernels (AVX-512 against AVX2: theta0 differed in one ulp, thetaT
+    # in more) give other bits, and the resume is then refused, as it must be. What this test is
+    # about is the 0.1.0 layout, so on such a CPU the copy's theta arrays are re-stamped with this
+    # machine's bits (the layout, the attributes and the stored Jacobian columns stay the
+    # fixture's: those columns differ from this CPU's by round-off only).
+    op = tjac.TrainingJacobian(tjac.Problem(r), backend="eager")
+    group = zarr.open_group(str(store / "runs" / expected["recipe_hash"]), mode="r+")
+    here = {"theta0": op.theta0.numpy(), "thetaT": op.thetaT.numpy()}
+    if not np.array_equal(group["thetaT"][:], here["thetaT"]):
+        for name, bits in here.items():
+            np.testing.assert_allclose(group[name][:], bits, rtol=0, atol=1e-12)
+        assert main(["run", "--width", "4", "--epochs", "2", "--n-train", "128", "--batch-size",
+                     "32", "--k-top", "4", "--k-bottom", "4", "--method", "dense", "--backend",
+                     "eager", "--store", str(store), "--resume", "-q", "--png", "none"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "bit for bit" in err and "CPU" in err and len(err.splitlines()) == 1, err
+        for name, bits in here.items():
+            group[name][:] = bits
     assert main(["run", "--width", "4", "--epochs", "2", "--n-train", "128", "--batch-size", "32",
                  "--k-top", "4", "--k-bottom", "4", "--method", "dense", "--backend", "eager",
                  "--store", str(store), "--resume", "-q", "--png", "none"]) == 0
@@ -139,6 +159,29 @@ def test_store_written_by_0_1_0_resumes_to_the_same_sigma(tmp_path):
     np.testing.assert_allclose(run.top(4).sigma, expected["top_sigma"], rtol=1e-12)
     np.testing.assert_allclose(np.sort(run.bottom(4).sigma), np.sort(expected["bottom_sigma"]),
                                rtol=1e-10)
+
+
+def test_a_resume_whose_training_differs_is_refused_naming_the_cpu(tmp_path, capsys):
+    """thetaT one ulp off what this machine trains to (as another CPU's kernels give): refused in
+    one line that says the bits depend on the CPU and the torch build, the store untouched."""
+    store = tmp_path / "old.zarr"
+    shutil.copytree(FIXTURE, store)
+    rid = json.loads((FIXTURE.parent / "store-v0.1.0.expected.json").read_text())["recipe_hash"]
+    r = tjac.Recipe.paper(width=4, epochs=2, n_train=128, batch_size=32)
+    op = tjac.TrainingJacobian(tjac.Problem(r), backend="eager")
+    group = zarr.open_group(str(store / "runs" / rid), mode="r+")
+    off = op.thetaT.numpy().copy()
+    off[0] = np.nextafter(off[0], np.inf)
+    group["theta0"][:], group["thetaT"][:] = op.theta0.numpy(), off
+    code = main(["run", "--width", "4", "--epochs", "2", "--n-train", "128", "--batch-size", "32",
+                 "--k-top", "4", "--k-bottom", "4", "--method", "dense", "--backend", "eager",
+                 "--store", str(store), "--resume", "-q", "--png", "none"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "bit for bit" in err and "CPU" in err and "torch build" in err
+    assert "does not record the CPU" in err   # a 0.1.0 store: its provenance names no CPU
+    assert np.array_equal(group["thetaT"][:], off)
+    assert open_store(str(store)).run(rid).status != "complete"
 
 
 class _Kill(Exception):
@@ -168,6 +211,28 @@ def test_resume_on_changed_data_is_refused_naming_the_file(tmp_path, capsys):
                  "--store", store, "--resume", "-q", "--png", "none"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "d.npz" in err and "changed" in err and len(err.splitlines()) == 1
+
+
+def test_a_theta0_from_another_cpu_is_refused_naming_both_cpus(tmp_path, capsys):
+    """A run started on another CPU whose init gave other bits (theta0's SHA-256 differs): the
+    refusal names the CPU it was started on and this one, besides the model's init."""
+    r = tjac.Recipe.paper(width=4, epochs=1, n_train=64, batch_size=32)
+    store = str(tmp_path / "s.zarr")
+    with pytest.raises(_Kill):
+        runner.run_analysis(r, store, k_top=2, k_bottom=2, method="dense", backend="eager",
+                            progress=_killing_bar, block=64)
+    group = zarr.open_group(str(tmp_path / "s.zarr" / "runs" / r.hash()), mode="r+")
+    prov = dict(group.attrs["provenance"])
+    assert prov["cpu"] == runner.cpu_description()
+    prov["cpu"], prov["model"] = "Other CPU (AVX2)", {**prov["model"], "theta0_sha256": "0" * 64}
+    group.attrs["provenance"] = prov
+    code = main(["run", "--width", "4", "--epochs", "1", "--n-train", "64", "--batch-size", "32",
+                 "--k-top", "2", "--k-bottom", "2", "--method", "dense", "--backend", "eager",
+                 "--store", store, "--resume", "-q", "--png", "none"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "another theta_0" in err and "'Other CPU (AVX2)'" in err
+    assert repr(runner.cpu_description()) in err
 
 
 def test_a_run_id_started_from_another_recipe_is_refused(tmp_path, capsys):

@@ -19,6 +19,7 @@ norm relative to ``max(1, max |theta_T|)`` (training on another device rounds di
 from __future__ import annotations
 
 import logging
+import platform
 
 import numpy as np
 import torch
@@ -28,6 +29,36 @@ from .operator import theta_sha256
 from .problem import Problem
 
 log = logging.getLogger(__name__)
+
+
+def cpu_description() -> str:
+    """The CPU model and the vector kernels torch picked on it (training bits depend on both)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f
+                          if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def not_reproduced(run_id: str, prov: dict, action: str = "resume") -> str:
+    """The one-line refusal of a resume (``action``) whose training differs, naming what differs from the
+    machine that started the run (training bits depend on the CPU's and torch's kernels)."""
+    diff = _elsewhere(prov)
+    why = ("it was started with " + diff if diff else
+           "training bits depend on the CPU's vector kernels and the torch build"
+           + ("" if "cpu" in prov else ", and the store does not record the CPU it was started on"))
+    return (f"run {run_id!r}: this machine's training does not reproduce the stored thetaT bit for "
+            f"bit ({why}); cannot {action}")
+
+
+def _elsewhere(prov: dict) -> str:
+    """What of the CPU and torch build differs from the run's provenance ("" if nothing known)."""
+    here = {"cpu": cpu_description(), "torch": torch.__version__}
+    return "; ".join(f"{k} {prov[k]!r}, here {v!r}" for k, v in here.items()
+                     if prov.get(k) is not None and prov[k] != v)
 
 
 def problem_of(run, *, action: str = "analyze") -> Problem:
@@ -70,9 +101,10 @@ def check_thetaT(run, thetaT: torch.Tensor, problem: Problem, *, action: str = "
         if err <= tol * max(1.0, float(np.abs(stored).max(initial=0.0))):
             return
         how = f"to {tol:.1e} (stored on {prov.get('device')} {prov.get('dtype')})"
+    other = _elsewhere(prov)
+    why = f"it was stored with {other}" if other else "the model, loss or optimizer code changed?"
     raise store.StoreError(f"run {run.id!r}: retraining its recipe here does not reproduce the "
-                           f"stored theta_T {how} (the model, loss or optimizer code changed?); "
-                           f"cannot {action} it")
+                           f"stored theta_T {how} ({why}); cannot {action} it")
 
 
 def trained(run, problem: Problem, *, action: str = "analyze") -> Problem:
@@ -129,9 +161,12 @@ def same_inputs(run, run_id: str, problem, action: str = "resume") -> None:
     prov = run.attrs.get("provenance", {})
     sha = prov.get("model", {}).get("theta0_sha256")
     if sha and sha != theta_sha256(problem.init_theta()):
+        cpu = prov.get("cpu")
+        where = (f", or on this CPU: it was started on {cpu!r}, here {cpu_description()!r}"
+                 if cpu and cpu != cpu_description() else "")
         raise store.StoreError(f"run {run_id!r} was started from another theta_0 (the model "
-                               f"{prov['model'].get('class')!r} initialises differently now); "
-                               f"cannot {action} it")
+                               f"{prov['model'].get('class')!r} initialises differently now"
+                               f"{where}); cannot {action} it")
     same_data(run, run_id, problem.data.sources, action)
     stored_hash, now = run.attrs.get("recipe_hash"), problem.recipe.hash()
     if stored_hash and stored_hash != now:  # (another epochs, lr, seed, ... under an explicit id)

@@ -26,7 +26,7 @@ from .linalg import Progress, default_tol, fresh_residuals, plan_solve, small_sv
 from .linalg.dense import column_blocks, dense_bottom_torch, dense_values, numpy_dtype
 from .linalg.plan import HEADROOM
 from .operator import TrainingJacobian, theta_sha256
-from .rebuild import same_inputs
+from .rebuild import cpu_description, not_reproduced, same_inputs
 from .recipe import Recipe
 from .problem import Problem
 
@@ -52,7 +52,8 @@ def provenance(recipe: Recipe, op: TrainingJacobian, argv=None) -> dict:
             "loss": recipe.loss,
             "tjac": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "scipy": scipy.__version__, "zarr": store.zarr_version(), "python": sys.version.split()[0],
-            "platform": platform.platform(), "device": str(op.device), "dtype": str(op.dtype),
+            "platform": platform.platform(), "cpu": cpu_description(),
+            "device": str(op.device), "dtype": str(op.dtype),
             "seeds": {"init": recipe.seed, "split": recipe.data.split_seed, "solver": 0},
             "argv": list(argv if argv is not None else sys.argv),
             "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -199,8 +200,7 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
                     if tuned:
                         op.apply_tuning(tuned)
             if not np.array_equal(stored, _to_np(op.thetaT)):
-                raise store.StoreError(f"run {run_id!r}: this machine's training does not reproduce "
-                                       f"the stored thetaT bit for bit; cannot resume")
+                raise store.StoreError(not_reproduced(run_id, run.attrs.get("provenance", {})))
             plans = _plan_top_by_cost(plans, problem, P, k_top, method, checkpoint, spill_dir,
                                       block, op, started=run.attrs.get("provenance", {})
                                       .get("plans", {}).get("top"))

@@ -16,11 +16,15 @@ condition) stops there. Its rule is exact only up to that β: values of JᵀJ cl
 one another or to 0 (σ below ~1e-4 σ_max) are not told apart. So the closing β is kept as the last
 coefficient and the bracket below is taken with it: an interval end close to a node (within β times
 the node's last eigenvector component, or within the 1e-9 λ_max a Radau end steps off a node by)
-stays open, every other end is closed to round-off (an end exactly on a converged σ can still miss
-by ~1e-4 of a probe's count, as before). A β below ε λ_max, the round-off of the coefficients
-themselves, counts as zero: the rule is exact, but for nodes within round-off of an end (1e3 ε of
-the operator's dtype), which count on both sides of it. Taking the rule as exact instead gave a
-planted near-null tail's count as 21.2 against a probe's true 4.5 (``tests/test_density.py``).
+stays open, every other end is closed to round-off. A Radau end within 1e3 ε (of the rule's
+scale) of a Gauss node steps off by that much, outward for both bounds: the computed T_m is
+exact for a measure whose atoms moved by round-off, and a Radau rule through a point inside such a
+cluster splits it across the end (an end exactly on a converged σ missed up to ~1e-5 of a probe's
+count before). A β below
+ε λ_max, the round-off of the coefficients themselves, counts as zero: the rule is exact, but for
+nodes within round-off of an end (1e3 ε of the operator's dtype), which count on both sides of it.
+Taking the rule as exact instead gave a planted near-null tail's count as 21.2 against a probe's
+true 4.5 (``tests/test_density.py``).
 
 **Without reorthogonalization** (``reorth='none'``: a few vectors per probe, memory O(P · probes)
 instead of the basis' O(P · probes · steps), and steps not capped at P) the recurrence loses
@@ -29,7 +33,7 @@ analyses of the plain recurrence in finite precision, its T_m is the exact Lancz
 measure whose atoms are spread over tiny intervals around the true ones, with the same total weight
 near each, so the bracket below holds up to that spread (an end within about 1e-10 relative of a σ²
 can miss by a small share of that σ's weight: a few 1e-4 of a probe's count in stress tests with
-ends exactly on σ, as the full recurrence's Radau ends on a converged σ do; every bracket of the
+ends exactly on σ, a spread wider than the full recurrence's round-off step; every bracket of the
 benchmark runs contained the exact count). But the ghosts take nodes that would otherwise resolve
 the interval's ends: on the paper's recipe at P = 1,210 (σ_max = 32), bulk(1e-2) was still 22% wide
 at 2,500 steps where the full recurrence reached 10% at 500 (BENCHMARKS.md, "Interval counts"):
@@ -129,6 +133,7 @@ RADAU_STEP_OFF = 4         # times a Radau end may step off a Gauss node (1e-9 s
 # 0.7-1.3 eps sigma_max^2 per unit x (P = 120-500, float32); the rules are then those of a
 # J^T J + H with ||H|| within about this many eps sigma_max^2 (module doc, "Precision")
 ROUNDOFF_SPREAD = 2.0
+RADAU_ROUNDOFF = 1e3       # a Radau end steps off by this many eps * scale (round-off of the rule)
 
 
 @dataclass(frozen=True)
@@ -649,8 +654,8 @@ def _bracket(x, w, c, exact, ab, a, b, eps):
         # probe that closed keeps the (round-off) beta it closed at: its rule is exact
         # only up to that beta, so an end close to a node stays open (module doc;
         # values below the round-off of J^T J, sigma^2 < ~1e-8 sigma_max^2, included)
-        Fa = (0.0, 0.0) if a <= 0.0 else _radau_bounds(*ab, c[-1], a)
-        Fb = (c[-1], c[-1]) if b == math.inf else _radau_bounds(*ab, c[-1], b)
+        Fa = (0.0, 0.0) if a <= 0.0 else _radau_bracket(*ab, c[-1], a, eps, x)
+        Fb = (c[-1], c[-1]) if b == math.inf else _radau_bracket(*ab, c[-1], b, eps, x)
         # each end sums m + 1 squared eigenvector components of its own rule (F(inf): the
         # Gauss weights), which add up to the probe's mass only to ~(m + 1) eps: an interval
         # holding none of the mass got a lower bound of a few ulps of ||z||^2 (above its Gauss
@@ -700,6 +705,27 @@ def _roundoff_mass(x, c, t, eta) -> float:
     d = float(np.min(np.abs(x - t)))
     r = eta * math.sqrt(max(F * (M - F), 0.0))
     return M if r >= M * d else r / d
+
+
+def _radau_bracket(alpha, beta, mass, t, eps=float(np.finfo(np.float64).eps), nodes=None):
+    """Bounds on F(t - 0) and F(t) that hold for the computed rule: ``_radau_bounds`` at
+    t - eta (lower) and t + eta (upper), eta = RADAU_ROUNDOFF eps scale, where a Gauss node
+    (``nodes``; None: always) lies within eta of t; elsewhere at t itself. The computed T_m is the
+    exact Lanczos matrix of a measure whose atoms moved by round-off (a cluster about 1e-14
+    relative wide, in float64), so an atom at t is one on either side of t: the Radau rule through
+    a point inside the cluster splits it into a node at t and one at distance var / d from the
+    cluster's centre (d: t's distance to it), with weight ~ d / distance of the atom, beyond any
+    node tolerance as d -> 0 (measured: 2.1e-6 of a probe's count missed at 4.2e-10 from
+    t = 811). Stepping off by eta, far wider than the cluster, puts the whole cluster on one side.
+    A true atom within eta of t then counts on both sides, as for an exact rule. With no Gauss
+    node that close, no atom near t has converged (its Christoffel weight rho exceeds the atom's
+    by far more than round-off) and one rule through t suffices (half the cost)."""
+    scale = max(float(np.max(np.abs(alpha))) + 2 * float(np.max(np.abs(beta))), abs(t), 1e-300)
+    eta = RADAU_ROUNDOFF * eps * scale
+    if nodes is not None and not np.any(np.abs(np.asarray(nodes) - t) <= eta):
+        return _radau_bounds(alpha, beta, mass, t)
+    return (_radau_bounds(alpha, beta, mass, t - eta)[0],
+            _radau_bounds(alpha, beta, mass, t + eta)[1])
 
 
 def _radau_bounds(alpha, beta, mass, t, _depth=0):
