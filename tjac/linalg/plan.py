@@ -14,7 +14,11 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
 * ``lanczos``, top: a basis of ``max_basis`` vectors per side, restarted; products about two
   bases' worth.
 * ``randomized``, top: l = k + 8 columns per pass, about ``RANDOMIZED_PASSES`` passes of 2 l
-  products (measured 4-8 on the paper's spectra); memory three P x (passes l) blocks.
+  products (measured 4-8 on the paper's spectra); memory: what its peak holds
+  (:func:`tjac.linalg.randomized.peak_values`: five P x (passes l) arrays, the bases in storage
+  allocated once and the Rayleigh-Ritz SVD's copy and factor, plus a few P x l blocks). The solve
+  itself sizes its storage to the budget and stops, with the partial result, before a pass that
+  would outgrow it (:class:`tjac.linalg.BudgetError`).
 * The top by cost: randomized needs the most products but in the widest blocks; single-vector
   Lanczos the fewest (``LANCZOS_TOP_PRODUCTS``: top-16 at tol 1e-6 on the paper's net, Lanczos
   at block 1/2/4/8 used 0.45/0.51/0.68/0.91 of randomized's products). Where replays do not get
@@ -41,6 +45,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .dense import dense_bottom_block
+from .randomized import peak_values as randomized_peak
 
 DENSE_FACTOR = 8            # values of P^2 at the dense path's peak (J, its copy, U, V^T, work)
 DENSE_BOTTOM_FACTOR = 1     # values of P^2 at the bottom-only dense path's peak (J, in place)
@@ -186,7 +191,7 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
         l = min(P, block or (k + 8))
         passes = RANDOMIZED_PASSES * -(-k // min(l, k))
         products = min(P, l * (2 * passes + 1))
-        values = 3 * P * min(P, l * passes)
+        values = randomized_peak(P, l * passes, l)
     elif which == "bottom":
         products = min(int(LANCZOS_BOTTOM_PRODUCTS * P) + 4 * k, 2 * P)
         values = LANCZOS_BOTTOM_FACTOR * P * P
