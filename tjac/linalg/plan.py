@@ -15,8 +15,8 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
   bases' worth.
 * ``randomized``, top: l = k + 8 columns per pass, about ``RANDOMIZED_PASSES`` passes of 2 l
   products (measured 4-8 on the paper's spectra); memory: what its peak holds
-  (:func:`tjac.linalg.randomized.peak_values`: five P x (passes l) arrays, the bases in storage
-  allocated once and the Rayleigh-Ritz SVD's copy and factor, plus a few P x l blocks). The solve
+  (:func:`tjac.linalg.randomized.peak_values`: four P x (passes l) arrays, the bases in storage
+  allocated once and the Q factor of the Rayleigh-Ritz step's QR, plus a few P x l blocks). The solve
   itself sizes its storage to the budget and stops, with the partial result, before a pass that
   would outgrow it (:class:`tjac.linalg.BudgetError`).
 * The top by cost: randomized needs the most products but in the widest blocks; single-vector

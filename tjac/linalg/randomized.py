@@ -13,8 +13,9 @@ are confirmed against fresh random directions before the solve ends.
 
 Memory: the three bases Q, Z and A Z live in storage allocated once, for the most basis vectors the
 solve may reach (``maxiter`` passes, or fewer when ``max_bytes`` holds fewer); a pass writes into
-it (no concatenated copies). At the peak (the Rayleigh-Ritz SVD of Z: LAPACK's copy of Z and the
-P x n factor V) :func:`peak_values` P-sized values are live. A solve that would need a basis
+it (no concatenated copies). Rayleigh-Ritz takes Z's QR and the SVD of its small R factor, and
+forms only the k wanted columns of V. At the peak (the QR's P x n factor beside the three bases)
+:func:`peak_values` P-sized values are live. A solve that would need a basis
 larger than ``max_bytes`` holds stops before the pass that would exceed it, with the partial
 result and a note (``budget_note``) naming the bytes it needed and those available.
 """
@@ -32,8 +33,8 @@ log = logging.getLogger(__name__)
 # With a block narrower than k, certified values are confirmed: random directions orthogonal to
 # the basis join the next pass, and the solve ends when the values survive this many more passes.
 CONFIRM_PASSES = 2
-# P x n arrays live at the peak: the Q, Z, A Z storage, LAPACK's copy of Z and the SVD's V
-BASIS_ARRAYS = 5
+# P x n arrays live at the peak: the Q, Z, A Z storage and the Q factor of Z's QR
+BASIS_ARRAYS = 4
 # P x l arrays live beside them: the pass's fresh products, the Ritz vectors, residual temporaries
 # and orthonormalization's work (Gram-Schmidt and QR of a block up to 2 l wide)
 BLOCK_ARRAYS = 10
@@ -96,15 +97,18 @@ def randomized(op, k: int, *, tol: float, maxiter: int, block: int, v0=None, gen
         AZn = AZb[:, n:n + w]
         n += w
         Q, Z, AZ = Qb[:, :n], Zb[:, :n], AZb[:, :n]
-        V, sig, Wt = torch.linalg.svd(Z, full_matrices=False)  # tall-skinny: cheap
+        # Z = Qz R, R = Ur S W^T (what LAPACK's SVD of a tall matrix does, without its P x n
+        # workspace and the P x n factor: only the k wanted columns of V = Qz Ur are formed)
+        Qz, R = torch.linalg.qr(Z)
+        Ur, sig, Wt = torch.linalg.svd(R)
         kk = min(k, sig.shape[0])
+        Vk = Qz @ Ur[:, :kk]
+        del Qz, R
         W = Wt.T[:, :kk]
         U = Q @ W
         sk = sig[:kk]
         r1 = ((AZ @ W) / sk - U * sk).norm(dim=0)
-        r2 = (Z @ W - V[:, :kk] * sk).norm(dim=0)
-        Vk = V[:, :kk].clone()
-        del V, Wt
+        r2 = (Z @ W - Vk * sk).norm(dim=0)
         smax = float(sig[0])
         conv = torch.maximum(r1, r2) <= tol * smax
         n_conv = int(conv.sum()) if kk == k else 0

@@ -1,0 +1,112 @@
+"""Memory plans that hold: randomized's storage and stop against its budget, the refusal before any
+product, and the measured per-step memory of a replay (:mod:`tjac.memory`)."""
+import pytest
+import torch
+
+import tjac
+from tjac.linalg import BudgetError, DenseOperator, svd
+from tjac.linalg.plan import HEADROOM, estimate
+from tjac.linalg.randomized import peak_values, randomized
+from tjac.memory import cpu_peak_bytes
+from tjac.problem import memory_estimate
+
+
+class Diagonal:
+    """diag(d) behind the operator protocol: products cost O(P k), no P x P matrix."""
+
+    def __init__(self, d):
+        self.d = d
+        self.shape, self.dtype, self.device = (d.shape[0],) * 2, d.dtype, d.device
+        self.num_matvecs = self.num_rmatvecs = 0
+
+    def matmat(self, X):
+        self.num_matvecs += X.shape[1]
+        return self.d[:, None] * X
+
+    def rmatmat(self, Y):
+        self.num_rmatvecs += Y.shape[1]
+        return self.d[:, None] * Y
+
+
+def flat(P, seed=0):
+    """A flat spectrum (values within 1e-3 of 1): block Krylov needs many passes at tol 1e-10."""
+    g = torch.Generator().manual_seed(seed)
+    return Diagonal(1 + 1e-3 * torch.rand(P, generator=g, dtype=torch.float64))
+
+
+def test_plan_counts_randomized_peak():
+    P, k, l = 5000, 8, 16
+    e = estimate("randomized", P, k, "top", block=l)
+    assert e.bytes == 8 * peak_values(P, 6 * l, l)  # the plan's 6 passes, every live array
+    assert e.bytes >= 8 * 4 * P * 6 * l  # three bases + the Q factor of the Rayleigh-Ritz QR
+
+
+def test_flat_spectrum_stops_before_the_budget_with_the_partial_result():
+    P, k, l = 2000, 4, 8
+    op = flat(P)
+    room = 8 * peak_values(P, 8 * l, l) + 1000  # the plan's 6 passes fit, and 8; not 9
+    max_memory = int(room / HEADROOM) + 1
+    room = int(HEADROOM * max_memory)
+    with pytest.raises(BudgetError, match=rf"after 8 passes \(basis 64\): the next pass needs "
+                                          rf"[\d,]+ bytes but {room:,} are available") as e:
+        svd(op, k, method="randomized", block=l, tol=1e-10, max_memory=max_memory)
+    r = e.value.result
+    assert r.S.shape == (k,) and not r.all_converged and isinstance(e.value, MemoryError)
+    last = r.history[-1]
+    assert len(r.history) == 8 and "stopped" in last and last["basis"] == 8 * l
+    assert 8 * peak_values(P, 8 * l, l) <= room < 8 * peak_values(P, 9 * l, l)
+    # no pass beyond the budget ran: the start block, then per pass l VJPs and l JVPs
+    assert op.num_matvecs == l + 8 * l and op.num_rmatvecs == 8 * l
+    assert "\n" not in str(e.value)
+    # the partial result is right as far as it goes: the top values of the flat spectrum
+    top = op.d.sort(descending=True).values[:k]
+    assert (r.S - top).abs().max() <= 1e-3 and bool((r.S <= top[0] + 1e-12).all())
+
+
+def test_randomized_allocates_what_its_plan_counts():
+    """The solve's resident peak (a diagonal operator: products allocate only their output) stays
+    within the plan's count, and near it (the old per-pass concatenation and full SVD held ~9 P n)."""
+    P, k, l, passes = 40_000, 8, 16, 6
+    op = flat(P)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    peak = cpu_peak_bytes(lambda: out.setdefault("r", randomized(
+        op, k, tol=1e-14, maxiter=passes, block=l, gen=gen)))
+    if peak is None:
+        pytest.skip("no resident high-water mark here (not Linux/glibc)")
+    assert len(out["r"].history) == passes
+    planned = estimate("randomized", P, k, "top", block=l).bytes
+    assert 0.6 * planned <= peak <= 1.1 * planned, (peak, planned)
+
+
+def test_refused_plan_names_bytes_before_any_product():
+    A = torch.randn(300, 300, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    op = DenseOperator(A)
+    with pytest.raises(MemoryError) as e:
+        svd(op, 5, method="randomized", max_memory=500_000)
+    msg = str(e.value)
+    assert "\n" not in msg and "needs " in msg and "450,000 of 500,000 available" in msg
+    assert op.num_matvecs == op.num_rmatvecs == 0
+
+
+@pytest.fixture(scope="module")
+def small_cnn():
+    return tjac.TrainingJacobian(tjac.Recipe.paper(
+        model="tests.usermodels:bn_cnn", model_kwargs={"channels": 8, "p": 0.0},
+        epochs=1, n_train=128))
+
+
+def test_activation_is_measured_positive_and_grows_with_width(small_cnn):
+    op = small_cnn
+    before = memory_estimate(op.problem, block=64)
+    est = op.measure_activation(widths=(2, 32))
+    if est is None:
+        pytest.skip("no peak memory reading here")
+    assert est.bytes[0] > 0 and est.bytes[1] > est.bytes[0]
+    assert est.per_vector > 0 and est.at(64) > est.at(32) > est.at(2) > 0
+    assert op.problem.activation is est
+    P, item, n_state = op.shape[0], 8, len(op.problem.optimizer.state_names)
+    # the estimate now holds the tangents plus the measured step instead of 2 more P x k arrays
+    assert memory_estimate(op.problem, block=64) - before == est.at(64) - 2 * P * 64 * item
+    assert op.num_matvecs == 0  # measuring is not a product
+    del n_state
