@@ -85,7 +85,8 @@ def test_refused_plan_names_bytes_before_any_product():
     with pytest.raises(MemoryError) as e:
         svd(op, 5, method="randomized", max_memory=500_000)
     msg = str(e.value)
-    assert "\n" not in msg and "needs " in msg and "450,000 of 500,000 available" in msg
+    need = estimate("randomized", 300, 5, "top").bytes
+    assert "\n" not in msg and f"(needs {need:,} bytes; 500,000 bytes available" in msg
     assert op.num_matvecs == op.num_rmatvecs == 0
 
 
@@ -110,3 +111,22 @@ def test_activation_is_measured_positive_and_grows_with_width(small_cnn):
     assert memory_estimate(op.problem, block=64) - before == est.at(64) - 2 * P * 64 * item
     assert op.num_matvecs == 0  # measuring is not a product
     del n_state
+
+
+def test_cli_refuses_a_plan_that_cannot_fit_in_one_line_before_training(tmp_path, monkeypatch,
+                                                                         capsys):
+    from tjac import _checks, cli, trajectory
+
+    def trained(*a, **kw):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(_checks, "available_bytes", lambda device: 3_500_000)
+    monkeypatch.setattr(trajectory.Trajectory, "__init__", trained)
+    store = tmp_path / "r.zarr"
+    code = cli.main(["run", "--width", "8", "--epochs", "2", "--n-train", "256", "--k-top", "4",
+                     "--k-bottom", "0", "--store", str(store)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert "top-4 of P = 610 does not fit" in err and "bytes available" in err
+    assert f"(needs {estimate('randomized', 610, 4, 'top').bytes:,} bytes; 3,500,000" in err
+    assert not store.exists()

@@ -210,10 +210,7 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
     if block is None and plan.estimate.block is not None:
         block = plan.estimate.block  # auto chose the width from the measured costs
     if not plan.fits:
-        room = int(HEADROOM * have)
-        raise MemoryError(f"svd: {plan.describe()}: {plan.refusal()} (needs "
-                          f"{plan.estimate.bytes:,} bytes, {room:,} of {have:,} available may be "
-                          f"used)")
+        raise MemoryError(f"svd: {plan.describe()}: {plan.refusal()}")
     log.info("svd plan: %s", plan.describe())
     _inapplicable(method, chosen_by_auto, P, which,
                   dict(maxiter=maxiter, block=block, v0=v0, max_basis=max_basis,

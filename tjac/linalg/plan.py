@@ -137,8 +137,11 @@ class SolvePlan:
         cands = ", ".join(f"{e.label()} ~{_gib(e.bytes)} GiB"
                           + (f" + ~{_gib(e.disk_bytes)} GiB on disk" if e.spill else "")
                           for e in (self.estimate,) + tuple(self.alternatives))
+        exact = ("" if self.available_bytes is None else
+                 f" (needs {self.estimate.bytes:,} bytes; {self.available_bytes:,} bytes "
+                 f"available, of which a plan may use {HEADROOM:.0%})")
         return (f"{self.which}-{self.k} of P = {self.P:,} does not fit: {cands}; "
-                f"{have} of memory available{disk}")
+                f"{have} of memory available{disk}{exact}")
 
 
 def _gib(b: int) -> str:
