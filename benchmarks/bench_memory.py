@@ -11,7 +11,9 @@ parameters). Target: planned within 25% of measured.
 Models at P ~ 1e5: the paper's MLP (one hidden layer of 1,300), a CNN with BatchNorm
 (tests/usermodels.py ``bn_cnn``, 600 channels) and the built-in transformer (width 112). Paths:
 randomized top (k = 8, block 16, the plan's 6 passes), Lanczos top (k = 8, block 16, a basis of 64
-per side, full at step 4 and restarted: 5 steps). The bottom's paths (dense: J in P^2 values, 80 GB at P = 1e5; long-basis
+per side, full at step 4 and restarted: 5 steps); for the CNN and the transformer (slower replays)
+3 passes, and 3 Lanczos steps with a basis of 32 (full at step 2). The solver's planned bytes are
+the plan's count at the solve's parameters (randomized: at its maxiter passes). The bottom's paths (dense: J in P^2 values, 80 GB at P = 1e5; long-basis
 Lanczos: ~1.25 P products) do not apply at this size on this machine and are not run. Short
 training (1 epoch of 128 examples, 2 steps): only memory is measured.
 
@@ -37,6 +39,11 @@ PATHS = {
     "randomized_top": dict(method="randomized", k=8, block=16, maxiter=6),
     "lanczos_top": dict(method="lanczos", k=8, block=16, maxiter=5, max_basis=64),
 }
+# the slower replays (CNN, transformer through torch.func on 2 shared cores): fewer products
+SHORT = {
+    "randomized_top": dict(method="randomized", k=8, block=16, maxiter=3),
+    "lanczos_top": dict(method="lanczos", k=8, block=16, maxiter=3, max_basis=32),
+}
 TARGET = 0.25
 
 
@@ -52,10 +59,11 @@ def run_case(model, path):
 
     import tjac
     from tjac.linalg.plan import estimate
+    from tjac.linalg.randomized import peak_values
     from tjac.memory import _libc
     from tjac.problem import memory_estimate
 
-    spec = PATHS[path]
+    spec = (PATHS if model == "mlp" else SHORT)[path]
     recipe = tjac.Recipe.paper(epochs=1, n_train=128, **MODELS[model])
     prob = tjac.Problem(recipe)
     _libc().malloc_trim(0)
@@ -75,12 +83,18 @@ def run_case(model, path):
     seconds = time.perf_counter() - t
     peak = status_kib("VmHWM") * 1024
     stored_and_step = memory_estimate(prob, checkpoint="all", block=spec["block"])
-    solver = estimate(spec["method"], P, spec["k"], "top", itemsize=item, block=spec["block"],
-                      max_basis=spec.get("max_basis")).bytes
+    upfront = estimate(spec["method"], P, spec["k"], "top", itemsize=item, block=spec["block"],
+                       max_basis=spec.get("max_basis")).bytes
+    # the plan's count at the passes the solve may run (randomized: its maxiter; the up-front
+    # estimate assumes RANDOMIZED_PASSES); Lanczos: a full basis of max_basis
+    solver = (item * peak_values(P, spec["block"] * spec["maxiter"], spec["block"])
+              if spec["method"] == "randomized" else upfront)
     planned = base + stored_and_step + solver
     return {"model": model, "path": path, "P": P, "k": spec["k"], "block": spec["block"],
             "backend": op.backend, "base_rss": base, "rss_before_solve": before,
             "planned_states_and_step": stored_and_step, "planned_solver": solver,
+            "planned_solver_upfront": upfront, "maxiter": spec["maxiter"],
+            "max_basis": spec.get("max_basis"),
             "activation": act.as_dict() if act else None,
             "planned_peak": planned, "measured_peak": peak,
             "ratio_measured_over_planned": peak / planned,
@@ -94,6 +108,9 @@ def main():
     ap.add_argument("--case", help="MODEL:PATH (internal: one case in this process)")
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/memory.json"))
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the --out file's rows of models not run now")
     a = ap.parse_args()
     if a.case:
         print(json.dumps(run_case(*a.case.split(":"))))
@@ -102,7 +119,7 @@ def main():
 
     t0 = time.time()
     cases = []
-    for model in MODELS:
+    for model in a.models.split(","):
         for path in PATHS:
             left = a.minutes * 60 - (time.time() - t0)
             if left < 10:
@@ -121,6 +138,11 @@ def main():
                                                        "measured_peak",
                                                        "ratio_measured_over_planned",
                                                        "skipped", "error")}), flush=True)
+    if a.merge and os.path.exists(a.out):
+        with open(a.out) as f:
+            old = json.load(f)["cases"]
+        ran = {c["model"] for c in cases}
+        cases = [c for c in old if c["model"] not in ran and "skipped" not in c] + cases
     _env.write(a.out, {"target": TARGET, "minutes_cap": a.minutes, "cases": cases,
                        "not_run": {"bottom (dense, lanczos)": "P^2 values (80 GB at P = 1e5) or "
                                    "~1.25 P products: not at this size on this machine"}})
