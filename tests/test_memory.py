@@ -106,11 +106,10 @@ def test_activation_is_measured_positive_and_grows_with_width(small_cnn):
     assert est.bytes[0] > 0 and est.bytes[1] > est.bytes[0]
     assert est.per_vector > 0 and est.at(64) > est.at(32) > est.at(2) > 0
     assert op.problem.activation is est
-    P, item, n_state = op.shape[0], 8, len(op.problem.optimizer.state_names)
+    P, item = op.shape[0], 8
     # the estimate now holds the tangents plus the measured step instead of 2 more P x k arrays
     assert memory_estimate(op.problem, block=64) - before == est.at(64) - 2 * P * 64 * item
     assert op.num_matvecs == 0  # measuring is not a product
-    del n_state
 
 
 def test_cli_refuses_a_plan_that_cannot_fit_in_one_line_before_training(tmp_path, monkeypatch,
