@@ -13,6 +13,8 @@ allocations, so the process's own resident high-water mark is used: freed heap m
 to the system first (glibc ``malloc_trim``), the high-water mark is reset (``/proc/self/clear_refs``)
 and VmHWM - VmRSS is read after the step. That is what a run's RSS really grows by, the quantity
 the plan has to hold. Where either is unavailable (not Linux/glibc), nothing is measured (None).
+A side effect: the process's own high-water mark (VmHWM, ``getrusage``'s ``ru_maxrss``) restarts
+from the measurement; read it before :meth:`~tjac.TrainingJacobian.check` if you need it.
 
 The hook: :meth:`tjac.TrainingJacobian.measure_activation` (called by
 :meth:`~tjac.TrainingJacobian.check`) stores the estimate on the problem, and from then on
