@@ -16,7 +16,8 @@ per side, full at step 4 and restarted: 5 steps); for the CNN and the transforme
 ends on a restart step, so these runs stop before the first restart). The solver's planned bytes are
 the plan's count at the solve's parameters (randomized: at its maxiter passes). The bottom's
 paths (dense: J in P^2 values, 80 GB at P = 1e5; long-basis Lanczos: ~1.25 P products) do not
-apply at this size on this machine and are not run. Short training (1 epoch of 128 examples, 2 steps): only memory is measured.
+apply at this size on this machine and are not run. Short training
+(1 epoch of 128 examples, 2 steps): only memory is measured.
 
     python benchmarks/bench_memory.py [--minutes 15] [--models mlp,cnn_bn,transformer] [--merge]
         [--out benchmarks/results/memory.json]
