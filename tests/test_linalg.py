@@ -145,8 +145,12 @@ def test_plan_states_products_memory_and_time_and_refuses_what_cannot_fit(synth,
                                           r"0.00 GiB of memory available"):
         svd(op, 6, which="bottom")
     assert op.num_matvecs == 0
-    # 3 * 400 * (13 passes of 11) values (the accumulated blocks) fit in 2 MB
-    r = svd(op, 3, which="top", method="randomized", tol=1e-6, max_memory=2_000_000)
+    # randomized's peak: five 400 x 143 arrays (13 passes of 11) and 16 400 x 11 blocks, ~3.3 MB
+    with pytest.raises(MemoryError, match=r"needs 3,341,976 bytes; 1,000,000 bytes available"):
+        svd(op, 3, which="top", method="randomized", tol=1e-6)
+    assert op.num_matvecs == op.num_rmatvecs == 0
+    monkeypatch.setattr(_checks, "available_bytes", lambda device: 4_000_000)
+    r = svd(op, 3, which="top", method="randomized", tol=1e-6)
     assert r.plan["method"] == "randomized" and r.plan["fits"]
 
 

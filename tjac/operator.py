@@ -315,6 +315,20 @@ class TrainingJacobian:
                 "time_matvec": self.time_matvec, "time_rmatvec": self.time_rmatvec,
                 "time_trajectory": self.time_trajectory}
 
+    def measure_activation(self, widths=None):
+        """Measure one replay step's peak extra memory at two block widths
+        (:func:`tjac.memory.measure_activation`; two one-step JVPs, not counted as products) and
+        keep it on the problem, so that :func:`tjac.problem.memory_estimate`, ``check_fits`` and a
+        run's plans count the model's intermediates from now on. Returns the estimate (None where
+        the peak cannot be read)."""
+        from .memory import WIDTHS, measure_activation
+
+        est = measure_activation(self._replay, self.problem.num_params, dtype=self.dtype,
+                                 device=self.device, widths=widths or WIDTHS)
+        if est is not None:
+            self.problem.activation = est
+        return est
+
     # -- self-check -----------------------------------------------------------------------------
     def check(self, *, n_probes: int = 2, rng: int = 0, adjoint_rtol: float | None = None) -> CheckReport:
         """Verify that J is a well-defined matrix and that the two products are adjoint.
@@ -347,6 +361,7 @@ class TrainingJacobian:
         if not rel <= tol:
             raise ValueError(f"adjoint identity <Jv,w> = <v,J^T w> fails: relative error {rel:.3e} "
                              f"> {tol:.1e}")
+        self.measure_activation()  # the model's per-step memory, for the plans from here on
         log.info("check passed: deterministic, replay exact, adjoint rel. error %.2e", rel)
         return CheckReport(True, True, rel, diff, _scalar_map(V, JV1, W, JtW, self.dtype))
 

@@ -277,8 +277,14 @@ def available_bytes(device) -> int:
 
 
 def memory_estimate(prob: Problem, *, checkpoint="all", block: int = 128, basis: int = 0) -> int:
-    """Bytes for: stored states (checkpoints + a segment buffer) + block tangents (state x k, and
-    the model's per-step intermediates ~ 4 x batch x widest layer x k) + a Krylov basis."""
+    """Bytes for: stored states (checkpoints + a segment buffer) + a block's tangents and one
+    step's work + a Krylov basis (2 x basis vectors).
+
+    A step's work: once measured (``prob.activation``, a
+    :class:`tjac.memory.ActivationEstimate` set by :meth:`tjac.TrainingJacobian.check` or
+    :meth:`~tjac.TrainingJacobian.measure_activation`), the held tangents (state x k) plus the
+    measured peak of one step at width k (the model's intermediates included); before that, the
+    tangents and two more P x k arrays (gradient and HVP), without the model's intermediates."""
     P = prob.num_params
     item = torch.empty((), dtype=prob.dtype).element_size()
     n_state = len(prob.optimizer.state_names)
@@ -287,7 +293,10 @@ def memory_estimate(prob: Problem, *, checkpoint="all", block: int = 128, basis:
     else:
         interval = checkpoint_interval(checkpoint, prob.num_steps)
         stored = -(-prob.num_steps // interval) + (interval if interval > 1 else 0)
-    return item * (P * n_state * stored + P * (n_state + 2) * block + 2 * P * basis)
+    act = getattr(prob, "activation", None)
+    step = (item * P * n_state * block + act.at(block) if act is not None
+            else item * P * (n_state + 2) * block)
+    return item * (P * n_state * stored + 2 * P * basis) + step
 
 
 def _refuse_oversized(recipe, P, dtype, device) -> None:
@@ -311,5 +320,6 @@ def check_fits(prob: Problem, *, checkpoint="all", block: int = 128, basis: int 
         raise MemoryError(
             f"this recipe needs about {need / 2**30:.1f} GiB (P={prob.num_params} x "
             f"{len(prob.optimizer.state_names)} state tensors x (checkpoints + block {block})"
+            f"{' + measured step work' if getattr(prob, 'activation', None) else ''}"
             f"{f' + basis {basis}' if basis else ''}) but {have / 2**30:.1f} GiB are available on "
             f"{prob.device}; use checkpoint='sqrt', a smaller block or a smaller model")

@@ -57,7 +57,8 @@ class KrylovResult:
     """What an iterative solver hands back to :func:`tjac.linalg.svd`: the wanted Ritz triplets
     (``S``, ``U``, ``V``; possibly fewer than asked when it stopped early), their ``residuals``
     (k, 2) — fresh products when ``fresh``, else the recurrence's estimates —, the per-check
-    ``history`` and ``smax``, the largest Ritz value (an estimate of ||J||)."""
+    ``history`` and ``smax``, the largest Ritz value (an estimate of ||J||); ``budget_note``: why the
+    solve stopped before the pass that would have outgrown its memory budget (None: it did not)."""
 
     S: torch.Tensor
     U: torch.Tensor
@@ -66,6 +67,7 @@ class KrylovResult:
     fresh: bool
     history: tuple
     smax: float
+    budget_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,11 @@ class ConvergenceError(RuntimeError):
     def __init__(self, msg: str, result: SVDResult):
         super().__init__(msg)
         self.result = result
+
+
+class BudgetError(ConvergenceError, MemoryError):
+    """A solve stopped before the step that would have outgrown its memory budget (the message
+    names the bytes needed and available); ``.result`` holds what was found."""
 
 
 def orthonormalize(X: torch.Tensor, basis: torch.Tensor | None = None, *, gen=None,

@@ -9,10 +9,10 @@ import os
 import torch
 
 from .. import _checks
-from ._base import ConvergenceError, Counted, SVDResult, Timer, fresh_residuals
+from ._base import BudgetError, ConvergenceError, Counted, SVDResult, Timer, fresh_residuals
 from .dense import dense_bottom_torch, dense_svd, materialize_host
 from .lanczos import gkl
-from .plan import RANDOMIZED_MAX_PASSES, plan_solve
+from .plan import HEADROOM, RANDOMIZED_MAX_PASSES, plan_solve
 from .randomized import randomized
 from .spill import gkl_spilled
 
@@ -184,6 +184,8 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
     ------
     ConvergenceError
         When fewer than k triplets certify; ``err.result`` carries the partial result.
+        :class:`BudgetError` (also a MemoryError) when randomized's next pass would have outgrown
+        ``max_memory`` (the message names the bytes needed and available).
     ToleranceError
         When ``tol`` is below what the operator's products can deliver.
     """
@@ -273,7 +275,8 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
             l = block or (k + 8)
             kr = randomized(cop, k, tol=tol, block=l,
                             maxiter=maxiter or RANDOMIZED_MAX_PASSES * -(-k // min(l, k)),
-                            v0=v0, gen=gen, callback=callback)
+                            v0=v0, gen=gen, callback=callback,
+                            max_bytes=None if have is None else int(HEADROOM * have))
         elif plan.spill:
             b = block or min(16, P)
             kr = gkl_spilled(cop, k, tol=tol, maxiter=maxiter or -(-P // b) + 2, block=b,
@@ -303,7 +306,9 @@ def svd(op, k: int, *, which: str = "top", method: str = "auto", tol: float | No
     if raise_on_failure and not result.all_converged:
         short = f" (only {n_found} found)" if n_found < k else ""
         worst = f"; worst residual {float(res.max() / smax):.2e} * s_max" if n_found else ""
-        raise ConvergenceError(
+        note = getattr(kr, "budget_note", None) if method == "randomized" else None
+        raise (BudgetError if note else ConvergenceError)(
+            (f"{note}; " if note else "") +
             f"{k - int(converged.sum())} of {k} {which} triplets did not certify to "
             f"tol={tol:g}{short}{worst}, after {result.num_matvecs} + {result.num_rmatvecs} "
             f"products; `.result` has the partial result", result)

@@ -17,7 +17,11 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
   ``RANDOMIZED_PASSES`` passes of 2 l (measured 7-19, median 13, over the committed runs from
   P = 1,060 to 112,810), never more than l + 2P (the basis fills) nor than
   ``RANDOMIZED_MAX_PASSES`` passes (``max_products``, the bound progress reports once past the
-  estimate); memory three P x (passes l) blocks.
+  estimate); memory: what its peak holds
+  (:func:`tjac.linalg.randomized.peak_values`: five P x (passes l) arrays, the bases in storage
+  allocated once and the Q factor of the Rayleigh-Ritz step's QR, plus a few P x l blocks). The solve
+  itself sizes its storage to the budget and stops, with the partial result, before a pass that
+  would outgrow it (:class:`tjac.linalg.BudgetError`).
 * The top by cost: randomized needs the most products but in the widest blocks; single-vector
   Lanczos the fewest (``LANCZOS_TOP_PRODUCTS``: top-16 at tol 1e-6 on the paper's net, Lanczos
   at block 1/2/4/8 used 0.40/0.46/0.63/0.86 of randomized's products). Where replays do not get
@@ -47,6 +51,7 @@ from dataclasses import dataclass, field
 
 from .._prefer import prefer
 from .dense import dense_bottom_block
+from .randomized import peak_values as randomized_peak
 
 DENSE_FACTOR = 8            # values of P^2 at the dense path's peak (J, its copy, U, V^T, work)
 DENSE_BOTTOM_FACTOR = 1     # values of P^2 at the bottom-only dense path's peak (J, in place)
@@ -152,8 +157,11 @@ class SolvePlan:
         cands = ", ".join(f"{e.label()} ~{_gib(e.bytes)} GiB"
                           + (f" + ~{_gib(e.disk_bytes)} GiB on disk" if e.spill else "")
                           for e in (self.estimate,) + tuple(self.alternatives))
+        exact = ("" if self.available_bytes is None else
+                 f" (needs {self.estimate.bytes:,} bytes; {self.available_bytes:,} bytes "
+                 f"available, of which a plan may use {HEADROOM:.0%})")
         return (f"{self.which}-{self.k} of P = {self.P:,} does not fit: {cands}; "
-                f"{have} of memory available{disk}")
+                f"{have} of memory available{disk}{exact}")
 
 
 def _gib(b: int) -> str:
@@ -212,7 +220,7 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
         # basis holds all P directions
         most = min(l + 2 * P, l * ((2 if l >= k else 4) * RANDOMIZED_MAX_PASSES * per + 1))
         products = min(most, l * (2 * passes + 1))
-        values = 3 * P * min(P, l * passes)
+        values = randomized_peak(P, l * passes, l)
     elif which == "bottom":
         products = min(int(LANCZOS_BOTTOM_PRODUCTS * P) + 4 * k, 2 * P)
         values = LANCZOS_BOTTOM_FACTOR * P * P
