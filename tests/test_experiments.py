@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import tjac
-from tjac import cli, cli_analyze, store
+from tjac import cli, store
+from tjac.cli import analyze as cli_analyze
 from tjac import analyze_store as analyze_mod
 from tjac.analysis.experiments import regions_of
 from tjac.analysis import (AnalysisResult, Complement, movement, ood_kl, output_jacobian_null,

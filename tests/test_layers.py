@@ -5,7 +5,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "tjac"
 SAME: dict = {}
 ORDER = ["_checks", "_prefer", "_imports", "recipe", "data", "models", "optim", "problem", "trajectory", "replay", "linop", "distributed", "operator", "linalg",
-         "analysis", "bench", "store", "checkpoint", "rebuild", "_env", "query", "analyze_store", "plotting", "runner", "scale", "cli_analyze", "cli", "__main__"]
+         "analysis", "bench", "store", "checkpoint", "rebuild", "_env", "query", "analyze_store", "plotting", "runner", "scale", "cli", "__main__"]
 
 
 def _imports(path):

@@ -12,22 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+
+from .parser import _positive_float
 
 WHAT = ("movement", "overlap", "perturbation", "restricted", "ood", "jacobian-null", "bulk",
         "density")
 # tjac.analyze_store.WHAT, kept literal: no torch at parse time (a test holds them equal)
-
-
-def _positive_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    return v
 
 
 def _positive_int(s):
@@ -88,8 +79,8 @@ def add_parser(subparsers, parents):
 
 
 def cmd_analyze(a) -> int:
-    from .analyze_store import analyze, key_numbers
-    from .query import open as open_store
+    from ..analyze_store import analyze, key_numbers
+    from ..query import open as open_store
 
     res = open_store(a.store)
     run_id = a.run
@@ -112,7 +103,7 @@ def cmd_analyze(a) -> int:
     out = analyze(a.store, run_id, a.what, other=a.other, eps=a.eps, dense=a.dense, rng=a.seed,
                   eps_grid=a.eps_grid, ks=a.ks, k_ood=a.k_ood)
     if a.plot:
-        from .analysis.plots import analysis_figure
+        from ..analysis.plots import analysis_figure
 
         run = open_store(a.store).run(run_id)
         for name in out:
