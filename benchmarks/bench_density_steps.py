@@ -24,7 +24,7 @@ import _env  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tjac  # noqa: E402
-from tjac.analysis.density import _ProbeLanczos  # noqa: E402
+from tjac.linalg.quadrature import _ProbeLanczos  # noqa: E402
 from tjac.linalg import DenseOperator, materialize  # noqa: E402
 from tjac.linalg.dense import dense_values  # noqa: E402
 

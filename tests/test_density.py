@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tjac
-from tjac.analysis.density import (Quadrature, bulk_size, count_in_interval, slq,
+from tjac.analysis.density import (Quadrature, bulk_size, count_in_interval, count_regions, slq,
                                    spectral_density)
 from tjac.linalg import DenseOperator, materialize
 
@@ -87,7 +87,7 @@ def test_radau_bounds_hold_for_every_measure_point_and_beat_the_gauss_gap(seed):
     """Markov-Krein: the Gauss-Radau rule through t brackets F(t - 0) and F(t) of the measure,
     at atoms, between atoms and beyond its ends, and its bracket (the Christoffel function) is
     never wider than the Gauss rule's two-node gap, and narrower on average."""
-    from tjac.analysis.density import _radau_bounds
+    from tjac.linalg.quadrature import _radau_bounds
 
     rng = np.random.default_rng(seed)
     n = 60
@@ -273,7 +273,7 @@ def test_regions_from_one_quadrature_bracket_each_region():
     s = spectrum(4)
     op, _ = planted(s, seed=4)
     q = slq(op, probes=12, steps=120, seed=0, method="slq")
-    r = q.regions(1e-2)
+    r = count_regions(q, 1e-2)
     assert r["chaotic"].lower <= int((s > 1.01).sum()) <= r["chaotic"].upper
     assert r["bulk"].lower <= true_count(s, 0.99, 1.01) <= r["bulk"].upper
     assert r["stable"].lower <= int((s < 0.99).sum()) <= r["stable"].upper
@@ -324,7 +324,7 @@ def test_bad_input_is_refused_with_one_line():
     with pytest.raises(ValueError, match="eps"):
         bulk_size(op, 0.0)
     with pytest.raises(ValueError, match="eps"):
-        slq(op, probes=2, steps=3, method="slq").regions(1.0)
+        count_regions(slq(op, probes=2, steps=3, method="slq"), 1.0)
     with pytest.raises(ValueError, match="empty"):
         count_in_interval(op, 1.0, 1.0)
     with pytest.raises(ValueError, match="probes"):
@@ -340,7 +340,7 @@ def test_bad_input_is_refused_with_one_line():
         count_in_interval(op, 0.5, 1.5, deflate=(2 * V[:, :3], [1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="minimum of 20"):
         count_in_interval(op, 1 - 1e-4, 1 + 1e-4, probes=4, max_steps=10, method="slq")
-    from tjac.analysis.density import ResolutionError
+    from tjac.linalg.quadrature import ResolutionError
 
     with pytest.raises(ResolutionError, match="needs about [0-9]+ steps") as e:
         count_in_interval(op, 0.5, 0.7, probes=4, max_steps=25, rtol=0.01, method="slq",
@@ -390,11 +390,11 @@ def _moments(nodes, weights, m):
 
 
 def test_our_lanczos_is_scale_invariant_and_matches_the_exact_moments():
-    """Why the quadrature runs its own Lanczos (module doc of tjac.analysis.density): its
+    """Why the quadrature runs its own Lanczos (module doc of tjac.linalg.quadrature): its
     stopping test is relative to lambda_max, so on J scaled by 1e-4 (J^T J below 2.3e-6) all m
     steps run and the m-node Gauss rule has the exact moments e^T A^j e, j < 2m; the same rule
     of the unscaled J is the scaled one's nodes times 1e8 with the same weights."""
-    from tjac.analysis.density import _ProbeLanczos
+    from tjac.linalg.quadrature import _ProbeLanczos
 
     m = 6
     op, A, z, exact = _scaled_probe_and_moments(m)
@@ -507,7 +507,7 @@ def test_analyze_density_refuses_bad_input(tmp_path, capsys):
 def test_resolution_checks_are_spaced_by_a_share_of_the_steps():
     """Checks run every ``check_every`` steps but at least 5% of the steps apart (each costs
     O(m^2) per probe), so a long run makes few of them; stopping still happens at a check."""
-    from tjac.analysis.density import CHECK_SPACING
+    from tjac.linalg.quadrature import CHECK_SPACING
 
     s = spectrum()
     op, _ = planted(s)
@@ -527,7 +527,7 @@ def test_radau_ends_on_and_ulps_around_converged_atoms_keep_the_atom_inside(seed
     inside that cluster splits it into a node at t and one far off (var / d), beyond any node
     tolerance; the bracket must still hold the atom (it steps off the end by the round-off).
     Taken at t itself it missed up to 1.5e-5 of the mass here."""
-    from tjac.analysis.density import _radau_bracket
+    from tjac.linalg.quadrature import _radau_bracket
 
     rng = np.random.default_rng(seed)
     lam = np.logspace(-6, 3, 100)
@@ -656,7 +656,7 @@ def test_closed_exact_rules_count_from_zero_and_in_float32_keep_ends_on_values_o
 
 
 def test_extrapolated_steps_do_not_overflow_when_the_bracket_stalls():
-    from tjac.analysis.density import _extrapolate
+    from tjac.linalg.quadrature import _extrapolate
 
     hist = [(100, 55.13, 100.0), (200, 55.12, 100.0)]
     assert _extrapolate(hist, 0.05, None) is None          # the plain recurrence: no estimate

@@ -363,7 +363,7 @@ class _Ctx:
 
 def _density(store_path, run_id, eps, seed) -> list:
     """Matrix-free region counts at 1e-2 and ``eps`` and the density
-    (:func:`tjac.analysis.density.analyze_density`, which stores ``counts`` and ``density``)."""
+    (:func:`analyze_density`, which stores ``counts`` and ``density``)."""
 
     got = analyze_density(store_path, run_id, eps=tuple(sorted({1e-2, float(eps)}, reverse=True)),
                           seed=seed)
@@ -412,11 +412,11 @@ def analyze_density(path, run_id: str, *, eps=COUNT_EPSILONS, probes: int = 16, 
         except KeyError:
             pass
     e0 = min(eps)
-    from .analysis.density import slq
+    from .analysis.density import count_regions, slq
 
     q = slq(op, probes=probes, steps=max_steps, seed=seed, deflate=deflate,
             target=(max(1 - e0, 0.0), 1 + e0), rtol=rtol, method=method, reorth=reorth)
-    counts = {e: q.regions(e, confidence=confidence) for e in eps}
+    counts = {e: count_regions(q, e, confidence=confidence) for e in eps}
     dens = q.density(bandwidth=bandwidth)
     common = {"method": q.method, "probes": q.probes, "steps": q.steps, "products": q.products,
               "seconds": q.seconds, "seed": seed, "rtol": rtol, "confidence": confidence,

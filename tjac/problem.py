@@ -270,12 +270,6 @@ def checkpoint_interval(policy, num_steps: int) -> int:
     raise ValueError(f"`checkpoint` must be 'all', 'sqrt' or a positive integer, got {policy!r}")
 
 
-def available_bytes(device) -> int:
-    """Free memory on ``device`` (:func:`tjac._checks.available_bytes`; unbounded when unknown)."""
-    have = _checks.available_bytes(device)
-    return (1 << 62) if have is None else have
-
-
 def memory_estimate(prob: Problem, *, checkpoint="all", block: int = 128, basis: int = 0) -> int:
     """Bytes for: stored states (checkpoints + a segment buffer) + a block's tangents and one
     step's work + a Krylov basis (2 x basis vectors).
@@ -306,8 +300,8 @@ def _refuse_oversized(recipe, P, dtype, device) -> None:
         return
     n_state = 3 if recipe.optim.name in ("adam", "adamw") else 2
     need = torch.empty((), dtype=dtype).element_size() * P * (n_state + 2)
-    have = available_bytes(device)
-    if need > 0.9 * have:
+    have = _checks.available_bytes(device)  # None: unknown, nothing refused
+    if have is not None and need > 0.9 * have:
         raise MemoryError(f"this recipe needs about {need / 2**30:.1f} GiB for P={P} parameters "
                           f"({n_state + 2} vectors of P: optimizer state, gradient, workspace) but {have / 2**30:.1f} GiB are "
                           f"available on {device}; use a smaller model")
@@ -315,8 +309,8 @@ def _refuse_oversized(recipe, P, dtype, device) -> None:
 
 def check_fits(prob: Problem, *, checkpoint="all", block: int = 128, basis: int = 0) -> None:
     need = memory_estimate(prob, checkpoint=checkpoint, block=block, basis=basis)
-    have = available_bytes(prob.device)
-    if need > 0.9 * have:
+    have = _checks.available_bytes(prob.device)  # None: unknown, nothing refused
+    if have is not None and need > 0.9 * have:
         raise MemoryError(
             f"this recipe needs about {need / 2**30:.1f} GiB (P={prob.num_params} x "
             f"{len(prob.optimizer.state_names)} state tensors x (checkpoints + block {block})"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .problem import Problem, available_bytes, check_fits, checkpoint_interval, memory_estimate  # noqa: F401
+from .problem import Problem, check_fits, checkpoint_interval, memory_estimate  # noqa: F401
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)

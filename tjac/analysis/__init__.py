@@ -13,8 +13,8 @@ from .bulk import output_jacobian_null, predict_bulk
 __all__ += ["AnalysisResult", "Complement", "Whole", "movement", "ood_kl",
             "output_jacobian_null", "overlap_runs", "perturbation_response", "predict_bulk",
             "restricted_sweep", "restricted_training", "subspace_overlap"]
-from .density import (Density, IntervalCount, Quadrature, ResolutionError, bulk_size,
+from .density import (Density, IntervalCount, Quadrature, ResolutionError, bulk_size, count_regions,
                       count_in_interval, slq, spectral_density)
 
 __all__ += ["Density", "IntervalCount", "Quadrature", "ResolutionError", "bulk_size",
-            "count_in_interval", "slq", "spectral_density"]
+            "count_in_interval", "count_regions", "slq", "spectral_density"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import optim
-from ..problem import available_bytes
+from .._checks import available_bytes
 from .support import _require, _steps
 
 
@@ -94,7 +94,8 @@ class FusedMLPReplay:
         if self._cache is None:  # first step: decide whether all T steps fit
             held = [*acts[1:], *d1T, *cs, pT, *deltas, *deltaTs, g]  # acts[0] is the batch itself
             size = sum(a.numel() * a.element_size() for a in held)
-            fits = size * self.problem.num_steps <= self.cache_fraction * available_bytes(theta.device)
+            have = available_bytes(theta.device)  # None: unknown, kept
+            fits = have is None or size * self.problem.num_steps <= self.cache_fraction * have
             self._cache = {} if fits else False
         if self._cache is not False:
             self._cache[t] = out
