@@ -71,6 +71,21 @@ def test_lanczos_thick_restart_still_finds_top():
     assert max(h["basis"] for h in hist) <= 24 + 4
 
 
+
+@pytest.mark.parametrize("maxiter", [3, 4, 5])
+def test_lanczos_whose_last_step_would_restart_returns_that_basis_triplets(maxiter):
+    """maxiter ending on the step whose basis is full (block 8, max_basis 32: step 3) returns the
+    Ritz triplets of that basis, not the restarted basis paired with the old Ritz coefficients (a
+    shape error before); every reported residual is the triplet's own, from fresh products."""
+    A, s, _, _ = j_shaped(300, seed=2)
+    r = svd(DenseOperator(A), 4, which="top", method="lanczos", block=8, max_basis=32,
+            maxiter=maxiter, tol=1e-14, raise_on_failure=False)
+    assert r.U.shape == r.V.shape == (300, 4)
+    torch.testing.assert_close((A @ r.V - r.U * r.S).norm(dim=0), r.residuals[:, 0],
+                               rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(r.U.T @ r.U, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert bool((r.S <= s[0] * (1 + 1e-12)).all())
+
 def test_orthonormalize_handles_breakdown():
     g = torch.Generator().manual_seed(0)
     basis, _, _ = orthonormalize(torch.randn(50, 5, generator=g, dtype=torch.float64))

@@ -138,10 +138,14 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
         if done or pending is None:
             final_fresh = fresh if done else None
             break
-        if on_step is not None and not n + pending.shape[1] > max_basis:
+        full = n + pending.shape[1] > max_basis
+        if on_step is not None and not full:
             on_step(_state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted, confirm))
             restarted = False
-        if n + pending.shape[1] > max_basis:  # thick restart: keep the wanted Ritz vectors (+ extra)
+        # thick restart: keep the wanted Ritz vectors (+ extra); never on the last step, whose
+        # result comes from this basis' Ritz extraction (a restart there paired the new basis with
+        # the old one's Ritz coefficients: a shape error, or wrong vectors)
+        if full and step < maxiter - 1:
             keep = _wanted(sig, min(n - 1, k + b), which)
             Ub, Vb = Ub @ X[:, keep], Vb @ Yt.T[:, keep]
             B = torch.diag(sig[keep])
