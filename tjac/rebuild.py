@@ -161,9 +161,8 @@ def same_inputs(run, run_id: str, problem, action: str = "resume") -> None:
     prov = run.attrs.get("provenance", {})
     sha = prov.get("model", {}).get("theta0_sha256")
     if sha and sha != theta_sha256(problem.init_theta()):
-        cpu = prov.get("cpu")
-        where = (f", or on this CPU: it was started on {cpu!r}, here {cpu_description()!r}"
-                 if cpu and cpu != cpu_description() else "")
+        other = _elsewhere(prov)
+        where = f", or on this machine: it was started with {other}" if other else ""
         raise store.StoreError(f"run {run_id!r} was started from another theta_0 (the model "
                                f"{prov['model'].get('class')!r} initialises differently now"
                                f"{where}); cannot {action} it")
