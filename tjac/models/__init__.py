@@ -17,6 +17,9 @@ from .layers import SeededDropout, activation, activation_derivs, truncated_norm
 from .losses import cross_entropy, mse
 from .chain import matches as chain_matches
 from .chain import mlp_chain
+from .graph import GraphModel
+from .graph import Unsupported as GraphUnsupported
+from .graph import matches as graph_matches
 from .mlp import MLP, MLPModel
 from .zoo import CNN, Transformer
 from ..recipe import LIVE_MISSING
@@ -122,12 +125,32 @@ def build(recipe, data, *, dtype: torch.dtype, device, backend: str = "manual") 
             elif backend == "manual":
                 return m
             module = m.module
+    if backend == "manual" and found is None and recipe.loss in ("cross_entropy", "mse"):
+        graph = _graph_model(module, recipe, data, kw)
+        if graph is not None:
+            return graph
     model = Model(module, losses.get(recipe.loss), **kw)
     model.chain = found  # verified: its structural sigma = 1 directions are the MLP's
     return model
 
 
-__all__ = ["count_params", "CNN", "ImportPathError", "MLP", "MLPModel", "Model", "ModelError", "ParamInfo",
+def _graph_model(module, recipe, data, kw):
+    """A :class:`GraphModel` of the module (hand-derived block HVPs) if every op has a rule and
+    its products agree with torch.func's on the first training batch, else None."""
+    try:
+        m = GraphModel(module, losses.get(recipe.loss), loss_name=recipe.loss, **kw)
+    except GraphUnsupported:
+        return None
+    x = data.x_train[:recipe.batch_size].to(device=m.device, dtype=m.dtype)
+    y = data.y_train[:recipe.batch_size].to(device=m.device)
+    if y.dtype.is_floating_point:
+        y = y.to(m.dtype)
+    if m.dropouts:
+        m.set_step(0)
+    return m if graph_matches(m, x, m.theta0(), y) else None
+
+
+__all__ = ["count_params", "CNN", "ImportPathError", "MLP", "MLPModel", "Model", "ModelError", "ParamInfo", "GraphModel",
            "SeededDropout", "Transformer", "activation", "activation_derivs", "build",
            "build_module", "cross_entropy", "losses", "mse", "output_size", "resolve",
            "seed_dropouts", "seeded_construction", "truncated_normal"]

@@ -125,6 +125,8 @@ def _compiled_steps(problem):
         return hit
     opt, model = problem.optimizer, problem.model
     dev = problem.device
+    # a GraphModel's interpreter is not for dynamo: compile torch.func's products of the module
+    grad_hvp = getattr(model, "compile_grad_hvp", model.grad_hvp)
     base = getattr(opt, "inner", opt)  # clipping wraps the optimizer whose constants these are
 
     def scalar(v):
@@ -135,13 +137,13 @@ def _compiled_steps(problem):
            if isinstance(base, optim.Adam) else None for t in range(problem.num_steps)]
 
     def jvp_step(state, ds, x, y, lr, bc):
-        g, hv = model.grad_hvp(state[0], x, y, ds[0])
+        g, hv = grad_hvp(state[0], x, y, ds[0])
         return opt.jvp(state, g, ds, hv, 0, lr=lr, bc=bc)
 
     def vjp_step(state, bs, x, y, lr, bc):
         g = model.grad(state[0], x, y) if opt.needs_grad_for_vjp else None
         bs, bg = opt.vjp(state, g, bs, 0, lr=lr, bc=bc)
-        _, hbg = model.grad_hvp(state[0], x, y, bg)
+        _, hbg = grad_hvp(state[0], x, y, bg)
         return (bs[0] + hbg,) + tuple(bs[1:])
 
     def own_code(f):
