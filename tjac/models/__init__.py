@@ -4,6 +4,7 @@ built-in families and for a user's module named by import path or passed live.""
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import torch
@@ -23,6 +24,8 @@ from .graph import matches as graph_matches
 from .mlp import MLP, MLPModel
 from .zoo import CNN, Transformer
 from ..recipe import LIVE_MISSING
+
+log = logging.getLogger("tjac.models")
 
 
 def output_size(data) -> int:
@@ -139,7 +142,8 @@ def _graph_model(module, recipe, data, kw):
     its products agree with torch.func's on the first training batch, else None."""
     try:
         m = GraphModel(module, losses.get(recipe.loss), loss_name=recipe.loss, **kw)
-    except GraphUnsupported:
+    except GraphUnsupported as e:
+        log.info("%s: no hand-derived rules (%s); HVPs through torch.func", type(module).__name__, e)
         return None
     x = data.x_train[:recipe.batch_size].to(device=m.device, dtype=m.dtype)
     y = data.y_train[:recipe.batch_size].to(device=m.device)
@@ -147,7 +151,11 @@ def _graph_model(module, recipe, data, kw):
         y = y.to(m.dtype)
     if m.dropouts:
         m.set_step(0)
-    return m if graph_matches(m, x, m.theta0(), y) else None
+    if graph_matches(m, x, m.theta0(), y):
+        return m
+    log.info("%s: the hand-derived rules disagree with torch.func on the first batch; HVPs "
+             "through torch.func", type(module).__name__)
+    return None
 
 
 __all__ = ["count_params", "CNN", "ImportPathError", "MLP", "MLPModel", "Model", "ModelError", "ParamInfo", "GraphModel",

@@ -8,7 +8,8 @@ and concatenated; ``layout`` gives every tensor's (name, shape, offset). A :clas
 * ``grad_hvp(theta, x, y, V[k, P])``    (g, H V) with H the minibatch Hessian (symmetric),
 
 through ``torch.func.functional_call`` (forward-over-reverse, vmapped over the block so the primal
-is computed once). Frozen parameters and buffers are constants of the replays: J is taken with
+is computed once). :class:`~tjac.models.graph.GraphModel` replaces ``grad_hvp`` with hand-derived
+rules where it can read the module; MLP chains get :class:`~tjac.models.mlp.MLPModel`. Frozen parameters and buffers are constants of the replays: J is taken with
 respect to theta only. BatchNorm in train mode normalises with batch statistics, a deterministic
 function of theta and the batch; its running statistics are carried alongside training
 (:meth:`Model.update_buffers`) for evaluation and never differentiated. Dropout layers are replaced

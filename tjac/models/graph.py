@@ -8,7 +8,8 @@ and the block Hessian-vector product (g, H V) of each minibatch come from one fo
 forward and one backward that carries each adjoint together with its k tangents, with the block
 folded into convolution batches and broadcast through matmuls. torch.func's forward-over-reverse
 computes the same numbers through vmap's batching rules and an elementwise backward of every
-normalisation; measured side by side in ``benchmarks/bench_user.py`` (BENCHMARKS.md).
+normalisation; the two are measured side by side in ``benchmarks/bench_hand.py`` (BENCHMARKS.md
+"Hand-derived rules for user modules").
 
 Ops on values that do not depend on theta (the input's reshape, masks, position indices, shape
 arithmetic) run as the module runs them. Anything else (an op without a rule, control flow the
@@ -100,7 +101,8 @@ class Plan:
         try:
             graph = _Tracer().trace(module)
         except Exception as e:  # noqa: BLE001 - anything fx cannot read stays generic
-            raise Unsupported(f"torch.fx cannot trace the module: {type(e).__name__}") from None
+            raise Unsupported(f"torch.fx cannot trace the module: {type(e).__name__}: "
+                              f"{e}") from None
         self.mods = dict(module.named_modules())
         self.pid = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
         self.live: set = set()

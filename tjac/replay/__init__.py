@@ -5,7 +5,9 @@ path at ~1e-12 relative (they differ only in the order of floating-point sums).
 
 ``eager``
     The model's ``grad_hvp`` on (k, P) blocks and the optimizer's elementwise tangent/adjoint maps.
-    Any model family (the CNN and transformer go through ``torch.func``).
+    Any model family: a module :mod:`tjac.models.graph` reads (the built-in CNN and transformer,
+    most users' CNNs and transformers) through hand-derived rules, anything else through
+    ``torch.func``.
 ``fused``
     MLPs without dropout. Tangents are held **block-major**: every parameter's (k, *shape) block is
     contiguous, and the tangent activations are feature-major (k, width, batch). Then the two products
@@ -18,7 +20,8 @@ path at ~1e-12 relative (they differ only in the order of floating-point sums).
 ``compiled``
     ``torch.compile`` (inductor) of the eager JVP and VJP steps; needs a C++ compiler on CPU and
     compiles once per block width (20-70 s here), so it pays for long solves: 3-6x faster than
-    eager for the CNN and transformer (torch.func) JVPs. Its first product in each direction is
+    eager for the CNN and transformer JVPs through torch.func (a module the hand-derived rules
+    read is compiled through torch.func's path too). Its first product in each direction is
     checked against eager; a wrong graph (the transformer's VJP on torch 2.13) falls back to eager.
     Chosen only by :func:`autotune` (which measures it) or by name.
 ``double-backward``
