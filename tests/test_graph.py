@@ -175,8 +175,10 @@ def test_ops_without_a_rule_are_refused_by_name(src):
                 h = -h
             return self.lin(h)
 
-    with pytest.raises(Unsupported):
+    with pytest.raises(Unsupported) as e:
         Plan(M(), "cross_entropy")
+    named = {"cumsum": "cumsum", "groups": "groups", "divide_by_live": "div", "branch": "trace"}
+    assert named[src] in str(e.value)
 
 
 def test_a_plan_that_disagrees_with_the_module_is_not_used():
@@ -221,8 +223,10 @@ def test_a_user_cnn_gets_the_plan_and_the_same_jacobian_as_torch_func():
         JV.norm() * W.norm())
 
 
-def test_recipes_the_plan_cannot_serve_keep_torch_func():
+def test_recipes_the_plan_cannot_serve_keep_torch_func(caplog):
     no_grad = tjac.Recipe.paper(model="usermodels:no_grad_first", **SMALL)
-    assert type(tjac.Problem(no_grad).model) is Model
+    with caplog.at_level("INFO", logger="tjac.models"):
+        assert type(tjac.Problem(no_grad).model) is Model
+    assert "disagree with torch.func" in caplog.text  # the user learns why
     mlp = tjac.Recipe.paper(model="usermodels:plain_mlp", model_kwargs={"width": 4}, **SMALL)
     assert isinstance(tjac.Problem(mlp).model, MLPModel)  # the MLP chain comes first
