@@ -169,8 +169,6 @@ def matches(model, x: torch.Tensor, theta: torch.Tensor, y: torch.Tensor | None 
     """Whether the hand-derived chain (``model`` an MLPModel) computes what the module does on a
     batch x (labels y): its outputs, and with y its gradient and the HVPs of two random
     directions, against torch.func's of the module. ``rtol`` defaults to 1e3 eps of the dtype."""
-    from .base import Model
-
     if rtol is None:
         rtol = 1e3 * torch.finfo(theta.dtype).eps
     try:
@@ -182,10 +180,19 @@ def matches(model, x: torch.Tensor, theta: torch.Tensor, y: torch.Tensor | None 
             return False
         if y is None:
             return True
-        gen = torch.Generator(device=theta.device).manual_seed(0)
-        V = torch.randn(2, theta.numel(), generator=gen, dtype=theta.dtype, device=theta.device)
-        g, hv = model.grad_hvp(theta, x, y, V)
-        g_ref, hv_ref = Model.grad_hvp(model, theta, x, y, V)  # torch.func, through the module
-        return _close(g, g_ref, rtol) and _close(hv, hv_ref, rtol)
+        return grad_hvp_matches(model, theta, x, y, rtol)
     except Exception:  # noqa: BLE001 - shapes the chain does not fit: not an MLP after all
         return False
+
+
+def grad_hvp_matches(model, theta, x, y, rtol) -> bool:
+    """Whether ``model.grad_hvp`` (hand-derived) gives torch.func's gradient and the HVPs of two
+    random directions (seeded) through the module on the batch (x, y), to ``rtol`` of the largest
+    entry. Shared by the MLP chain's and the traced plan's checks."""
+    from .base import Model
+
+    gen = torch.Generator(device=theta.device).manual_seed(0)
+    V = torch.randn(2, theta.numel(), generator=gen, dtype=theta.dtype, device=theta.device)
+    g, hv = model.grad_hvp(theta, x, y, V)
+    g_ref, hv_ref = Model.grad_hvp(model, theta, x, y, V)  # torch.func, through the module
+    return _close(g, g_ref, rtol) and _close(hv, hv_ref, rtol)

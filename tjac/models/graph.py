@@ -32,6 +32,7 @@ from torch import nn
 
 from . import rules as R
 from .base import Model
+from .chain import _hooked, grad_hvp_matches
 from .layers import LayerNorm as TjacLayerNorm
 from .layers import SeededDropout
 
@@ -306,7 +307,7 @@ class Plan:
             if m:
                 return self._add(node, R.Reshape, [x], dict(
                     fn=_method(t), args=fn_args, kw=fn_kw))
-            return self._add(node, R.Reshape, [x], dict(fn=_call(t), args=fn_args, kw=fn_kw))
+            return self._add(node, R.Reshape, [x], dict(fn=t, args=fn_args, kw=fn_kw))
         if t in (torch.transpose,) or m and t == "transpose":
             return self._add(node, R.Transpose, [x], dict(d0=one("dim0", pos=0),
                                                           d1=one("dim1", pos=1)))
@@ -457,10 +458,6 @@ def _method(name):
     return lambda t, *a, **k: getattr(t, name)(*a, **k)
 
 
-def _call(fn):
-    return lambda t, *a, **k: fn(t, *a, **k)
-
-
 def _evaluate(node, env, mods):
     args = torch.fx.node.map_arg(node.args, lambda v: env[v])
     kw = torch.fx.node.map_arg(node.kwargs, lambda v: env[v])
@@ -477,8 +474,6 @@ class GraphModel(Model):
 
     def __init__(self, module: nn.Module, loss, *, loss_name: str, **kw):
         super().__init__(module, loss, **kw)
-        from .chain import _hooked
-
         if _hooked(self._fmodule):
             raise Unsupported("a hook or an overridden __call__")
         self.plan = Plan(self._fmodule, loss_name)
@@ -497,24 +492,13 @@ class GraphModel(Model):
         return g, hv
 
 
-def _close(a, b, rtol) -> bool:
-    if a.shape != b.shape or not bool(torch.isfinite(a).all()):
-        return False
-    scale = float(b.abs().max()) or 1.0
-    return float((a - b).abs().max()) <= rtol * scale
-
-
 def matches(model: GraphModel, x, theta, y, *, rtol: float | None = None) -> bool:
     """Whether the plan computes what the module does on the batch (x, y): the gradient and the
-    HVPs of two random directions against torch.func's (:meth:`Model.grad_hvp`), to ``rtol``
-    (default 1e3 eps of the dtype) of the largest entry."""
+    HVPs of two random directions against torch.func's, to ``rtol`` (default 1e3 eps of the
+    dtype) of the largest entry (:func:`tjac.models.chain.grad_hvp_matches`)."""
     if rtol is None:
         rtol = 1e3 * torch.finfo(theta.dtype).eps
     try:
-        gen = torch.Generator(device=theta.device).manual_seed(0)
-        V = torch.randn(2, theta.numel(), generator=gen, dtype=theta.dtype, device=theta.device)
-        g, hv = model.grad_hvp(theta, x, y, V)
-        g_ref, hv_ref = Model.grad_hvp(model, theta, x, y, V)
-        return _close(g, g_ref, rtol) and _close(hv, hv_ref, rtol)
+        return grad_hvp_matches(model, theta, x, y, rtol)
     except Exception:  # noqa: BLE001 - shapes or ops the plan does not fit: the generic path
         return False
