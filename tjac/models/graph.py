@@ -35,6 +35,7 @@ from .base import Model
 from .chain import _hooked, grad_hvp_matches
 from .layers import LayerNorm as TjacLayerNorm
 from .layers import SeededDropout
+from .losses import cross_entropy_adjoint, cross_entropy_adjoint_tangent
 
 
 class Unsupported(Exception):
@@ -443,12 +444,8 @@ class Plan:
         if self.loss == "cross_entropy":
             if z.ndim != 2:
                 raise Unsupported("cross-entropy on outputs that are not (batch, classes)")
-            B = z.shape[0]
-            p = torch.softmax(z, -1)
-            g = p.clone()
-            g[torch.arange(B, device=z.device), y] -= 1.0
-            pdz = p * dz
-            return g / B, (pdz - p * pdz.sum(-1, keepdim=True)) / B
+            p, g = cross_entropy_adjoint(z, y)
+            return g, cross_entropy_adjoint_tangent(p, dz)
         t = y.reshape(z.shape) if y.shape != z.shape else y
         n = z.numel()
         return 2.0 * (z - t) / n, 2.0 * dz / n

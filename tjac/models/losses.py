@@ -14,6 +14,22 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (torch.logsumexp(logits, -1) - logits.gather(-1, y[:, None]).squeeze(-1)).mean()
 
 
+def cross_entropy_adjoint(z: torch.Tensor, y: torch.Tensor):
+    """(p, g): p = softmax(z) and g = (p - onehot(y)) / B, the mean cross-entropy's gradient in
+    the logits z (B, C) (the hand-derived backwards start from it)."""
+    p = torch.softmax(z, -1)
+    g = p.clone()
+    g[torch.arange(len(y), device=z.device), y] -= 1.0
+    return p, g / len(y)
+
+
+def cross_entropy_adjoint_tangent(p: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """The tangent of that gradient along a block of logit tangents dz (k, B, C):
+    (p dz - p <p, dz>) / B."""
+    pdz = p * dz
+    return (pdz - p * pdz.sum(-1, keepdim=True)) / p.shape[0]
+
+
 def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean squared error over all elements (``F.mse_loss``'s default); (B, 1) outputs meet (B,)
     targets."""

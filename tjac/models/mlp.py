@@ -10,7 +10,7 @@ from torch import nn
 
 from .base import Model
 from .layers import SeededDropout, activation, activation_derivs, seeded_init
-from .losses import cross_entropy
+from .losses import cross_entropy, cross_entropy_adjoint, cross_entropy_adjoint_tangent
 
 
 class MLP(nn.Module):
@@ -95,23 +95,18 @@ class MLPModel(Model):
             return super().grad(theta, x, y)
         ps = self.unflatten(theta)
         acts, derivs, z = self._forward(ps, x, self._masks(x))
-        p = torch.softmax(z, -1)
-        delta = p.clone()
-        delta[torch.arange(len(y), device=y.device), y] -= 1.0
-        grads, _ = self._backward(ps, acts, derivs, delta / len(y))
+        _, delta = cross_entropy_adjoint(z, y)
+        grads, _ = self._backward(ps, acts, derivs, delta)
         return torch.cat([g.reshape(-1) for g in grads])
 
     def grad_hvp(self, theta, x, y, V):
         if self.backend == "func":
             return super().grad_hvp(theta, x, y, V)
-        B = len(y)
         ps = self.unflatten(theta)
         dps = self.unflatten(V)  # each (k, *shape)
         acts, derivs, z = self._forward(ps, x, self._masks(x))
-        p = torch.softmax(z, -1)
-        delta = p.clone()
-        delta[torch.arange(B, device=y.device), y] -= 1.0
-        grads, deltas = self._backward(ps, acts, derivs, delta / B)
+        p, delta = cross_entropy_adjoint(z, y)
+        grads, deltas = self._backward(ps, acts, derivs, delta)
         n = len(ps) // 2
         # forward tangents: dz_l, da_l (k, B, width)
         dzs, das = [], [None]
@@ -123,7 +118,7 @@ class MLPModel(Model):
             if i < n - 1:
                 das.append(derivs[i][0] * dz)
         dz = dzs[-1]
-        ddelta = (p * dz - p * (p * dz).sum(-1, keepdim=True)) / B
+        ddelta = cross_entropy_adjoint_tangent(p, dz)
         hv = [None] * len(ps)
         for i in reversed(range(n)):
             hv[2 * i] = ddelta.transpose(-1, -2) @ acts[i]

@@ -7,6 +7,7 @@ import torch
 
 from .. import optim
 from .._checks import available_bytes
+from ..models.losses import cross_entropy_adjoint
 from .support import _require, _steps
 
 
@@ -78,13 +79,10 @@ class FusedMLPReplay:
             return hit
         model, n = self.model, self._n
         x, y = self.problem.batch(t)
-        B = len(y)
         ps = model.unflatten(theta)
         acts, derivs, z = model._forward(ps, x, [None] * (n - 1))
-        p = torch.softmax(z, -1)
-        delta = p.clone()
-        delta[torch.arange(B, device=y.device), y] -= 1.0
-        grads, deltas = model._backward(ps, acts, derivs, delta / B)
+        p, delta = cross_entropy_adjoint(z, y)
+        grads, deltas = model._backward(ps, acts, derivs, delta)
         d1T = [d[0].T.contiguous() for d in derivs]
         # d(phi'(z)) term of the backward tangent: (delta_i W_i)^T * phi''(z_{i-1})
         cs = [((deltas[i] @ ps[2 * i]).T * derivs[i - 1][1].T).contiguous() for i in range(1, n)]
