@@ -118,6 +118,9 @@ def main():
     def log(s):
         print(s, flush=True)
 
+    unknown = set(a.targets.split(",")) - {"cnn", "resnet", "transformer"}
+    if unknown:
+        ap.error(f"unknown targets {sorted(unknown)} (cnn, resnet, transformer)")
     blocks = [int(b) for b in a.blocks.split(",")]
     out = {"note": ("per-vector seconds of block JVPs/VJPs, hand-derived rules (GraphModel) vs "
                     "torch.func vs double backward, measured alternately in one process; "

@@ -310,6 +310,9 @@ def main():
     def log(s):
         print(s, file=sys.stderr, flush=True)
 
+    unknown = set(a.targets.split(",")) - {"resnet", "lm"}
+    if unknown:
+        ap.error(f"unknown targets {sorted(unknown)} (resnet, lm)")
     if a.replan:
         replan(a.out, log)
         return
