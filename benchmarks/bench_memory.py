@@ -19,7 +19,13 @@ paths (dense: J in P^2 values, 80 GB at P = 1e5; long-basis Lanczos: ~1.25 P pro
 apply at this size on this machine and are not run. Short training
 (1 epoch of 128 examples, 2 steps): only memory is measured.
 
-    python benchmarks/bench_memory.py [--minutes 15] [--models mlp,cnn_bn,transformer] [--merge]
+``--models basis``: the solver's own storage at P = 1e6 on a diagonal operator (products cost
+nothing), measured growth against the solver's planned bytes alone, for both top paths above and
+single-vector Lanczos (k = 16, 100 steps: the basis grows one column per step and its storage
+doubles), the path the plan picks for a user's 1e6 model (bench_million.py).
+
+    python benchmarks/bench_memory.py [--minutes 15] [--models mlp,cnn_bn,transformer,basis]
+        [--paths randomized_top,lanczos_top,lanczos_top_single] [--merge]
         [--out benchmarks/results/memory.json]
 """
 import argparse
@@ -47,6 +53,12 @@ SHORT = {
     "randomized_top": dict(method="randomized", k=8, block=16, maxiter=3),
     "lanczos_top": dict(method="lanczos", k=8, block=16, maxiter=3, max_basis=64),
 }
+# the solver's storage alone at P = 1e6 (no training: a diagonal operator whose products cost
+# nothing), so its own term of the plan is checked at the size of a user's 1e6 model; with the
+# single-vector Lanczos that the plan picks for such models (one column per step, doublings)
+BASIS_P = 1_000_000
+BASIS_PATHS = {**PATHS, "lanczos_top_single": dict(method="lanczos", k=16, block=1, maxiter=100,
+                                                   max_basis=256)}
 TARGET = 0.25
 
 
@@ -55,6 +67,62 @@ def status_kib(field):
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
+
+
+class _Diagonal:
+    """diag(d) behind the operator protocol: a slowly decaying spectrum (no value certifies at
+    tol 1e-12 within the steps run, so every case runs its maxiter)."""
+
+    def __init__(self, P):
+        import torch
+        self.shape, self.dtype, self.device = (P, P), torch.float64, torch.device("cpu")
+        self.d = 1 + 1e-3 * (1 + torch.arange(P, dtype=torch.float64)) ** -0.25
+        self.num_matvecs = self.num_rmatvecs = 0
+
+    def matmat(self, X):
+        self.num_matvecs += X.shape[1]
+        return self.d[:, None] * X
+
+    def rmatmat(self, Y):
+        self.num_rmatvecs += Y.shape[1]
+        return self.d[:, None] * Y
+
+
+def basis_case(path):
+    """The solver's measured growth against its planned bytes (no states, no replay step)."""
+    import torch
+
+    import tjac
+    from tjac.linalg.plan import estimate
+    from tjac.linalg.randomized import peak_values
+    from tjac.memory import _libc
+
+    spec = BASIS_PATHS[path]
+    op = _Diagonal(BASIS_P)
+    _libc().malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_kib("VmRSS") * 1024
+    t = time.perf_counter()
+    kw = {n: spec[n] for n in ("block", "maxiter", "max_basis") if n in spec}
+    res = tjac.svd(op, spec["k"], which="top", method=spec["method"], tol=1e-12,
+                   raise_on_failure=False, rng=0, **kw)
+    seconds = time.perf_counter() - t
+    grown = status_kib("VmHWM") * 1024 - before
+    P, item = BASIS_P, 8
+    if spec["method"] == "randomized":
+        solver = item * peak_values(P, spec["block"] * spec["maxiter"], spec["block"])
+    else:  # the plan at the basis the solve reached (or its restart size)
+        n = min(spec["max_basis"], spec["block"] * spec["maxiter"])
+        solver = estimate("lanczos", P, spec["k"], "top", itemsize=item, block=spec["block"],
+                          max_basis=n).bytes
+    return {"model": "basis", "path": path, "P": P, "k": spec["k"], "block": spec["block"],
+            "maxiter": spec["maxiter"], "max_basis": spec.get("max_basis"),
+            "planned_solver": solver, "solver_growth_measured": grown,
+            "ratio_measured_over_planned": grown / solver,
+            "passes_or_steps": len(res.history),
+            "products": res.num_matvecs + res.num_rmatvecs, "solve_seconds": seconds,
+            "within_target": abs(grown / solver - 1) <= TARGET}
 
 
 def run_case(model, path):
@@ -112,18 +180,28 @@ def main():
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/memory.json"))
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--paths", default=",".join(BASIS_PATHS),
+                    help="each model runs those of these that apply to it")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the --out file's rows of models not run now")
+                    help="keep the --out file's rows of (model, path) cases not run now")
     a = ap.parse_args()
+    for name, given, known in (("model", a.models, {**MODELS, "basis": None}),
+                               ("path", a.paths, BASIS_PATHS)):
+        bad = [x for x in given.split(",") if x not in known]
+        if bad:
+            ap.error(f"unknown {name} {bad[0]!r} (known: {', '.join(known)})")
     if a.case:
-        print(json.dumps(run_case(*a.case.split(":"))))
+        model, path = a.case.split(":")
+        print(json.dumps(basis_case(path) if model == "basis" else run_case(model, path)))
         return
     import _env
 
     t0 = time.time()
     cases = []
     for model in a.models.split(","):
-        for path in PATHS:
+        for path in a.paths.split(","):
+            if path not in (BASIS_PATHS if model == "basis" else PATHS):
+                continue
             left = a.minutes * 60 - (time.time() - t0)
             if left < 10:
                 cases.append({"model": model, "path": path, "skipped": "time cap reached"})
@@ -144,8 +222,9 @@ def main():
     if a.merge and os.path.exists(a.out):
         with open(a.out) as f:
             old = json.load(f)["cases"]
-        ran = {c["model"] for c in cases}
-        cases = [c for c in old if c["model"] not in ran and "skipped" not in c] + cases
+        ran = {(c["model"], c["path"]) for c in cases}
+        cases = [c for c in old if (c["model"], c["path"]) not in ran and "skipped" not in c] \
+            + cases
     _env.write(a.out, {"target": TARGET, "minutes_cap": a.minutes, "cases": cases,
                        "not_run": {"bottom (dense, lanczos)": "P^2 values (80 GB at P = 1e5) or "
                                    "~1.25 P products: not at this size on this machine"}})

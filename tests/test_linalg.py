@@ -540,3 +540,23 @@ def test_svd_auto_takes_single_vector_lanczos_when_the_operator_measured_it_chea
                      "seconds_per_vector_step": {"double-backward": {"1": 0.1, "4": 0.4}}})
     assert op.vector_costs() is None
     assert svd(op, 3, which="top", tol=1e-8).method == "randomized"
+
+
+def test_lanczos_basis_appends_in_place_and_doubles_only_when_full():
+    from tjac.linalg.lanczos import Basis
+    gen = torch.Generator().manual_seed(0)
+    P = 50
+    b = Basis(P, torch.float64, torch.device("cpu"), limit=40, rows=4)
+    blocks = [torch.randn(P, w, generator=gen, dtype=torch.float64) for w in (3, 1, 2, 5, 30)]
+    ptrs = []
+    for X in blocks:
+        b.append(X)
+        ptrs.append(b._rows.data_ptr())
+    assert torch.equal(b.cols, torch.cat(blocks, 1))
+    assert b._rows.shape[0] == 41      # 4 -> 8 -> 16 -> 41: never past what is needed or limit
+    assert ptrs[0] == ptrs[1] and ptrs[1] != ptrs[2]  # 3 + 1 fit the 4 rows; 3 + 1 + 2 did not
+    kept = b.cols @ torch.eye(41, 6, dtype=torch.float64)  # made from its own columns
+    b.assign(kept)
+    assert torch.equal(b.cols, torch.cat(blocks, 1)[:, :6]) and b.n == 6
+    b.truncate(4)
+    assert b.cols.shape == (P, 4)

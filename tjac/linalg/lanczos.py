@@ -13,6 +13,10 @@ Thick restart (a memory fallback: restarts discard the tail directions the botto
 wanted Ritz vectors; the coupling of the pending block to them reappears in B automatically,
 because every new A V block is orthogonalized against *all* of U. Converged wanted triplets stay in
 the basis across restarts (locked), so later blocks are orthogonal to them.
+
+Memory: each basis lives in storage of rows (:class:`Basis`) that grows by doubling, so
+appending a block copies nothing; resident are the two bases (2 P n values) and, while one of them
+doubles, a copy of it (3 P n at that moment). On the CPU the rows not yet written take no memory.
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
     P = op.shape[0]
     dt, dev = op.dtype, op.device
     b = min(block, P)
-    Vb = torch.zeros((P, 0), dtype=dt, device=dev)   # processed V columns (B's columns)
-    Ub = torch.zeros((P, 0), dtype=dt, device=dev)
+    cap = min(P, max_basis + 2 * b)
+    Vb = Basis(P, dt, dev, cap)   # processed V columns (B's columns)
+    Ub = Basis(P, dt, dev, cap)
     B = torch.zeros((0, 0), dtype=dt, device=dev)
     pending = None
     if state is None:  # a resumed solve draws nothing here: its generator continues the saved one
@@ -64,7 +69,9 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
     # basis size then; None after a restart), "smax", "fresh" (the certified residuals)}
     confirm = None
     if state is not None:
-        Ub, Vb, B, pending, S_last = (state[n] for n in ("U", "V", "B", "pending", "S_last"))
+        B, pending, S_last = (state[n] for n in ("B", "pending", "S_last"))
+        Ub.assign(state["U"])
+        Vb.assign(state["V"])
         step0, next_check = int(state["step"]) + 1, int(state["next_check"])
         history = list(state.get("history", []))
         confirm = state.get("confirm")
@@ -73,16 +80,19 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
     restarted = False
     for step in range(step0, maxiter):
         W = op.matmat(pending)
-        Un, C, R = orthonormalize(W, Ub, gen=gen)
-        nu, bp = Ub.shape[1], pending.shape[1]
+        Un, C, R = orthonormalize(W, Ub.cols, gen=gen)
+        nu, bp = Ub.n, pending.shape[1]
         Bn = B.new_zeros((nu + bp, nu + bp))
         Bn[:nu, :nu] = B
         Bn[:nu, nu:] = C
         Bn[nu:, nu:] = R
-        B, Ub, Vb = Bn, torch.cat([Ub, Un], 1), torch.cat([Vb, pending], 1)
-        n = Ub.shape[1]
-        pending, S_last = next_right_block(op, Un, P - n, lambda X: orthonormalize(X, Vb, gen=gen),
-                                           gen)
+        B = Bn
+        Ub.append(Un)
+        Vb.append(pending)
+        del W
+        n = Ub.n
+        pending, S_last = next_right_block(op, Un, P - n,
+                                           lambda X: orthonormalize(X, Vb.cols, gen=gen), gen)
         last = pending is None or step == maxiter - 1 or n + pending.shape[1] > max_basis
         if not last and n < next_check:  # Ritz extraction is O(n^3): do it on a geometric grid
             if callback is not None:  # progress between checks: the last check's counts
@@ -112,7 +122,8 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
                 done = reuse = True
             elif confirm is None or not same or ripe:
                 if verify is not None:
-                    fresh = verify(sig[want], Ub @ X[:, want], Vb @ Yt.T[:, want], smax)
+                    fresh = verify(sig[want], Ub.cols @ X[:, want], Vb.cols @ Yt.T[:, want],
+                                   smax)
                     conv = fresh.max(dim=1).values <= tol * smax
                 if bool(conv.all()):
                     if ripe or b >= k or pending is None or P - n - pending.shape[1] <= 0:
@@ -131,7 +142,8 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
             nc = confirm["basis"]
             Xc, sc, Ytc = small_svd(B[:nc, :nc])
             wc = _wanted(sc, k, which)
-            return KrylovResult(S=sc[wc], U=Ub[:, :nc] @ Xc[:, wc], V=Vb[:, :nc] @ Ytc.T[:, wc],
+            return KrylovResult(S=sc[wc], U=Ub.cols[:, :nc] @ Xc[:, wc],
+                                V=Vb.cols[:, :nc] @ Ytc.T[:, wc],
                                 residuals=torch.tensor(confirm["fresh"], dtype=sc.dtype,
                                                        device=sc.device),
                                 fresh=True, history=tuple(history), smax=confirm["smax"])
@@ -147,7 +159,8 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
         # the old one's Ritz coefficients: a shape error, or wrong vectors)
         if full and step < maxiter - 1:
             keep = _wanted(sig, min(n - 1, k + b), which)
-            Ub, Vb = Ub @ X[:, keep], Vb @ Yt.T[:, keep]
+            Ub.assign(Ub.cols @ X[:, keep])
+            Vb.assign(Vb.cols @ Yt.T[:, keep])
             B = torch.diag(sig[keep])
             if confirm is not None:  # the certified triplets' basis is gone: verify again
                 confirm = {**confirm, "basis": None}
@@ -164,7 +177,7 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
         res = (S_last @ X[-S_last.shape[1]:, :]).norm(dim=0) if S_last is not None \
             else torch.zeros_like(sig)
     want = _wanted(sig, k, which)
-    U, V = Ub @ X[:, want], Vb @ Yt.T[:, want]
+    U, V = Ub.cols @ X[:, want], Vb.cols @ Yt.T[:, want]
     if final_fresh is not None:
         return KrylovResult(S=sig[want], U=U, V=V, residuals=final_fresh, fresh=True,
                             history=tuple(history), smax=smax)
@@ -208,7 +221,7 @@ def _wanted(sig, k, which):
 
 
 def _state(Ub, Vb, B, pending, S_last, step, next_check, history, restarted, confirm):
-    return {"U": Ub, "V": Vb, "B": B, "pending": pending, "S_last": S_last, "step": step,
+    return {"U": Ub.cols, "V": Vb.cols, "B": B, "pending": pending, "S_last": S_last, "step": step,
             "next_check": next_check, "history": list(history), "restarted": restarted,
             "confirm": confirm}
 
@@ -218,9 +231,47 @@ def _inject(pending, S_last, Vb, b, room, gen):
     the pending block: the recurrence then explores the complement of what it has found, where
     the copies of a multiple value beyond the block width live. A^T U has no component along
     them yet, so their rows of S_last are zero."""
-    P = Vb.shape[0]
+    P, n = Vb.P, Vb.n
     width = min(b, room - pending.shape[1])
     F = torch.randn(P, width, generator=gen, dtype=torch.float64).to(Vb.device, Vb.dtype)
-    F, _, _ = orthonormalize(F, torch.cat([Vb, pending], 1), gen=gen)
+    Vb.append(pending)  # orthogonal to the basis and the pending block, without a copy of both
+    F, _, _ = orthonormalize(F, Vb.cols, gen=gen)
+    Vb.truncate(n)
     S_new = None if S_last is None else torch.cat([S_last, S_last.new_zeros((width, S_last.shape[1]))])
     return torch.cat([pending, F], 1), S_new
+
+
+class Basis:
+    """The columns of a P x n basis, kept as the rows of storage that grows by doubling.
+
+    ``cols`` is the P x n view (no copy); :meth:`append` writes a block into the next rows, so a
+    step copies nothing until the storage is full and doubles (up to ``limit`` rows). Rows not yet
+    written are never touched: on the CPU they take no resident memory.
+    """
+
+    def __init__(self, P: int, dtype, device, limit: int, rows: int = 64):
+        self.P, self.dtype, self.device, self.limit = P, dtype, device, max(1, limit)
+        self._rows = torch.empty((min(rows, self.limit), P), dtype=dtype, device=device)
+        self.n = 0
+
+    @property
+    def cols(self) -> torch.Tensor:
+        return self._rows[: self.n].T
+
+    def append(self, X: torch.Tensor) -> None:
+        need = self.n + X.shape[1]
+        if need > self._rows.shape[0]:
+            size = max(need, min(2 * self._rows.shape[0], self.limit))
+            rows = torch.empty((size, self.P), dtype=self.dtype, device=self.device)
+            rows[: self.n] = self._rows[: self.n]
+            self._rows = rows
+        self._rows[self.n: need] = X.T
+        self.n = need
+
+    def assign(self, X: torch.Tensor) -> None:
+        """Replace the basis by X's columns (X already computed: it may be made from ``cols``)."""
+        self.n = 0
+        self.append(X)
+
+    def truncate(self, n: int) -> None:
+        self.n = n

@@ -8,11 +8,14 @@ Estimates (measured on this package's solvers, float64; see BENCHMARKS.md "Solve
   J is overwritten by its QR and the bottom comes from inverse subspace iteration on R: ~P^2
   values plus a few P x b blocks; P products plus 2k fresh ones for the certificates.
 * ``lanczos``, bottom: the basis must nearly exhaust the non-bulk values: measured 1.52 P products
-  (``LANCZOS_BOTTOM_PRODUCTS``; block 16, k = 16, P = 4,810). Memory: both bases (2 P n), one
-  more while a block is appended, and the full SVD of the n x n projected matrix at the end (like
-  the dense path's): at n ~ P, ``LANCZOS_BOTTOM_FACTOR`` P^2 values.
+  (``LANCZOS_BOTTOM_PRODUCTS``; block 16, k = 16, P = 4,810). Memory: both bases (2 P n), a copy
+  of one while its storage doubles (:class:`tjac.linalg.lanczos.Basis`), and the full SVD of the
+  n x n projected matrix at the end (like the dense path's): at n ~ P, ``LANCZOS_BOTTOM_FACTOR``
+  P^2 values.
 * ``lanczos``, top: a basis of ``max_basis`` vectors per side, restarted; products about two
-  bases' worth.
+  bases' worth. Memory: 3 P n values as above (the k result vectors per side, made after the
+  last step, fit in the copy's place when n >= 2k) and ``LANCZOS_BLOCK_ARRAYS`` P x b arrays of
+  one step (its blocks and their Gram-Schmidt).
 * ``randomized``, top: l = k + 8 columns per pass, l products to start and about
   ``RANDOMIZED_PASSES`` passes of 2 l (measured 7-19, median 13, over the committed runs from
   P = 1,060 to 112,810), never more than l + 2P (the basis fills) nor than
@@ -61,6 +64,10 @@ DENSE_BOTTOM_FACTOR = 1     # values of P^2 at the bottom-only dense path's peak
 # products at P = 4,810 -> 1.52; the plan had 1.25 before that measurement).
 LANCZOS_BOTTOM_PRODUCTS = 1.52
 LANCZOS_BOTTOM_FACTOR = 10  # values of P^2 at long-basis Lanczos' peak
+# P x b arrays of one Lanczos step beside its bases: the operator's input and output blocks,
+# Gram-Schmidt's projection and QR factors, A^T U's block (measured: 4.7 blocks of 16 beyond the
+# 3 P n term at P = 1e6 on a diagonal operator, bench_memory.py --models basis)
+LANCZOS_BLOCK_ARRAYS = 6
 # Randomized passes (products = l (2 passes + 1), l = k + 8): the median over the committed top
 # runs (scale-top16.json, scale-top16-mid.json, solvers-paper.json, top-products-paper.json:
 # 7, 11, 12, 12, 14, 14, 18, 19 passes).
@@ -228,7 +235,7 @@ def estimate(method: str, P: int, k: int, which: str, *, itemsize: int = 8, bloc
         b = block or min(16, P)
         n = min(P, max_basis or max(8 * k + 8 * b, 256))
         products = min(2 * P, 4 * n)
-        values = 3 * P * n + 7 * n * n
+        values = 3 * P * n + LANCZOS_BLOCK_ARRAYS * P * b + 7 * n * n
     seconds = None if seconds_per_product is None else products * seconds_per_product
     return Estimate(method=method, products=int(products), bytes=int(values * itemsize),
                     seconds=seconds, max_products=most)
