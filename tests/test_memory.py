@@ -151,3 +151,32 @@ def test_cli_refuses_a_plan_that_cannot_fit_in_one_line_before_training(tmp_path
     assert "top-4 of P = 610 does not fit" in err and "bytes available" in err
     assert f"(needs {estimate('randomized', 610, 4, 'top').bytes:,} bytes; 3,500,000" in err
     assert not store.exists()
+
+
+def test_a_run_is_refused_once_the_measured_step_and_the_solver_no_longer_fit(tmp_path,
+                                                                             monkeypatch):
+    """Before training the plans fit, and after op.check() the trajectory and the measured step
+    alone still fit (here a fixed 100 MiB, the measurement replaced); with the solver's bytes they
+    do not: the solve is refused in one line before any of its products, nothing written."""
+    import os
+
+    from tjac import memory
+    from tjac.runner import plans, run_analysis
+
+    step = 100 * 2**20
+    have = int((step + 3 * 2**20) / HEADROOM)  # the solver's plan here is ~5.6 MB
+
+    def measured(*args, **kwargs):
+        return memory.ActivationEstimate((2, 8), (step, step), step, 0, "test")
+
+    monkeypatch.setattr(memory, "measure_activation", measured)
+    monkeypatch.setattr(plans._checks, "available_bytes", lambda device: have)
+    store = str(tmp_path / "s.zarr")
+    recipe = tjac.Recipe.paper(width=4, epochs=1, n_train=128)
+    with pytest.raises(MemoryError, match=rf"top-4 by .* needs [\d,]+ bytes once one replay "
+                                          rf"step's memory is measured .* {have:,} bytes"):
+        run_analysis(recipe, store, k_top=4, k_bottom=0, method="lanczos", block=4)
+    assert not os.path.exists(store) or not tjac.query.open(store).runs()
+    monkeypatch.setattr(plans._checks, "available_bytes", lambda device: have + 2**30)
+    out = run_analysis(recipe, store, k_top=4, k_bottom=0, method="lanczos", block=4)
+    assert len(tjac.query.open(store).run(out.run_id).sigma()) == 4

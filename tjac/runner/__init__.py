@@ -28,7 +28,7 @@ from ..rebuild import cpu_description, not_reproduced, same_inputs
 from ..recipe import Recipe
 from ..problem import Problem
 
-from .plans import _plan_top_by_cost, _plans  # noqa: F401 (tests reach them here)
+from .plans import _plan_top_by_cost, _plans, _recheck  # noqa: F401 (tests reach them here)
 from .solves import _dense_bottom, _dense_resumable, _krylov_resumable, _residuals, _svd_full, _to_np, _values_fit  # noqa: F401,E501
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,8 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
             plans = _plan_top_by_cost(plans, problem, P, k_top, method, checkpoint, spill_dir,
                                       block, op, started=run.attrs.get("provenance", {})
                                       .get("plans", {}).get("top"))
+            budget = _recheck(plans, problem, op, {"top": k_top, "bottom": k_bottom}, checkpoint,
+                              budget)
         else:  # (replaces the debris of a creation that was killed before its status was written)
             # a --block is the replay width too (vectors per replay): only backends are compared
             # then, and a pinned backend with a --block times nothing
@@ -209,6 +211,8 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
                                 **({} if block is None else {"blocks": (block,)}))
             plans = _plan_top_by_cost(plans, problem, P, k_top, method, checkpoint, spill_dir,
                                       block, op)
+            budget = _recheck(plans, problem, op, {"top": k_top, "bottom": k_bottom}, checkpoint,
+                              budget)
             prov = provenance(recipe, op, argv)
             prov["autotune"] = tuned
             prov["distributed"] = (group.describe() if group is not None
