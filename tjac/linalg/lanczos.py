@@ -47,7 +47,8 @@ def gkl(op, k: int, which: str, *, tol: float, maxiter: int, block: int, max_bas
     decides; if the fresh residuals disagree the recurrence goes on. ``on_step(state)`` receives
     the full recurrence state after every step (a dict of tensors and ints, plus ``restarted``
     when the basis prefix changed); passing it back as ``state`` continues exactly where it was
-    (the generator ``gen`` must be restored by the caller).
+    (the generator ``gen`` must be restored by the caller). Its ``U`` and ``V`` are views of the
+    solve's storage (:class:`Basis`), valid until the next step: copy what is kept.
     """
     P = op.shape[0]
     dt, dev = op.dtype, op.device
