@@ -69,23 +69,21 @@ def status_kib(field):
                 return int(line.split()[1])
 
 
-class _Diagonal:
-    """diag(d) behind the operator protocol: a slowly decaying spectrum (no value certifies at
-    tol 1e-12 within the steps run, so every case runs its maxiter)."""
+def measured_solve(op, spec):
+    """The solve of ``spec`` on ``op`` after freed heap memory is returned and the high-water mark
+    reset: (result, seconds, resident bytes before, peak resident bytes)."""
+    import tjac
+    from tjac.memory import _libc
 
-    def __init__(self, P):
-        import torch
-        self.shape, self.dtype, self.device = (P, P), torch.float64, torch.device("cpu")
-        self.d = 1 + 1e-3 * (1 + torch.arange(P, dtype=torch.float64)) ** -0.25
-        self.num_matvecs = self.num_rmatvecs = 0
-
-    def matmat(self, X):
-        self.num_matvecs += X.shape[1]
-        return self.d[:, None] * X
-
-    def rmatmat(self, Y):
-        self.num_rmatvecs += Y.shape[1]
-        return self.d[:, None] * Y
+    _libc().malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_kib("VmRSS") * 1024
+    t = time.perf_counter()
+    kw = {n: spec[n] for n in ("block", "maxiter", "max_basis") if n in spec}
+    res = tjac.svd(op, spec["k"], which="top", method=spec["method"], tol=1e-12,
+                   raise_on_failure=False, rng=0, **kw)
+    return res, time.perf_counter() - t, before, status_kib("VmHWM") * 1024
 
 
 def basis_case(path):
@@ -95,20 +93,14 @@ def basis_case(path):
     import tjac
     from tjac.linalg.plan import estimate
     from tjac.linalg.randomized import peak_values
-    from tjac.memory import _libc
 
     spec = BASIS_PATHS[path]
-    op = _Diagonal(BASIS_P)
-    _libc().malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status_kib("VmRSS") * 1024
-    t = time.perf_counter()
-    kw = {n: spec[n] for n in ("block", "maxiter", "max_basis") if n in spec}
-    res = tjac.svd(op, spec["k"], which="top", method=spec["method"], tol=1e-12,
-                   raise_on_failure=False, rng=0, **kw)
-    seconds = time.perf_counter() - t
-    grown = status_kib("VmHWM") * 1024 - before
+    # a slowly decaying spectrum: no value certifies at tol 1e-12 within the steps run, so every
+    # case runs its maxiter
+    op = tjac.linalg.DiagonalOperator(
+        1 + 1e-3 * (1 + torch.arange(BASIS_P, dtype=torch.float64)) ** -0.25)
+    res, seconds, before, peak = measured_solve(op, spec)
+    grown = peak - before
     P, item = BASIS_P, 8
     if spec["method"] == "randomized":
         solver = item * peak_values(P, spec["block"] * spec["maxiter"], spec["block"])
@@ -143,16 +135,7 @@ def run_case(model, path):
     act = op.measure_activation()
     P = op.shape[0]
     item = torch.empty((), dtype=op.dtype).element_size()
-    _libc().malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status_kib("VmRSS") * 1024
-    t = time.perf_counter()
-    kw = {n: spec[n] for n in ("block", "maxiter", "max_basis") if n in spec}
-    res = tjac.svd(op, spec["k"], which="top", method=spec["method"], tol=1e-12,
-                   raise_on_failure=False, **kw)
-    seconds = time.perf_counter() - t
-    peak = status_kib("VmHWM") * 1024
+    res, seconds, before, peak = measured_solve(op, spec)
     stored_and_step = memory_estimate(prob, checkpoint="all", block=spec["block"])
     upfront = estimate(spec["method"], P, spec["k"], "top", itemsize=item, block=spec["block"],
                        max_basis=spec.get("max_basis")).bytes

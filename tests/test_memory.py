@@ -4,34 +4,18 @@ import pytest
 import torch
 
 import tjac
-from tjac.linalg import BudgetError, DenseOperator, svd
+from tjac.linalg import BudgetError, DenseOperator, DiagonalOperator, svd
 from tjac.linalg.plan import HEADROOM, RANDOMIZED_PASSES, estimate
 from tjac.linalg.randomized import peak_values, randomized
 from tjac.memory import cpu_peak_bytes
 from tjac.problem import memory_estimate
 
 
-class Diagonal:
-    """diag(d) behind the operator protocol: products cost O(P k), no P x P matrix."""
-
-    def __init__(self, d):
-        self.d = d
-        self.shape, self.dtype, self.device = (d.shape[0],) * 2, d.dtype, d.device
-        self.num_matvecs = self.num_rmatvecs = 0
-
-    def matmat(self, X):
-        self.num_matvecs += X.shape[1]
-        return self.d[:, None] * X
-
-    def rmatmat(self, Y):
-        self.num_rmatvecs += Y.shape[1]
-        return self.d[:, None] * Y
-
 
 def flat(P, seed=0):
     """A flat spectrum (values within 1e-3 of 1): block Krylov needs many passes at tol 1e-10."""
     g = torch.Generator().manual_seed(seed)
-    return Diagonal(1 + 1e-3 * torch.rand(P, generator=g, dtype=torch.float64))
+    return DiagonalOperator(1 + 1e-3 * torch.rand(P, generator=g, dtype=torch.float64))
 
 
 def test_plan_counts_randomized_peak():
