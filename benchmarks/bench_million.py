@@ -28,8 +28,13 @@ Both train by the paper's SGD (momentum 0.9, cosine schedule) in float64, trajec
   would end past the cap is not started), with the projection planned products x measured
   seconds per product.
 
+``--memory-steps N`` runs memory only (no probes): N single-vector Lanczos steps and the k
+vectors' fresh residuals, measured peak against the plan at the basis reached, kept as the
+target's ``memory_check`` (with ``--merge``, beside its full result).
+
     python benchmarks/bench_million.py [--targets resnet,lm] [--cap-minutes 30]
-        [--probe-steps 2] [--tiny] [--merge] [--replan] [--out benchmarks/results/million.json]
+        [--probe-steps 2] [--tiny] [--merge] [--replan] [--memory-steps N]
+        [--out benchmarks/results/million.json]
 
 The committed result: ``--targets lm --cap-minutes 30``, then ``--targets resnet --cap-minutes 65
 --merge``, then ``--replan``.
@@ -263,6 +268,39 @@ def run_case(target, cap_minutes, probe_steps, log, tiny=False):
     return out
 
 
+def memory_check(target, steps, log, tiny=False):
+    """Memory only: the target's solve path (single-vector Lanczos) for ``steps`` steps, no
+    per-vector probes: measured peak (VmHWM after clear_refs, as in :func:`run_case`) against the
+    plan at the basis reached (:func:`at_end`), with the k vectors' replay of the fresh residuals
+    that end the solve (as a certified one's do)."""
+    import torch
+
+    import tjac
+    from tjac.memory import _libc
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    prob = tjac.Problem(recipe(target, tiny))
+    tjac.Problem(recipe(target, tiny), model_backend="func")  # as run_case holds (its base)
+    _libc().malloc_trim(0)
+    base = status_kib("VmRSS") * 1024
+    op = tjac.TrainingJacobian(prob, checkpoint="sqrt", backend="eager", block_size=K + 8)
+    act = op.measure_activation()
+    _libc().malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    history = []
+    t = time.perf_counter()
+    tjac.svd(op, K, which="top", tol=TOL, method="lanczos", block=1, maxiter=steps,
+             raise_on_failure=False,
+             callback=lambda h: history.append(h) if h.get("checked", True) else None)
+    peak = status_kib("VmHWM") * 1024
+    out = {"steps": steps, "seconds": time.perf_counter() - t, "base_rss": base,
+           "activation": act.as_dict() if act else None, "measured_peak": peak,
+           **at_end(prob, base, "lanczos", 1, op.block_size, history, peak, True)}
+    log(f"{target}: memory check, {steps} steps: {out}")
+    return out
+
+
 def replan(path, log):
     """The plan at the solve's end (:func:`at_end`) for results written without it: the problem is
     rebuilt (no training) with the activation the run measured."""
@@ -303,6 +341,9 @@ def main():
     ap.add_argument("--merge", action="store_true", help="keep the other targets already in --out")
     ap.add_argument("--replan", action="store_true",
                     help="recompute the plan at each solve's end in --out (no products)")
+    ap.add_argument("--memory-steps", type=int, default=0,
+                    help="memory only: this many single-vector Lanczos steps per target, "
+                         "no probes; kept as the target's memory_check in --out")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "million.json"))
     a = ap.parse_args()
@@ -317,7 +358,8 @@ def main():
         replan(a.out, log)
         return
     if a.case:
-        print(json.dumps(run_case(a.case, a.cap_minutes, a.probe_steps, log, a.tiny)))
+        print(json.dumps(memory_check(a.case, a.memory_steps, log, a.tiny) if a.memory_steps
+                         else run_case(a.case, a.cap_minutes, a.probe_steps, log, a.tiny)))
         return
     from _env import environment
     out = {"note": __doc__.split("\n\n")[0], "environment": environment(), "results": {}}
@@ -326,13 +368,16 @@ def main():
             out["results"] = json.load(f)["results"]
     for target in a.targets.split(","):
         p = subprocess.run([sys.executable, __file__, "--case", target, "--cap-minutes",
-                            str(a.cap_minutes), "--probe-steps", str(a.probe_steps)]
+                            str(a.cap_minutes), "--probe-steps", str(a.probe_steps),
+                            "--memory-steps", str(a.memory_steps)]
                            + (["--tiny"] if a.tiny else []),
                            check=False, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        if p.returncode:
-            out["results"][target] = {"error": f"exit {p.returncode}"}
+        row = ({"error": f"exit {p.returncode}"} if p.returncode
+               else json.loads(p.stdout.strip().splitlines()[-1]))
+        if a.memory_steps:  # beside the target's full result, which stays
+            out["results"].setdefault(target, {})["memory_check"] = row
         else:
-            out["results"][target] = json.loads(p.stdout.strip().splitlines()[-1])
+            out["results"][target] = row
         os.makedirs(os.path.dirname(a.out), exist_ok=True)
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)
