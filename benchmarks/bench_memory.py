@@ -12,8 +12,7 @@ Models at P ~ 1e5: the paper's MLP (one hidden layer of 1,300), a CNN with Batch
 (tests/usermodels.py ``bn_cnn``, 600 channels) and the built-in transformer (width 112). Paths:
 randomized top (k = 8, block 16, the plan's 6 passes), Lanczos top (k = 8, block 16, a basis of 64
 per side, full at step 4 and restarted: 5 steps); for the CNN and the transformer (slower replays)
-3 passes, and 3 Lanczos steps (a basis of 48 of the 64 planned: tjac's gkl fails when maxiter
-ends on a restart step, so these runs stop before the first restart). The solver's planned bytes are
+3 passes, and 3 Lanczos steps (a basis of 48 of the 64 planned). The solver's planned bytes are
 the plan's count at the solve's parameters (randomized: at its maxiter passes). The bottom's
 paths (dense: J in P^2 values, 80 GB at P = 1e5; long-basis Lanczos: ~1.25 P products) do not
 apply at this size on this machine and are not run. Short training
