@@ -287,10 +287,19 @@ def memory_estimate(prob: Problem, *, checkpoint="all", block: int = 128, basis:
     else:
         interval = checkpoint_interval(checkpoint, prob.num_steps)
         stored = -(-prob.num_steps // interval) + (interval if interval > 1 else 0)
+    return item * (P * n_state * stored + 2 * P * basis) + step_bytes(prob, block)
+
+
+def step_bytes(prob: Problem, block: int) -> int:
+    """Bytes of one replay step of ``block`` vectors beside the stored states: the held tangents
+    (state x block) and the measured peak of the step (``prob.activation``), or, before that is
+    measured, the tangents and two more P x block arrays (gradient and HVP)."""
+    P = prob.num_params
+    item = torch.empty((), dtype=prob.dtype).element_size()
+    n_state = len(prob.optimizer.state_names)
     act = getattr(prob, "activation", None)
-    step = (item * P * n_state * block + act.at(block) if act is not None
+    return (item * P * n_state * block + act.at(block) if act is not None
             else item * P * (n_state + 2) * block)
-    return item * (P * n_state * stored + 2 * P * basis) + step
 
 
 def _refuse_oversized(recipe, P, dtype, device) -> None:

@@ -201,8 +201,7 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
             plans = _plan_top_by_cost(plans, problem, P, k_top, method, checkpoint, spill_dir,
                                       block, op, started=run.attrs.get("provenance", {})
                                       .get("plans", {}).get("top"))
-            budget = _recheck(plans, problem, op, {"top": k_top, "bottom": k_bottom}, checkpoint,
-                              budget)
+            _recheck(plans, problem, op, {"top": k_top, "bottom": k_bottom}, block)
         else:  # (replaces the debris of a creation that was killed before its status was written)
             # a --block is the replay width too (vectors per replay): only backends are compared
             # then, and a pinned backend with a --block times nothing
@@ -211,8 +210,7 @@ def _run_analysis(recipe: Recipe, store_path: str, *, k_top, k_bottom, tol, meth
                                 **({} if block is None else {"blocks": (block,)}))
             plans = _plan_top_by_cost(plans, problem, P, k_top, method, checkpoint, spill_dir,
                                       block, op)
-            budget = _recheck(plans, problem, op, {"top": k_top, "bottom": k_bottom}, checkpoint,
-                              budget)
+            _recheck(plans, problem, op, {"top": k_top, "bottom": k_bottom}, block)
             prov = provenance(recipe, op, argv)
             prov["autotune"] = tuned
             prov["distributed"] = (group.describe() if group is not None

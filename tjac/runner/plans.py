@@ -72,33 +72,33 @@ def _plans(problem, P: int, k_top: int, k_bottom: int, method: str, checkpoint, 
     return plans, budget
 
 
-def _recheck(plans, problem, op, ks: dict, checkpoint, budget):
+def _recheck(plans, problem, op, ks: dict, block=None):
     """Each solve's plan once ``op.check()`` has measured one replay step's memory
-    (``problem.activation``): the states and the step at the width the solve's products replay
-    (the solver's block or its k certificate vectors, in chunks of the operator's block) plus the
-    solver's bytes, against what is available. A solve that no longer fits is refused here, in one
-    line, before any of its products; the methods stay as planned (a measurement's noise never
-    flips a pick). Returns the budget to hand each ``svd``: the smaller of ``budget`` and what is
-    left beside the widest of these steps."""
-    from ..problem import memory_estimate
+    (``problem.activation``): the step at the width the solve's products replay (the solver's
+    block or its k certificate vectors, in chunks of the operator's block) plus the solver's
+    bytes, against what is available now (the stored trajectory is already resident, so it is
+    not counted again). A solve that no longer fits is refused here, in one line, before any of
+    its products; the methods and the budget stay as planned (a measurement's noise never flips a
+    pick). The dense bottom-only path's J lives in host memory: checked there."""
+    from ..problem import step_bytes
 
-    have = _checks.available_bytes(problem.device)
-    if getattr(problem, "activation", None) is None or have is None:
-        return budget
-    widest = 0
+    if getattr(problem, "activation", None) is None:
+        return
     for which, p in plans.items():
         e = p.estimate
-        solver_block = e.block or (ks[which] + 8 if e.method == "randomized" else op.block_size)
+        host = e.bottom_only and problem.device.type != "cpu"
+        have = _checks.available_bytes("cpu" if host else problem.device)
+        if have is None:
+            continue
+        default = ks[which] + 8 if e.method == "randomized" else min(16, op.shape[0])
+        solver_block = block or e.block or default
         width = max(1, min(op.block_size, max(solver_block, ks[which])))
-        states = memory_estimate(problem, checkpoint=checkpoint, block=width)
-        widest = max(widest, states)
-        need = states + e.bytes
+        step = step_bytes(problem, width)
+        need = e.bytes + (0 if host else step)
         if need > HEADROOM * have:
             raise MemoryError(
                 f"{which}-{ks[which]} by {e.label()} needs {need:,} bytes once one replay step's "
-                f"memory is measured ({states:,} for the trajectory and a {width}-vector step, "
-                f"{e.bytes:,} for the solver) but {have:,} bytes are available, of which a plan "
-                f"may use {HEADROOM:.0%}; use fewer parameters, a smaller --block or a machine "
-                f"with more memory")
-    left = max(1, have - int(-(-widest // HEADROOM)))
-    return left if budget is None else min(budget, left)
+                f"memory is measured ({step:,} for a {width}-vector step, {e.bytes:,} for the "
+                f"solver) but {have:,} bytes are available, of which a plan may use "
+                f"{HEADROOM:.0%}; use fewer parameters, a smaller --block or a machine with more "
+                f"memory")
