@@ -36,8 +36,8 @@ target's ``memory_check`` (with ``--merge``, beside its full result).
         [--probe-steps 2] [--tiny] [--merge] [--replan] [--memory-steps N]
         [--out benchmarks/results/million.json]
 
-The committed result: ``--targets resnet --cap-minutes 65`` (then ``--replan``), ``--targets lm
---cap-minutes 125 --merge``, then ``--targets lm --memory-steps 10 --merge``.
+The committed result: ``--targets resnet --cap-minutes 65`` (then ``--replan``), then ``--targets
+lm --cap-minutes 125 --merge`` (``--memory-steps`` has run only with ``--tiny`` so far).
 """
 import argparse
 import functools
