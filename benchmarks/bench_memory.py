@@ -201,13 +201,15 @@ def main():
                                                        "measured_peak",
                                                        "ratio_measured_over_planned",
                                                        "skipped", "error")}), flush=True)
+    kept = {}  # with --merge, the old file's other records (e.g. basis_before_storage) stay
     if a.merge and os.path.exists(a.out):
         with open(a.out) as f:
-            old = json.load(f)["cases"]
+            kept = json.load(f)
+        old = kept.pop("cases")
         ran = {(c["model"], c["path"]) for c in cases}
         cases = [c for c in old if (c["model"], c["path"]) not in ran and "skipped" not in c] \
             + cases
-    _env.write(a.out, {"target": TARGET, "minutes_cap": a.minutes, "cases": cases,
+    _env.write(a.out, {**kept, "target": TARGET, "minutes_cap": a.minutes, "cases": cases,
                        "not_run": {"bottom (dense, lanczos)": "P^2 values (80 GB at P = 1e5) or "
                                    "~1.25 P products: not at this size on this machine"}})
 

@@ -354,6 +354,8 @@ def main():
     unknown = set(a.targets.split(",")) - {"resnet", "lm"}
     if unknown:
         ap.error(f"unknown targets {sorted(unknown)} (resnet, lm)")
+    if a.memory_steps < 0:
+        ap.error(f"--memory-steps must be >= 0, got {a.memory_steps}")
     if a.replan:
         replan(a.out, log)
         return

@@ -11,7 +11,6 @@ from tjac.memory import cpu_peak_bytes
 from tjac.problem import memory_estimate
 
 
-
 def flat(P, seed=0):
     """A flat spectrum (values within 1e-3 of 1): block Krylov needs many passes at tol 1e-10."""
     g = torch.Generator().manual_seed(seed)
