@@ -548,12 +548,14 @@ def test_lanczos_basis_appends_in_place_and_doubles_only_when_full():
     P = 50
     b = Basis(P, torch.float64, torch.device("cpu"), limit=40, rows=4)
     blocks = [torch.randn(P, w, generator=gen, dtype=torch.float64) for w in (3, 1, 2, 5, 30)]
-    ptrs = []
+    ptrs, rows = [], []
     for X in blocks:
         b.append(X)
         ptrs.append(b._rows.data_ptr())
+        rows.append(b._rows.shape[0])
     assert torch.equal(b.cols, torch.cat(blocks, 1))
-    assert b._rows.shape[0] == 41      # 4 -> 8 -> 16 -> 41: never past what is needed or limit
+    # doubles (4 -> 8 -> 16), then what is needed (41) once that is past both double and limit
+    assert rows == [4, 4, 8, 16, 41]
     assert ptrs[0] == ptrs[1] and ptrs[1] != ptrs[2]  # 3 + 1 fit the 4 rows; 3 + 1 + 2 did not
     kept = b.cols @ torch.eye(41, 6, dtype=torch.float64)  # made from its own columns
     b.assign(kept)
