@@ -11,9 +11,11 @@ backends and keep the best of ``--repeats``; products are checked against func's
 Targets: ``cnn`` the BatchNorm CNN of bench_user.py (1.06e5 parameters, MNIST-shaped, batch 128);
 ``resnet`` a ResNet-style CNN with BatchNorm (_models.ResNet, widths 16-32-64-128, CIFAR-shaped,
 batch 32); ``transformer`` a causal transformer LM (_models.TinyLM, d 64, 2 blocks, vocab 256,
-32 tokens, batch 32). Target: <= 2.5 R per vector (issue: CNN 4.5 R through torch.func).
+32 tokens, batch 32); ``resnet-1e6`` and ``lm-1e6`` bench_million.py's models at 1e6 parameters
+(_models.ResNet 32-64-128-256, P = 1.37e6, and _models.TinyLM d 128, 5 blocks, vocab 512,
+P = 1.13e6; batch 16). Target: <= 2.5 R per vector (issue: CNN 4.5 R through torch.func).
 
-    python benchmarks/bench_hand.py [--targets cnn,resnet,transformer] [--steps 8]
+    python benchmarks/bench_hand.py [--targets cnn,resnet,transformer,resnet-1e6,lm-1e6] [--steps 8]
         [--blocks 1,4,16] [--repeats 2] [--out PATH]
 """
 import argparse
@@ -32,8 +34,16 @@ import bench_user
 import tjac
 from tjac.bench import plain_run_seconds
 
+TARGETS = ("cnn", "resnet", "transformer", "resnet-1e6", "lm-1e6")
+
 
 def recipe(target, steps):
+    if target == "resnet-1e6":
+        return tjac.Recipe.paper(model=_models.resnet, dataset=_models.cifar_like(16 * steps, 64),
+                                 batch_size=16, epochs=1)
+    if target == "lm-1e6":
+        return tjac.Recipe.paper(model=_models.tiny_lm, dataset=_models.tokens_like(16 * steps, 64),
+                                 batch_size=16, epochs=1, lr=0.03)
     if target == "cnn":
         data = bench_user.mnist_like(128 * steps, 256)
         return tjac.Recipe.paper(model=bench_user.bn_cnn, dataset=data, batch_size=128, epochs=1)
@@ -118,9 +128,9 @@ def main():
     def log(s):
         print(s, flush=True)
 
-    unknown = set(a.targets.split(",")) - {"cnn", "resnet", "transformer"}
+    unknown = set(a.targets.split(",")) - set(TARGETS)
     if unknown:
-        ap.error(f"unknown targets {sorted(unknown)} (cnn, resnet, transformer)")
+        ap.error(f"unknown targets {sorted(unknown)} ({', '.join(TARGETS)})")
     blocks = [int(b) for b in a.blocks.split(",")]
     out = {"note": ("per-vector seconds of block JVPs/VJPs, hand-derived rules (GraphModel) vs "
                     "torch.func vs double backward, measured alternately in one process; "

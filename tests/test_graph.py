@@ -141,6 +141,41 @@ def test_block_hvp_matches_torch_func(case):
     # block rows are independent: one row alone gives the same product
     _, hv1 = m.grad_hvp(theta, x, y, V[1:2])
     assert _rel(hv1[0], hv_ref[1]) < 1e-12
+    # H V alone (a VJP's HVPs) skips the gradient's own products and gives the same H V
+    assert _rel(m.hvp(theta, x, y, V), hv_ref) < 1e-12
+
+
+@pytest.mark.parametrize("case", ["resnet", "lm"])
+def test_an_hvp_alone_skips_the_products_only_the_gradient_needs(case):
+    make, batch = CASES[case]
+    torch.manual_seed(0)
+    m = _model(make())
+    x, y = batch(torch.Generator().manual_seed(1))
+    theta, V = m.theta0(), torch.randn(2, m.num_params, dtype=torch.float64)
+    _, full, hv_full = m.plan.run(m.params(theta), m.params(V), x, y)
+    _, part, hv_part = m.plan.run(m.params(theta), m.params(V), x, y, grad=False)
+    skipped = {n for n, mod in m._fmodule.named_modules()
+               if isinstance(mod, (nn.Linear, nn.Conv2d, nn.Embedding))}
+    names = [n for n in full if n.rsplit(".", 1)[0] in skipped]
+    assert names and all(part[n] is None for n in names)  # no weight gradient was formed
+    assert all(full[n] is not None for n in full)
+    for n in hv_full:
+        assert _rel(hv_part[n], hv_full[n]) < 1e-13
+
+
+@pytest.mark.parametrize("fn", ["gelu", "gelu_tanh"])
+def test_the_fused_gelu_rule_is_phi_and_its_two_derivatives(fn):
+    from tjac.models.rules import Unary
+    x = torch.linspace(-9.0, 9.0, 2001, dtype=torch.float64, requires_grad=True)
+    approx = "tanh" if fn == "gelu_tanh" else "none"
+    y = F.gelu(x, approximate=approx)
+    d1, = torch.autograd.grad(y.sum(), x, create_graph=True)
+    d2, = torch.autograd.grad(d1.sum(), x)
+    got, (g1, g2) = Unary.fwd([x.detach()], {"fn": fn})
+    # to ~1e-14 of each function's scale (phi'' cancels to ~3e-14 where it is ~0 at |x| ~ 7)
+    assert torch.allclose(got, y.detach(), rtol=1e-14, atol=1e-14)
+    assert torch.allclose(g1, d1.detach(), rtol=1e-14, atol=1e-14)
+    assert torch.allclose(g2, d2, rtol=1e-12, atol=1e-13)
 
 
 def test_mse_loss_and_a_finite_difference_of_the_gradient():

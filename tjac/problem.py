@@ -1,9 +1,10 @@
 """A recipe made concrete: model, data on the device, batch order, loss and optimizer.
 
-:class:`Problem` exposes ``loss(theta, t)``, ``grad(theta, t)``, ``grad_hvp(theta, V, t)`` and
-``step(state, t)`` as fixed functions of the step index t (the batch, the dropout masks and the
-learning rate are all functions of t), so every replay of the same theta_0 sees the same sequence
-of matrices. ``param_filter`` selects the coordinates J acts on (:attr:`Problem.selection`).
+:class:`Problem` exposes ``loss(theta, t)``, ``grad(theta, t)``, ``grad_hvp(theta, V, t)``,
+``hvp(theta, V, t)`` and ``step(state, t)`` as fixed functions of the step index t (the batch, the
+dropout masks and the learning rate are all functions of t), so every replay of the same theta_0
+sees the same sequence of matrices. ``param_filter`` selects the coordinates J acts on
+(:attr:`Problem.selection`).
 """
 
 from __future__ import annotations
@@ -186,6 +187,12 @@ class Problem:
         if reverse:
             return self.model.grad_hvp_reverse(theta, x, y, V)
         return self.model.grad_hvp(theta, x, y, V)
+
+    def hvp(self, theta, V, t, *, reverse: bool = False):
+        """H V alone on step t's batch (the gradient is not wanted: a VJP's HVPs)."""
+        if reverse:
+            return self.grad_hvp(theta, V, t, reverse=True)[1]
+        return self.model.hvp(theta, *self.at(t), V)
 
     def step(self, state, t):
         return self.optimizer.update(state, self.grad(state[0], t), t)

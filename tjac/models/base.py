@@ -6,6 +6,7 @@ and concatenated; ``layout`` gives every tensor's (name, shape, offset). A :clas
 * ``loss(theta, x, y)``                 the batch-mean loss of one minibatch,
 * ``grad(theta, x, y)``                 its gradient g,
 * ``grad_hvp(theta, x, y, V[k, P])``    (g, H V) with H the minibatch Hessian (symmetric),
+* ``hvp(theta, x, y, V[k, P])``         H V alone (by default grad_hvp's),
 
 through ``torch.func.functional_call`` (forward-over-reverse, vmapped over the block so the primal
 is computed once). :class:`~tjac.models.graph.GraphModel` replaces ``grad_hvp`` with hand-derived
@@ -173,6 +174,11 @@ class Model:
         g, hv = vmap(lambda v: jvp(g_fn, (self.params(theta),), (v,)),
                      randomness="same")(self.params(V))
         return self._flat({n: t[0] for n, t in g.items()}), self._flat(hv, (V.shape[0],))
+
+    def hvp(self, theta, x, y, V):
+        """H V alone (a VJP's HVPs discard the gradient); models that can skip the gradient's own
+        products override it."""
+        return self.grad_hvp(theta, x, y, V)[1]
 
     def grad_hvp_reverse(self, theta, x, y, V):
         """(g, H V) as :meth:`grad_hvp`, by reverse-over-reverse: autograd's double backward, the

@@ -108,6 +108,7 @@ class Plan:
         self.mods = dict(module.named_modules())
         self.pid = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
         self.live: set = set()
+        self.param_nodes: set = set()
         self.steps: list = []
         self.output = None
         self.input = None
@@ -152,6 +153,7 @@ class Plan:
             src = self._param(obj) if isinstance(obj, nn.Parameter) else None
             if isinstance(src, tuple):
                 self._add(node, "param", [src])
+                self.param_nodes.add(node)
             else:
                 self.steps.append(Step(node, "const", [], {"value": obj}))
             return
@@ -351,13 +353,19 @@ class Plan:
                 mean=t in (torch.mean, "mean")))
         raise Unsupported(f"no rule for {getattr(t, '__name__', t)}")
 
+    def _is_param(self, s) -> bool:
+        """A trainable parameter as a source: ('p', name), or a get_attr node that reads one."""
+        return isinstance(s, tuple) or s in self.param_nodes
+
     def _is_split(self, node) -> bool:
         return any(s.node is node and s.rule is R.Split for s in self.steps)
 
     # -- running ----------------------------------------------------------------------------------
-    def run(self, ps: dict, dps: dict, x, y):
+    def run(self, ps: dict, dps: dict, x, y, *, grad: bool = True):
         """(outputs, gradient dict, HVP dict) for the parameters ``ps`` (name -> tensor), the
-        block of tangents ``dps`` (name -> (k, *shape)) and the batch (x, y)."""
+        block of tangents ``dps`` (name -> (k, *shape)) and the batch (x, y). ``grad`` False:
+        the gradient is not wanted (a VJP's HVPs), and the rules skip the products that only it
+        needs (the gradient dict is then partial)."""
         env, tan, rec = {}, {}, {}
 
         def val(s):
@@ -417,7 +425,8 @@ class Plan:
                 slot[1][i] = dgy if slot[1][i] is None else slot[1][i] + dgy
                 continue
             xs, dxs, ctx, a = rec[n]
-            need = [self._live(s) for s in st.srcs]
+            need = [self._live(s) and (grad or not self._is_param(s) or R.TANGENT)
+                    for s in st.srcs]
             res = st.rule.bwd(xs, dxs, env[n], tan[n], ctx, a, gy, dgy, need)
             for s, r in zip(st.srcs, res):
                 if r is None or not self._live(s):
@@ -425,7 +434,7 @@ class Plan:
                 if isinstance(s, tuple):
                     self._acc(grads, hvs, s[1], *r)
                 elif s in adj:
-                    adj[s][0] = adj[s][0] + r[0]
+                    adj[s][0] = R._add(adj[s][0], r[0])
                     adj[s][1] = adj[s][1] + r[1]
                 else:
                     adj[s] = [r[0], r[1]]
@@ -433,8 +442,9 @@ class Plan:
 
     @staticmethod
     def _acc(grads, hvs, name, g, dg):
-        if name in grads:
-            grads[name] = grads[name] + g
+        if name in hvs:
+            if g is not None:
+                grads[name] = g if grads.get(name) is None else grads[name] + g
             hvs[name] = hvs[name] + dg
         else:
             grads[name], hvs[name] = g, dg
@@ -487,6 +497,13 @@ class GraphModel(Model):
         hv = torch.cat([hvs[p.name].reshape(k, -1) if p.name in hvs
                         else V.new_zeros(k, p.size) for p in self.layout], 1)
         return g, hv
+
+    def hvp(self, theta, x, y, V):
+        """H V alone: the plan's backward skips the products only the gradient needs."""
+        _, _, hvs = self.plan.run(self.params(theta), self.params(V), x, y, grad=False)
+        k = V.shape[0]
+        return torch.cat([hvs[p.name].reshape(k, -1) if p.name in hvs
+                          else V.new_zeros(k, p.size) for p in self.layout], 1)
 
 
 def matches(model: GraphModel, x, theta, y, *, rtol: float | None = None) -> bool:

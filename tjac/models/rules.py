@@ -12,6 +12,9 @@ Every rule is a class with three static methods over one op y = f(x_1, ..., x_n)
     dgx_i = (df/dx_i)^T dgy + (d/dtheta (df/dx_i)^T)[dtheta] gy (the second-order term: zero for
     ops linear in each input), as a list of (gx_i, dgx_i) pairs, None where ``need[i]`` is False.
     gy is the primal adjoint (shape of y); dgy its block of tangents (k, *y.shape).
+    ``need[i]`` is :data:`TANGENT` where x_i is a parameter whose gradient the caller discards
+    (a VJP's HVPs): only dgx_i is needed, and rules whose gx_i costs a product of its own
+    (Linear, Conv2d, MatMul, Embedding) return None for it.
 
 ``a`` holds the op's constant arguments. With these, one forward, one tangent forward and one
 backward carrying (adjoint, tangent of the adjoint) give the gradient and the block
@@ -52,6 +55,14 @@ def sum_to(t: torch.Tensor, shape, batched: bool) -> torch.Tensor:
     if dims:
         t = t.sum(dims, keepdim=True)
     return t
+
+
+TANGENT = "tangent"  # see the module docstring: dgx_i only
+
+
+def _primal(need_i) -> bool:
+    """Whether the adjoint gx_i itself is wanted (``need[i]`` True, not :data:`TANGENT`)."""
+    return need_i is True
 
 
 def _shape(x):
@@ -103,9 +114,9 @@ class Linear:
             dgW = dgy2.mT @ x2
             if dx is not None:
                 dgW = dgW + gy2.T @ dx.reshape(k, -1, n_in)
-            res[1] = (gy2.T @ x2, dgW)
+            res[1] = (gy2.T @ x2 if _primal(need[1]) else None, dgW)
         if need[2]:
-            res[2] = (gy2.sum(0), dgy2.sum(1))
+            res[2] = (gy2.sum(0) if _primal(need[2]) else None, dgy2.sum(1))
         return res
 
 
@@ -146,7 +157,8 @@ class Conv2d:
         dx, dW, db = dxs
         k, B, Cin, Cout = dgy.shape[0], x.shape[0], x.shape[1], y.shape[1]
         res = [None, None, None]
-        gx, gW, gb = _conv_backward(gy, x, W, a, 1, (need[0], need[1], False))
+        mask = (bool(need[0]), _primal(need[1]), False)
+        gx, gW, gb = _conv_backward(gy, x, W, a, 1, mask) if any(mask) else (None,) * 3
         dgx = dgW = None
         # dgy's terms: the input adjoint with the block folded into the batch, the weight
         # adjoint with the block folded into the output channels
@@ -167,7 +179,7 @@ class Conv2d:
                 inp = gy.new_empty(1).expand(B, k * Cin, *x.shape[2:])
             w = (dW.flatten(0, 1) if dW is not None
                  else W.new_empty(1).expand(k * Cout, *W.shape[1:]))
-            mask = (dW is not None and need[0], dx is not None and need[1], False)
+            mask = (dW is not None and bool(need[0]), dx is not None and bool(need[1]), False)
             cx, cW, _ = _conv_backward(rep, inp, w, a, k, mask)
             if mask[0]:
                 dgx = dgx + cx.view(B, k, Cin, *x.shape[2:]).transpose(0, 1)
@@ -178,7 +190,7 @@ class Conv2d:
         if need[1]:
             res[1] = (gW, dgW)
         if need[2]:
-            res[2] = (gy.sum((0, 2, 3)), dgy.sum((1, 3, 4)))
+            res[2] = (gy.sum((0, 2, 3)) if _primal(need[2]) else None, dgy.sum((1, 3, 4)))
         return res
 
 
@@ -369,17 +381,48 @@ class Embedding:
     def bwd(xs, dxs, y, dy, ctx, a, gy, dgy, need):
         idx, E = xs
         flat, d, k = idx.reshape(-1), E.shape[-1], dgy.shape[0]
-        g = torch.zeros_like(E).index_add_(0, flat, gy.reshape(-1, d))
+        g = torch.zeros_like(E).index_add_(0, flat, gy.reshape(-1, d)) if _primal(need[1]) else None
         dg = dgy.new_zeros(k, *E.shape).index_add_(1, flat, dgy.reshape(k, -1, d))
         if a["padding_idx"] is not None:
-            g[a["padding_idx"]] = 0
+            if g is not None:
+                g[a["padding_idx"]] = 0
             dg[:, a["padding_idx"]] = 0
         return [None, (g, dg)]
 
 
 # -- elementwise nonlinearities ------------------------------------------------------------------
+def _gelu_tanh(x):
+    """(phi(x), phi'(x), phi''(x)) of the tanh-approximate GELU phi(x) = x (1 + t) / 2,
+    t = tanh(u), u = C (x + A x^3), in a dozen passes over x: phi' = (1 + t) / 2 + x s u' / 2 and
+    phi'' = s (C + 6 A C x^2 - x t u'^2) with s = 1 - t^2, u' = C (1 + 3 A x^2). One tanh serves
+    all three; the temporaries are updated in place (each fresh (batch, width) buffer costs a
+    page-fault pass of its own)."""
+    x2 = x * x
+    t = torch.mul(x2, _C * _A).add_(_C).mul_(x).tanh_()
+    h = torch.add(t, 1.0).mul_(0.5)
+    y = x * h
+    s = torch.mul(t, t).neg_().add_(1.0)
+    du = torch.mul(x2, 3.0 * _C * _A).add_(_C)
+    d1 = torch.mul(s, du).mul_(x).mul_(0.5).add_(h)
+    q = t.mul_(du).mul_(du).mul_(x)
+    d2 = x2.mul_(6.0 * _C * _A).add_(_C).sub_(q).mul_(s)
+    return y, d1, d2
+
+
+def _gelu(x):
+    """(phi, phi', phi'') of the exact GELU phi(x) = x Phi(x): phi' = Phi + x pdf and
+    phi'' = pdf (2 - x^2), pdf the standard normal density."""
+    x2 = x * x
+    pdf = torch.mul(x2, -0.5).exp_().mul_(_INV_SQRT_2PI)
+    cdf = torch.mul(x, _SQRT1_2).erf_().add_(1.0).mul_(0.5)
+    y = x * cdf
+    d1 = torch.addcmul(cdf, x, pdf)
+    d2 = x2.neg_().add_(2.0).mul_(pdf)
+    return y, d1, d2
+
+
 def _derivs(name, x, y):
-    """(phi'(x), phi''(x)) given y = phi(x)."""
+    """(phi'(x), phi''(x)) given y = phi(x) (phi'' None where it is zero)."""
     if name == "relu":
         return (x > 0).to(x.dtype), None
     if name == "tanh":
@@ -392,20 +435,11 @@ def _derivs(name, x, y):
         sg = torch.sigmoid(x)
         s = sg * (1.0 - sg)
         return sg + x * s, s * (2.0 + x * (1.0 - 2.0 * sg))
-    if name == "gelu":
-        pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
-        return 0.5 * (1.0 + torch.erf(x * _SQRT1_2)) + x * pdf, pdf * (2.0 - x * x)
-    if name == "gelu_tanh":
-        t = torch.tanh(_C * (x + _A * x * x * x))
-        s = 1.0 - t * t
-        du = _C * (1.0 + 3.0 * _A * x * x)
-        return (0.5 * (1.0 + t) + 0.5 * x * s * du,
-                s * (du + 0.5 * x * (_C * 6.0 * _A * x - 2.0 * t * du * du)))
     raise KeyError(name)
 
 
-_UNARY = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu,
-          "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+_UNARY = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu}
+_FUSED = {"gelu": _gelu, "gelu_tanh": _gelu_tanh}  # phi and both derivatives in one pass
 
 
 class Unary:
@@ -413,9 +447,12 @@ class Unary:
 
     @staticmethod
     def fwd(xs, a):
-        x = xs[0]
-        y = _UNARY[a["fn"]](x)
-        return y, _derivs(a["fn"], x, y)
+        x, fn = xs[0], a["fn"]
+        if fn in _FUSED:
+            y, d1, d2 = _FUSED[fn](x)
+            return y, (d1, d2)
+        y = _UNARY[fn](x)
+        return y, _derivs(fn, x, y)
 
     @staticmethod
     def jvp(xs, dxs, y, ctx, a):
@@ -426,7 +463,7 @@ class Unary:
         d1, d2 = ctx
         dgx = d1 * dgy
         if d2 is not None:
-            dgx = dgx + (d2 * gy) * dxs[0]
+            dgx.addcmul_(d2 * gy, dxs[0])
         return [(d1 * gy, dgx)]
 
 
@@ -581,12 +618,14 @@ class MatMul:
             dg = torch.matmul(dgy, x1.mT)
             if d1 is not None:
                 dg = dg + torch.matmul(gy, lift(d1, y.ndim).mT)
-            res[0] = (sum_to(torch.matmul(gy, x1.mT), x0.shape, False), sum_to(dg, x0.shape, True))
+            g = sum_to(torch.matmul(gy, x1.mT), x0.shape, False) if _primal(need[0]) else None
+            res[0] = (g, sum_to(dg, x0.shape, True))
         if need[1]:
             dg = torch.matmul(x0.mT, dgy)
             if d0 is not None:
                 dg = dg + torch.matmul(lift(d0, y.ndim).mT, gy)
-            res[1] = (sum_to(torch.matmul(x0.mT, gy), x1.shape, False), sum_to(dg, x1.shape, True))
+            g = sum_to(torch.matmul(x0.mT, gy), x1.shape, False) if _primal(need[1]) else None
+            res[1] = (g, sum_to(dg, x1.shape, True))
         return res
 
 

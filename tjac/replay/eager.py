@@ -33,7 +33,7 @@ class EagerReplay:
             for t, state in self.trajectory.reversed_states():
                 g = prob.grad(state[0], t) if opt.needs_grad_for_vjp else None
                 bs, bg = opt.vjp(state, g, bs, t)
-                _, hbg = prob.grad_hvp(state[0], bg, t, reverse=self.reverse)
+                hbg = prob.hvp(state[0], bg, t, reverse=self.reverse)
                 bs = (bs[0] + hbg,) + bs[1:]
         return bs[0]
 
