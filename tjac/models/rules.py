@@ -204,15 +204,14 @@ class _Norm:
     @classmethod
     def fwd(cls, xs, a):
         x, gain, shift = xs
-        dims = cls.dims(x)
-        mu = x.mean(dims, keepdim=True)
-        xc = x - mu
-        rs = torch.rsqrt((xc * xc).mean(dims, keepdim=True) + a["eps"])
-        xh = xc.mul_(rs)
-        y = xh if gain is None else xh * cls.pview(gain, x)
-        if shift is not None:
-            y = y + cls.pview(shift, x)
-        return y, {"dims": dims, "rs": rs, "xh": xh}
+        xh, mean, rs = cls.normalize(x, a["eps"])  # torch's fused kernel: one statistics pass
+        if gain is not None and shift is not None:
+            y = torch.addcmul(cls.pview(shift, x), xh, cls.pview(gain, x))
+        elif gain is not None:
+            y = xh * cls.pview(gain, x)
+        else:
+            y = xh if shift is None else xh + cls.pview(shift, x)
+        return y, {"dims": cls.dims(x), "rs": rs, "xh": xh, "mean": mean}
 
     @classmethod
     def _c(cls, dx, ctx):
@@ -231,6 +230,12 @@ class BatchNorm(_Norm):
         return (0, *range(2, x.ndim))
 
     @staticmethod
+    def normalize(x, eps):
+        """(xh, mean, rs): mean (C,), rs shaped (1, C, 1, ..., 1)."""
+        xh, mean, rs = torch.ops.aten.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+        return xh, mean, rs.view(1, -1, *([1] * (x.ndim - 2)))
+
+    @staticmethod
     def pview(p, x):  # (C,) -> (C, 1, ..., 1); a block (k, C) -> (k, 1, C, 1, ..., 1)
         if p.ndim == 1:
             return p.view(-1, *([1] * (x.ndim - 2)))
@@ -243,6 +248,21 @@ class BatchNorm(_Norm):
         xh, rs = ctx["xh"], ctx["rs"]
         g = 1.0 if gain is None else cls.pview(gain, x)
         k = next(d for d in dxs if d is not None).shape[0]
+        if dx is not None and k == 1:
+            # g dxh for one tangent is torch's fused batch-norm backward applied to dx, whose
+            # two sums give c0 and c1
+            n = x.numel() // x.shape[1]
+            out, sdx, sd = torch.ops.aten.native_batch_norm_backward(
+                dx[0], x, gain, None, None, ctx["mean"], rs.reshape(-1), True, a["eps"],
+                [True, True, True])
+            ctx["c"] = (-rs * (sd / n).view(rs.shape)).unsqueeze(0), \
+                (-rs * (sdx / n).view(rs.shape)).unsqueeze(0)
+            out = out.unsqueeze(0)
+            if dgain is not None:
+                out.addcmul_(xh, cls.pview(dgain, x))
+            if dshift is not None:
+                out.add_(cls.pview(dshift, x))
+            return out
         c1 = c0 = 0.0
         if dx is not None:
             c0, c1 = ctx["c"] = cls._c(dx, ctx)
@@ -266,23 +286,37 @@ class BatchNorm(_Norm):
         xh, rs, dims = ctx["xh"], ctx["rs"], ctx["dims"]
         bd = tuple(d + 1 for d in dims)
         n = x.numel() // x.shape[1]
+        k = dgy.shape[0]
         g = 1.0 if gain is None else cls.pview(gain, x)
         dg = 0.0 if dgain is None else cls.pview(dgain, x)
-        Mgy, Mgx = gy.mean(dims, keepdim=True), (gy * xh).mean(dims, keepdim=True)
-        Mdgy, Mdgx = dgy.mean(bd, keepdim=True), (dgy * xh).mean(bd, keepdim=True)
+        # torch's fused batch-norm backward gives gx, sum(gy xh) and sum(gy) in one pass; for one
+        # tangent also dgy's part of dgx, rs g (dgy - M[dgy] - xh M[dgy xh]), with its two sums
+        bn_bwd = (lambda t, mask: torch.ops.aten.native_batch_norm_backward(
+            t, x, gain, None, None, ctx["mean"], rs.reshape(-1), True, a["eps"], mask))
+        gx, sgx, sgy = bn_bwd(gy, [bool(need[0]), True, True])
+        Mgy, Mgx = (sgy / n).view(rs.shape), (sgx / n).view(rs.shape)
+        if k == 1:
+            dgx1, sdx, sdy = bn_bwd(dgy[0], [bool(need[0]), True, True])
+            Mdgy, Mdgx = (sdy / n).view(1, *rs.shape), (sdx / n).view(1, *rs.shape)
+        else:
+            dgx1 = None
+            Mdgy, Mdgx = dgy.mean(bd, keepdim=True), (dgy * xh).mean(bd, keepdim=True)
         c0, c1 = ctx.get("c", (0.0, 0.0))
         Mgdx = (gy * dx).mean(bd, keepdim=True) if dx is not None else 0.0
         res = [None, None, None]
         if need[0]:
             mh, mhx = g * Mgy, g * Mgx
-            gx = torch.addcmul(-rs * mh, xh, -rs * mhx).addcmul_(gy, rs * g)
             Mdh = g * Mdgy + dg * Mgy
             Mdhx = g * Mdgx + dg * Mgx
             Mhdxh = rs * g * Mgdx + c1 * mhx + c0 * mh
             aq = rs * c1
             ax = -rs * mhx * c1 - rs * (Mdhx + Mhdxh) - aq * mhx
             a0 = -rs * Mdh - rs * mhx * c0 - aq * mh
-            dgx = torch.mul(dgy, rs * g)
+            if dgx1 is None:
+                dgx = torch.mul(dgy, rs * g)
+            else:  # dgy's terms are in dgx1: take them out of ax and a0
+                dgx = dgx1.unsqueeze(0)
+                ax, a0 = ax + rs * g * Mdgx, a0 + rs * g * Mdgy
             dgx.addcmul_(gy, rs * dg + aq * g).addcmul_(xh, ax).add_(a0)
             if dx is not None:
                 dgx.addcmul_(dx, -rs * rs * mhx)
@@ -290,9 +324,9 @@ class BatchNorm(_Norm):
         sq = (lambda t: t.reshape(t.shape[0], -1))  # (k, 1, C, 1, ..) -> (k, C)
         if need[1]:
             dgg = n * (Mdgx + rs * Mgdx + c1 * Mgx + c0 * Mgy)
-            res[1] = ((n * Mgx).reshape(-1), sq(dgg.expand(dgy.shape[0], *Mgx.shape)))
+            res[1] = (sgx, sq(dgg.expand(k, *Mgx.shape)))
         if need[2]:
-            res[2] = ((n * Mgy).reshape(-1), sq(n * Mdgy))
+            res[2] = (sgy, sq(n * Mdgy))
         return res
 
 
@@ -302,6 +336,11 @@ class LayerNorm(_Norm):
     @staticmethod
     def dims(x):
         return (x.ndim - 1,)
+
+    @staticmethod
+    def normalize(x, eps):
+        """(xh, mean, rs), mean and rs shaped (..., 1)."""
+        return torch.ops.aten.native_layer_norm(x, [x.shape[-1]], None, None, eps)
 
     @staticmethod
     def pview(p, x):  # (d,) as it is; a block (k, d) -> (k, 1, ..., 1, d)
@@ -421,10 +460,13 @@ def _gelu(x):
     return y, d1, d2
 
 
+def _relu_mask(t, y):
+    """t where y = relu(x) > 0, else 0 (t may carry a leading block dim)."""
+    return torch.ops.aten.threshold_backward(t, y, 0)
+
+
 def _derivs(name, x, y):
-    """(phi'(x), phi''(x)) given y = phi(x) (phi'' None where it is zero)."""
-    if name == "relu":
-        return (x > 0).to(x.dtype), None
+    """(phi'(x), phi''(x)) given y = phi(x)."""
     if name == "tanh":
         s = 1.0 - y * y
         return s, -2.0 * y * s
@@ -452,14 +494,20 @@ class Unary:
             y, d1, d2 = _FUSED[fn](x)
             return y, (d1, d2)
         y = _UNARY[fn](x)
+        if fn == "relu":  # phi' = [y > 0] is applied by torch's kernel; no mask is stored
+            return y, None
         return y, _derivs(fn, x, y)
 
     @staticmethod
     def jvp(xs, dxs, y, ctx, a):
+        if ctx is None:
+            return _relu_mask(dxs[0], y)
         return ctx[0] * dxs[0]
 
     @staticmethod
     def bwd(xs, dxs, y, dy, ctx, a, gy, dgy, need):
+        if ctx is None:
+            return [(_relu_mask(gy, y), _relu_mask(dgy, y))]
         d1, d2 = ctx
         dgx = d1 * dgy
         if d2 is not None:
