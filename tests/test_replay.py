@@ -106,6 +106,30 @@ def test_fused_primal_cache_is_bitwise_neutral_and_bounded(case, monkeypatch):
     assert torch.equal(small.jvp(V), ref[0]) and small._cache is False
 
 
+@pytest.mark.parametrize("opt", [{}, dict(optimizer="adam", lr=0.01)])
+def test_eager_jvp_reads_stored_states_where_it_can_and_replays_training_where_it_cannot(opt):
+    """With every state stored and an optimizer linear in g (SGD), each step of the eager JVP is
+    an HVP at the stored theta_t (no gradient); Adam's tangent map reads g, so it replays
+    training. Either way J V is the one a sqrt-checkpointed operator (which replays) gives."""
+    r = tiny(epochs=2, **opt)
+    full = tjac.TrainingJacobian(r, checkpoint="all", backend="eager")
+    sqrt = tjac.TrainingJacobian(tiny(epochs=2, **opt), checkpoint="sqrt", backend="eager")
+    V = torch.randn(full.shape[0], 3, generator=torch.Generator().manual_seed(2),
+                    dtype=torch.float64)
+    prob, calls = full.problem, {"grad_hvp": 0, "hvp": 0}
+    for name in calls:
+        real = getattr(prob, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+        setattr(prob, name, spy)
+    out = full.matmat(V)
+    T = prob.num_steps
+    assert calls == ({"grad_hvp": 0, "hvp": T} if not opt else {"grad_hvp": T, "hvp": 0})
+    assert_close(out, sqrt.matmat(V), 1e-12, "stored-state J V vs replayed")
+
+
 def test_partial_replay_is_the_tangent_after_s_steps():
     """jvp(V, steps=s) (used by the autotuner) is the JVP of a run cut after s steps."""
     r = tiny(epochs=3)

@@ -12,9 +12,10 @@ compiled replay passes them as 0-d tensors so one graph serves every step.
 
 The caller adds the Hessian term: dg = H dtheta (JVP) and btheta += H bg (VJP). The maps are
 hand-derived (elementwise, no autodiff overhead) and tested against ``torch.func`` in the suite.
-SGD is linear in g, so its ``vjp`` never reads g (``needs_grad_for_vjp = False``): the reverse sweep
-then needs only the stored theta_t: with c = bm' - eta btheta', btheta = btheta' + H_t c and
-bm = mu c.
+SGD is linear in g, so its ``vjp`` and the tangent half of its ``jvp`` never read g
+(``needs_grad_for_vjp = False``): the reverse sweep then needs only the stored theta_t (with
+c = bm' - eta btheta', btheta = btheta' + H_t c and bm = mu c), and so does the eager JVP where
+every state is stored.
 """
 
 from __future__ import annotations

@@ -16,12 +16,22 @@ class EagerReplay:
         self.problem, self.trajectory = problem, trajectory
 
     def jvp(self, V, steps: int | None = None):  # V: (k, P) rows are tangents of theta_0
-        """Tangents of theta after ``steps`` steps (default: all, i.e. J V)."""
-        prob, opt = self.problem, self.problem.optimizer
-        state = opt.init(self.trajectory.theta0)
+        """Tangents of theta after ``steps`` steps (default: all, i.e. J V). Where every state
+        is stored (``checkpoint="all"``) and the optimizer is linear in g (its tangent map never
+        reads g: ``needs_grad_for_vjp`` False), theta_t is read from the trajectory and each step
+        is an HVP alone, as in the reverse sweep; otherwise training is replayed beside the
+        tangents, one (g, H V) per step."""
+        prob, opt, traj = self.problem, self.problem.optimizer, self.trajectory
+        stored = traj.interval == 1 and traj.final_state is not None and not opt.needs_grad_for_vjp
+        state = opt.init(traj.theta0)
         ds = (V.contiguous(),) + tuple(torch.zeros_like(V) for _ in state[1:])
         with torch.no_grad():
             for t in range(_steps(prob, steps)):
+                if stored:
+                    state = traj.checkpoints[t]
+                    hv = prob.hvp(state[0], ds[0], t, reverse=self.reverse)
+                    _, ds = opt.jvp(state, state[0].new_zeros(()), ds, hv, t)
+                    continue
                 g, hv = prob.grad_hvp(state[0], ds[0], t, reverse=self.reverse)
                 state, ds = opt.jvp(state, g, ds, hv, t)
         return ds[0]
