@@ -37,7 +37,9 @@ target's ``memory_check`` (with ``--merge``, beside its full result).
         [--out benchmarks/results/million.json]
 
 The committed result: ``--targets resnet --cap-minutes 65`` (then ``--replan``), then ``--targets
-lm --cap-minutes 125 --merge`` (``--memory-steps`` has run only with ``--tiny`` so far).
+lm --cap-minutes 125 --merge``, then ``--targets lm --memory-steps 10 --merge`` (the LM's
+``memory_check``, with the doubling Lanczos storage). The per-vector probes predate the hand
+rules' later speed-ups; ``bench_hand.py --targets resnet-1e6,lm-1e6`` measures the current ones.
 """
 import argparse
 import functools

@@ -39,6 +39,23 @@ class ResNetish(nn.Module):
         return self.head(nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
+class BroadcastBN(nn.Module):
+    """Batch norms whose input tangents are broadcast-shaped: a frozen convolution's (only its
+    bias is trained) and the data plus a (C, 1, 1) parameter (no affine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 3, padding=1)
+        self.c.weight.requires_grad_(False)
+        self.shift = nn.Parameter(torch.randn(3, 1, 1))
+        self.b1, self.b2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3, affine=False)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x):
+        h = torch.tanh(self.b1(self.c(x))) + torch.tanh(self.b2(x + self.shift))
+        return self.head(h.flatten(1))
+
+
 class TinyLM(nn.Module):
     """Token and position embeddings, a causal multi-head attention block written out (view,
     transpose, masked_fill, softmax as a method), an MLP with tanh-GELU, a final layer norm, the
@@ -109,6 +126,9 @@ CASES = {
     "resnet-no-affine": (lambda: ResNetish(affine=False),
                          lambda g: (torch.rand(5, 3, 8, 8, generator=g, dtype=torch.float64),
                                     torch.randint(0, 10, (5,), generator=g))),
+    "bn-broadcast-tangents": (lambda: BroadcastBN(), lambda g: (
+        torch.rand(5, 3, 4, 4, generator=g, dtype=torch.float64),
+        torch.randint(0, 10, (5,), generator=g))),
     "lm": (lambda: TinyLM(), lambda g: (torch.randint(0, 11, (7, 6), generator=g).double(),
                                         torch.randint(0, 11, (7,), generator=g))),
     "lm-no-ln-affine": (lambda: TinyLM(ln_affine=False),

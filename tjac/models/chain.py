@@ -188,11 +188,15 @@ def matches(model, x: torch.Tensor, theta: torch.Tensor, y: torch.Tensor | None 
 def grad_hvp_matches(model, theta, x, y, rtol) -> bool:
     """Whether ``model.grad_hvp`` (hand-derived) gives torch.func's gradient and the HVPs of two
     random directions (seeded) through the module on the batch (x, y), to ``rtol`` of the largest
-    entry. Shared by the MLP chain's and the traced plan's checks."""
+    entry; each direction alone too (a block of one may take other paths), once through
+    ``grad_hvp`` and once through ``hvp``. Shared by the MLP chain's and the traced plan's
+    checks."""
     from .base import Model
 
     gen = torch.Generator(device=theta.device).manual_seed(0)
     V = torch.randn(2, theta.numel(), generator=gen, dtype=theta.dtype, device=theta.device)
     g, hv = model.grad_hvp(theta, x, y, V)
     g_ref, hv_ref = Model.grad_hvp(model, theta, x, y, V)  # torch.func, through the module
-    return _close(g, g_ref, rtol) and _close(hv, hv_ref, rtol)
+    return (_close(g, g_ref, rtol) and _close(hv, hv_ref, rtol)
+            and _close(model.grad_hvp(theta, x, y, V[:1])[1], hv_ref[:1], rtol)
+            and _close(model.hvp(theta, x, y, V[1:]), hv_ref[1:], rtol))

@@ -221,6 +221,18 @@ class _Norm:
         return -rs * dx.mean(bd, keepdim=True), -rs * (dx * ctx["xh"]).mean(bd, keepdim=True)
 
 
+def _full(t, x):
+    """``t`` at x's full shape: torch's fused batch-norm backward reads its gradient argument as
+    x-shaped (a tangent may be broadcast-shaped, e.g. a frozen convolution's bias term)."""
+    return t if t.shape == x.shape else t.expand_as(x).contiguous()
+
+
+def _gain(gain, x):
+    """The batch norm's gain, ones without one (the fused kernel's weight gradient needs one on
+    CUDA)."""
+    return gain if gain is not None else x.new_ones(x.shape[1])
+
+
 class BatchNorm(_Norm):
     """Batch norm in train mode: statistics over every dim but the channel dim 1, one gain and
     shift per channel."""
@@ -253,10 +265,10 @@ class BatchNorm(_Norm):
             # two sums give c0 and c1
             n = x.numel() // x.shape[1]
             out, sdx, sd = torch.ops.aten.native_batch_norm_backward(
-                dx[0], x, gain, None, None, ctx["mean"], rs.reshape(-1), True, a["eps"],
-                [True, True, True])
-            ctx["c"] = (-rs * (sd / n).view(rs.shape)).unsqueeze(0), \
-                (-rs * (sdx / n).view(rs.shape)).unsqueeze(0)
+                _full(dx[0], x), x, _gain(gain, x), None, None, ctx["mean"], rs.reshape(-1), True,
+                a["eps"], [True, True, True])
+            c0, c1 = -rs * (sd / n).view(rs.shape), -rs * (sdx / n).view(rs.shape)
+            ctx["c"] = c0.unsqueeze(0), c1.unsqueeze(0)
             out = out.unsqueeze(0)
             if dgain is not None:
                 out.addcmul_(xh, cls.pview(dgain, x))
@@ -292,7 +304,8 @@ class BatchNorm(_Norm):
         # torch's fused batch-norm backward gives gx, sum(gy xh) and sum(gy) in one pass; for one
         # tangent also dgy's part of dgx, rs g (dgy - M[dgy] - xh M[dgy xh]), with its two sums
         bn_bwd = (lambda t, mask: torch.ops.aten.native_batch_norm_backward(
-            t, x, gain, None, None, ctx["mean"], rs.reshape(-1), True, a["eps"], mask))
+            _full(t, x), x, _gain(gain, x), None, None, ctx["mean"], rs.reshape(-1), True,
+            a["eps"], mask))
         gx, sgx, sgy = bn_bwd(gy, [bool(need[0]), True, True])
         Mgy, Mgx = (sgy / n).view(rs.shape), (sgx / n).view(rs.shape)
         if k == 1:
