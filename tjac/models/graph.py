@@ -15,8 +15,8 @@ Ops on values that do not depend on theta (the input's reshape, masks, position 
 arithmetic) run as the module runs them. Anything else (an op without a rule, control flow the
 trace cannot read, a hook, a loss other than cross-entropy or MSE) leaves the module on the generic
 path. A recognised module is then checked numerically on a batch of the training data before it is
-used (outputs, gradient and the HVPs of two random directions against torch.func's, to 1e3 eps of
-the dtype), as MLP chains are (:mod:`tjac.models.chain`). Training itself keeps torch.func's
+used (outputs, gradient and the HVPs of two random directions, as a block and each alone,
+against torch.func's, to 1e3 eps of the dtype), as MLP chains are (:mod:`tjac.models.chain`). Training itself keeps torch.func's
 gradient, so trained trajectories do not change. ``Problem(recipe, model_backend="func")`` keeps
 torch.func for everything (the oracle in tests).
 """
@@ -508,8 +508,9 @@ class GraphModel(Model):
 
 def matches(model: GraphModel, x, theta, y, *, rtol: float | None = None) -> bool:
     """Whether the plan computes what the module does on the batch (x, y): the gradient and the
-    HVPs of two random directions against torch.func's, to ``rtol`` (default 1e3 eps of the
-    dtype) of the largest entry (:func:`tjac.models.chain.grad_hvp_matches`)."""
+    HVPs of two random directions (as a block and each alone) against torch.func's, to ``rtol``
+    (default 1e3 eps of the dtype) of the largest entry
+    (:func:`tjac.models.chain.grad_hvp_matches`)."""
     if rtol is None:
         rtol = 1e3 * torch.finfo(theta.dtype).eps
     try:
