@@ -16,9 +16,9 @@ arithmetic) run as the module runs them. Anything else (an op without a rule, co
 trace cannot read, a hook, a loss other than cross-entropy or MSE) leaves the module on the generic
 path. A recognised module is then checked numerically on a batch of the training data before it is
 used (outputs, gradient and the HVPs of two random directions, as a block and each alone,
-against torch.func's, to 1e3 eps of the dtype), as MLP chains are (:mod:`tjac.models.chain`). Training itself keeps torch.func's
-gradient, so trained trajectories do not change. ``Problem(recipe, model_backend="func")`` keeps
-torch.func for everything (the oracle in tests).
+against torch.func's, to 1e3 eps of the dtype), as MLP chains are (:mod:`tjac.models.chain`).
+Training itself keeps torch.func's gradient, so trained trajectories do not change.
+``Problem(recipe, model_backend="func")`` keeps torch.func for everything (the oracle in tests).
 """
 
 from __future__ import annotations
