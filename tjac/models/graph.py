@@ -491,16 +491,17 @@ class GraphModel(Model):
 
     def grad_hvp(self, theta, x, y, V):
         out, grads, hvs = self.plan.run(self.params(theta), self.params(V), x, y)
-        k = V.shape[0]
         g = torch.cat([grads[p.name].reshape(-1) if p.name in grads
                        else theta.new_zeros(p.size) for p in self.layout])
-        hv = torch.cat([hvs[p.name].reshape(k, -1) if p.name in hvs
-                        else V.new_zeros(k, p.size) for p in self.layout], 1)
-        return g, hv
+        return g, self._flat_hv(hvs, V)
 
     def hvp(self, theta, x, y, V):
         """H V alone: the plan's backward skips the products only the gradient needs."""
         _, _, hvs = self.plan.run(self.params(theta), self.params(V), x, y, grad=False)
+        return self._flat_hv(hvs, V)
+
+    def _flat_hv(self, hvs: dict, V):
+        """The plan's HVP dict as a (k, P) block in layout order (zeros where H V is zero)."""
         k = V.shape[0]
         return torch.cat([hvs[p.name].reshape(k, -1) if p.name in hvs
                           else V.new_zeros(k, p.size) for p in self.layout], 1)

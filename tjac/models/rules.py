@@ -221,18 +221,6 @@ class _Norm:
         return -rs * dx.mean(bd, keepdim=True), -rs * (dx * ctx["xh"]).mean(bd, keepdim=True)
 
 
-def _full(t, x):
-    """``t`` at x's full shape: torch's fused batch-norm backward reads its gradient argument as
-    x-shaped (a tangent may be broadcast-shaped, e.g. a frozen convolution's bias term)."""
-    return t if t.shape == x.shape else t.expand_as(x).contiguous()
-
-
-def _gain(gain, x):
-    """The batch norm's gain, ones without one (the fused kernel's weight gradient needs one on
-    CUDA)."""
-    return gain if gain is not None else x.new_ones(x.shape[1])
-
-
 class BatchNorm(_Norm):
     """Batch norm in train mode: statistics over every dim but the channel dim 1, one gain and
     shift per channel."""
@@ -240,6 +228,17 @@ class BatchNorm(_Norm):
     @staticmethod
     def dims(x):
         return (0, *range(2, x.ndim))
+
+    @staticmethod
+    def _fused_bwd(t, x, gain, ctx, a, mask):
+        """torch's fused batch-norm backward of ``t``: (rs g (t - M[t] - xh M[t xh]) or None,
+        sum(t xh), sum(t)) per ``mask``. ``t`` is expanded to x's shape first (the kernel reads it
+        as x-shaped; a tangent may be broadcast-shaped, e.g. a frozen convolution's bias term);
+        ones stand in for a missing gain (the kernel's weight gradient needs one on CUDA)."""
+        t = t if t.shape == x.shape else t.expand_as(x).contiguous()
+        gain = gain if gain is not None else x.new_ones(x.shape[1])
+        return torch.ops.aten.native_batch_norm_backward(
+            t, x, gain, None, None, ctx["mean"], ctx["rs"].reshape(-1), True, a["eps"], mask)
 
     @staticmethod
     def normalize(x, eps):
@@ -264,9 +263,7 @@ class BatchNorm(_Norm):
             # g dxh for one tangent is torch's fused batch-norm backward applied to dx, whose
             # two sums give c0 and c1
             n = x.numel() // x.shape[1]
-            out, sdx, sd = torch.ops.aten.native_batch_norm_backward(
-                _full(dx[0], x), x, _gain(gain, x), None, None, ctx["mean"], rs.reshape(-1), True,
-                a["eps"], [True, True, True])
+            out, sdx, sd = cls._fused_bwd(dx[0], x, gain, ctx, a, [True, True, True])
             c0, c1 = -rs * (sd / n).view(rs.shape), -rs * (sdx / n).view(rs.shape)
             ctx["c"] = c0.unsqueeze(0), c1.unsqueeze(0)
             out = out.unsqueeze(0)
@@ -303,13 +300,10 @@ class BatchNorm(_Norm):
         dg = 0.0 if dgain is None else cls.pview(dgain, x)
         # torch's fused batch-norm backward gives gx, sum(gy xh) and sum(gy) in one pass; for one
         # tangent also dgy's part of dgx, rs g (dgy - M[dgy] - xh M[dgy xh]), with its two sums
-        bn_bwd = (lambda t, mask: torch.ops.aten.native_batch_norm_backward(
-            _full(t, x), x, _gain(gain, x), None, None, ctx["mean"], rs.reshape(-1), True,
-            a["eps"], mask))
-        gx, sgx, sgy = bn_bwd(gy, [bool(need[0]), True, True])
+        gx, sgx, sgy = cls._fused_bwd(gy, x, gain, ctx, a, [bool(need[0]), True, True])
         Mgy, Mgx = (sgy / n).view(rs.shape), (sgx / n).view(rs.shape)
         if k == 1:
-            dgx1, sdx, sdy = bn_bwd(dgy[0], [bool(need[0]), True, True])
+            dgx1, sdx, sdy = cls._fused_bwd(dgy[0], x, gain, ctx, a, [bool(need[0]), True, True])
             Mdgy, Mdgx = (sdy / n).view(1, *rs.shape), (sdx / n).view(1, *rs.shape)
         else:
             dgx1 = None
